@@ -1,0 +1,1 @@
+"""Fixture models and data for tests, README examples and benchmarks."""

@@ -1,0 +1,152 @@
+"""Parameters, nonzeros and multiply-accumulates (MACs) of a model.
+
+MACs are counted for the ops that do the arithmetic (Conv, ConvTranspose, Gemm, MatMul and their
+integer/QLinear forms, MatMulNBits); element-wise ops are not counted. Symbolic dimensions take
+their value from ``dims`` (default 1), so a dynamic-batch model is counted at batch 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from onnxopt.io import iter_graphs
+
+__all__ = ["ModelStats", "model_stats", "macs_by_node", "infer_shapes", "dim_values"]
+
+logger = logging.getLogger(__name__)
+
+_NOT_PARAMS = {ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL, ir.DataType.STRING}
+
+
+@dataclasses.dataclass
+class ModelStats:
+    nodes: int
+    op_histogram: dict[str, int]
+    parameters: int
+    nonzero: int | None
+    macs: int
+    macs_unknown_nodes: int
+    weight_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def infer_shapes(model: ir.Model) -> bool:
+    """Run ONNX shape inference on `model` in place (lenient). False when it failed."""
+    try:
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        return True
+    except Exception as exc:  # models with custom ops can defeat onnx's inference
+        logger.debug("shape inference failed: %s", exc)
+        return False
+
+
+def dim_values(shape: ir.Shape | None, dims: dict[str, int]) -> list[int] | None:
+    if shape is None:
+        return None
+    out = []
+    for d in shape.dims:
+        if isinstance(d, int):
+            out.append(d)
+        elif isinstance(d, ir.SymbolicDim) and d.value is not None:
+            out.append(dims.get(d.value, 1))
+        else:
+            out.append(1)
+    return out
+
+
+def _weight_shape(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    if any(not isinstance(d, int) for d in value.shape.dims):
+        return None
+    return list(value.shape.dims)
+
+
+def node_macs(node: ir.Node, dims: dict[str, int]) -> int | None:
+    """MACs of one node, or None when it does arithmetic whose shapes are unknown; 0 if not counted."""
+    op = node.op_type
+    out = dim_values(node.outputs[0].shape, dims) if node.outputs else None
+    if op in ("Conv", "ConvInteger", "QLinearConv", "NhwcConv", "FusedConv"):
+        w = _weight_shape(node.inputs[3] if op == "QLinearConv" else node.inputs[1])
+        if out is None or w is None:
+            return None
+        return math.prod(out) * math.prod(w[1:])
+    if op == "ConvTranspose":
+        x = dim_values(node.inputs[0].shape, dims) if node.inputs[0] is not None else None
+        w = _weight_shape(node.inputs[1])
+        if x is None or w is None:
+            return None
+        return math.prod(x) * math.prod(w[1:])
+    if op in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul", "QGemm", "FusedMatMul"):
+        a = dim_values(node.inputs[0].shape, dims) if node.inputs[0] is not None else None
+        if out is None or a is None or not a:
+            return None
+        k = a[-1]
+        if op in ("Gemm", "QGemm") and node.attributes.get_int("transA", 0):
+            k = a[0]
+        if len(a) == 1:
+            k = a[0]
+        return math.prod(out) * k
+    if op == "MatMulNBits":
+        k = node.attributes.get_int("K", 0)
+        if out is None or not k:
+            return None
+        return math.prod(out) * k
+    return 0
+
+
+def macs_by_node(model: ir.Model, dims: dict[str, int] | None = None) -> dict[str, int | None]:
+    dims = dims or {}
+    result: dict[str, int | None] = {}
+    for i, node in enumerate(model.graph):
+        m = node_macs(node, dims)
+        if m != 0:
+            result[node.name or f"{node.op_type}_{i}"] = m
+    return result
+
+
+def model_stats(model: ir.Model, dims: dict[str, int] | None = None, *, count_nonzero: bool = True) -> ModelStats:
+    """Counts over the main graph and its subgraphs; shapes inferred first (in place)."""
+    infer_shapes(model)
+    hist: Counter[str] = Counter()
+    params = 0
+    nonzero = 0
+    nbytes = 0
+    nodes = 0
+    for graph in iter_graphs(model.graph):
+        for node in graph:
+            nodes += 1
+            hist[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"] += 1
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            nbytes += int(tensor.nbytes)
+            if tensor.dtype in _NOT_PARAMS:
+                continue
+            size = math.prod(tensor.shape.numpy()) if tensor.shape is not None else 0
+            params += int(size)
+            if count_nonzero:
+                nonzero += int(np.count_nonzero(tensor.numpy()))
+    macs = macs_by_node(model, dims)
+    known = [m for m in macs.values() if m is not None]
+    unknown = sum(1 for m in macs.values() if m is None)
+    return ModelStats(
+        nodes=nodes,
+        op_histogram=dict(hist.most_common()),
+        parameters=params,
+        nonzero=nonzero if count_nonzero else None,
+        macs=int(sum(known)),
+        macs_unknown_nodes=unknown,
+        weight_bytes=nbytes,
+    )

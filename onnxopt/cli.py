@@ -1,0 +1,360 @@
+"""Command line: ``onnxopt MODEL --passes ... -o OUT`` and the verbs inspect, bench, compare,
+passes (and merge). User errors print one line and exit 2; a tolerance exceeded exits 1; anything
+else is a bug and exits 3, with a traceback only under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from onnxopt import __version__
+from onnxopt.errors import OnnxoptError, UsageError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        raise UsageError(message)
+
+
+def _dims(items: Sequence[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name] = int(value)
+            if out[name] < 1:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"--dims '{item}': write it as NAME=N with N a positive whole number") from None
+    return out
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    p.add_argument("--dims", action="append", default=[], metavar="NAME=N",
+                   help="value of a symbolic input dimension (repeatable; default 1)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="batch size for splitting a stacked .npz when the batch axis is dynamic (default 16)")
+    p.add_argument("--threads", type=int, default=None, metavar="T", help="ONNX Runtime intra-op threads")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    if data:
+        p.add_argument("--data", default=None, metavar="DATA",
+                       help="evaluation data: a .npz, a folder of .npz feeds, or random:N")
+
+
+def _optimize_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="onnxopt",
+        description="Optimize an ONNX model with a pipeline of passes, check it against the original "
+        "in ONNX Runtime, and write it. Other verbs: inspect, bench, compare, passes, merge "
+        "(onnxopt VERB --help).",
+        epilog="example: onnxopt models/digits_cnn.onnx --passes fold -o /tmp/cnn.onnx "
+        "--data models/digits_eval.npz",
+    )
+    p.add_argument("model", help="the .onnx file to optimize (never modified)")
+    p.add_argument("--passes", default=None, help="comma-separated passes, run in order (see: onnxopt passes)")
+    p.add_argument("-o", "--output", required=True, help="where to write the optimized model")
+    p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", dest="sets",
+                   help="a pass option, typed by its declaration (repeatable)")
+    p.add_argument("--recipe", default=None, metavar="FILE", help="TOML or JSON list of passes with options")
+    p.add_argument("--calib", default=None, metavar="DATA", help="calibration data: .npz, folder of .npz, random:N")
+    p.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
+    p.add_argument("--tolerance", type=float, default=None, metavar="X",
+                   help="exit 1 when the output error exceeds X (by --metric)")
+    p.add_argument("--metric", default="rel_l2", choices=["rel_l2", "max_abs", "cosine", "top1", "accuracy"],
+                   help="what --tolerance bounds: relative L2 error (default), max abs error, 1-cosine, "
+                   "1-top-1 agreement, or accuracy drop (needs labels)")
+    p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
+    p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
+    p.add_argument("--bench-runs", type=int, default=20, metavar="N",
+                   help="latency runs per model for the table (0: skip timing; default 20)")
+    _common(p)
+    return p
+
+
+def _cmd_optimize(argv: Sequence[str]) -> int:
+    args = _optimize_parser().parse_args(argv)
+    _setup(args)
+    from onnxopt import io
+    from onnxopt.api import optimize
+    from onnxopt.pipeline import apply_sets, parse_passes, read_recipe
+    from onnxopt.report import result_table
+
+    if args.recipe and args.passes:
+        raise UsageError("give either --passes or --recipe, not both")
+    if args.recipe:
+        specs: list[Any] = read_recipe(args.recipe)
+        if args.sets:
+            names = [n for n, _ in specs]
+            extra = dict(apply_sets(names, args.sets))
+            specs = [(n, {**o, **extra[n]}) for n, o in specs]
+    elif args.passes:
+        specs = apply_sets(parse_passes(args.passes), args.sets)
+    else:
+        raise UsageError("name the passes with --passes P1,P2 or --recipe FILE (see: onnxopt passes)")
+    if args.bench_runs < 0:
+        raise UsageError("--bench-runs must be 0 or more")
+    io.check_output_path(args.output, args.model)
+    if args.report:
+        io.check_output_path(args.report, args.model)
+    result = optimize(
+        args.model,
+        specs,
+        calib=args.calib,
+        data=args.data,
+        validate=not args.no_validate,
+        tolerance=args.tolerance,
+        metric=args.metric,
+        dims=_dims(args.dims),
+        batch=args.batch,
+        latency_runs=args.bench_runs,
+        threads=args.threads,
+        output=args.output,
+        external_data=True if args.external_data else None,
+    )
+    out = result.save(args.output, external_data=True if args.external_data else None)
+    print(result_table(result))
+    for rec in result.passes:
+        print(_pass_line(rec))
+    if args.report:
+        doc = {"model": str(args.model), "output": str(out), **result.to_dict()}
+        Path(args.report).write_text(json.dumps(doc, indent=2, default=str))
+    print(f"wrote {out}")
+    if not result.passed:
+        print(f"onnxopt: output error exceeds the tolerance: {result.validation.describe()}", file=sys.stderr)
+        return EXIT_TOLERANCE
+    return EXIT_OK
+
+
+def _pass_line(rec: Any) -> str:
+    s = rec.stats
+    bits = [f"{k}={_fmt(v)}" for k, v in s.summary.items()]
+    if s.skipped:
+        bits.append(f"skipped={len(s.skipped)}")
+    line = f"pass {rec.name} ({rec.seconds:.2f}s): " + (", ".join(bits) if bits else ("changed" if s.modified else "no change"))
+    for note in s.notes:
+        line += f"\n  note: {note}"
+    return line
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _cmd_inspect(argv: Sequence[str]) -> int:
+    p = _Parser(prog="onnxopt inspect", description="Inputs, outputs, opset, op histogram, parameters, size, MACs.")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _common(p, data=False)
+    args = p.parse_args(argv)
+    _setup(args)
+    from onnxopt import io
+    from onnxopt.analysis import model_stats
+    from onnxopt.data import input_specs
+    from onnxopt.report import stats_table
+
+    model = io.load(args.model)
+    dims = _dims(args.dims)
+    stats = model_stats(model, dims)
+    size = io.file_size(args.model)
+    outputs = [
+        f"{v.name} {v.dtype.name if v.dtype else '?'}"
+        f"[{','.join(str(d) for d in v.shape.dims) if v.shape is not None else '?'}]"
+        for v in model.graph.outputs
+    ]
+    opsets = dict(model.opset_imports)
+    if args.json:
+        doc = {
+            "inputs": [s.describe() for s in input_specs(model)],
+            "outputs": outputs,
+            "opsets": opsets,
+            "ir_version": model.ir_version,
+            "producer": model.producer_name,
+            "file_bytes": size,
+            **stats.to_dict(),
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(f"model     {args.model}")
+    print(f"producer  {model.producer_name or '-'} {model.producer_version or ''}".rstrip())
+    opset_text = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in opsets.items())
+    print(f"opsets    {opset_text}  (IR {model.ir_version})")
+    for s in input_specs(model):
+        print(f"input     {s.describe()}")
+    for o in outputs:
+        print(f"output    {o}")
+    print(stats_table(stats, size))
+    print("ops       " + ", ".join(f"{k} {v}" for k, v in stats.op_histogram.items()))
+    return EXIT_OK
+
+
+def _cmd_bench(argv: Sequence[str]) -> int:
+    p = _Parser(prog="onnxopt bench",
+                description="Latency on ONNX Runtime (min, median, p90), throughput and peak memory. "
+                "With several models, runs interleave in one process and ratios to the first are printed.")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per model (default 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    args = p.parse_args(argv)
+    _setup(args)
+    if args.runs < 1 or args.warmup < 0:
+        raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    from onnxopt import io
+    from onnxopt.bench import bench
+    from onnxopt.data import input_specs, load_data
+    from onnxopt.report import table
+    from onnxopt.runtime import provider_name
+
+    provider_name(args.provider)
+    models = [io.load(m) for m in args.models]
+    data = None
+    if args.data:
+        data = load_data(args.data, input_specs(models[0]), dims=_dims(args.dims), batch=args.batch)
+    res = bench(args.models, runs=args.runs, warmup=args.warmup, threads=args.threads, provider=args.provider,
+                dims=_dims(args.dims), batch=args.batch, data=data, memory=not args.no_memory)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return EXIT_OK
+    rows = []
+    for lat, ratio in zip(res.latencies, res.ratios):
+        rows.append([
+            lat.model, f"{lat.min_ms:.3f}", f"{lat.median_ms:.3f}", f"{lat.p90_ms:.3f}",
+            f"{lat.throughput:.1f}", "-" if lat.peak_mb is None else f"{lat.peak_mb:.0f}", f"{ratio:.3f}x",
+        ])
+    print(table(rows, ["model", "min ms", "median ms", "p90 ms", "samples/s", "peak MB", "vs first"]))
+    print(f"{args.provider.upper()} provider, {res.latencies[0].runs} interleaved runs, batch {res.latencies[0].batch}"
+          + (f", {args.threads} threads" if args.threads else ""))
+    return EXIT_OK
+
+
+def _cmd_compare(argv: Sequence[str]) -> int:
+    p = _Parser(prog="onnxopt compare", description="Output agreement of two models on the same inputs.")
+    p.add_argument("model_a")
+    p.add_argument("model_b")
+    p.add_argument("--tolerance", type=float, default=None, help="exit 1 when exceeded (by --metric)")
+    p.add_argument("--metric", default="rel_l2", choices=["rel_l2", "max_abs", "cosine", "top1", "accuracy"])
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    args = p.parse_args(argv)
+    _setup(args)
+    from onnxopt import io
+    from onnxopt.api import DEFAULT_EVAL
+    from onnxopt.data import input_specs, load_data
+    from onnxopt.report import table
+    from onnxopt.validate import compare_models
+
+    a = io.load(args.model_a)
+    io.load(args.model_b)
+    data = load_data(args.data or DEFAULT_EVAL, input_specs(a), dims=_dims(args.dims), batch=args.batch)
+    cmp = compare_models(args.model_a, args.model_b, data, metric=args.metric, tolerance=args.tolerance,
+                         threads=args.threads)
+    if args.json:
+        print(json.dumps(cmp.to_dict(), indent=2))
+    else:
+        rows = [[o.name, f"{o.max_abs:.4g}", f"{o.rel_l2:.4g}", f"{o.cosine:.6f}",
+                 "-" if o.top1 is None else f"{o.top1 * 100:.2f}%"] for o in cmp.outputs]
+        print(table(rows, ["output", "max abs", "rel L2", "cosine", "top-1 agree"]))
+        if cmp.accuracy_a is not None:
+            print(f"accuracy: A {cmp.accuracy_a * 100:.2f}%  B {cmp.accuracy_b * 100:.2f}%")
+        print(f"{cmp.samples} samples from {data.source}: {cmp.describe()}")
+    return EXIT_OK if cmp.passed else EXIT_TOLERANCE
+
+
+def _cmd_passes(argv: Sequence[str]) -> int:
+    p = _Parser(prog="onnxopt passes", description="Every registered pass with its options.")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    from onnxopt.registry import list_passes, option_specs
+
+    passes = list_passes()
+    if args.json:
+        doc = {
+            name: {
+                "summary": cls.summary(),
+                "exact": cls.exact,
+                "options": [{"name": s.name, "type": s.type_name, "default": s.default, "doc": s.doc}
+                            for s in option_specs(cls)],
+            }
+            for name, cls in passes.items()
+        }
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    for name, cls in passes.items():
+        tag = " [exact]" if cls.exact else ""
+        print(f"{name}{tag}: {cls.summary()}")
+        for s in option_specs(cls):
+            print(f"    {s.name} ({s.type_name}, default {s.default!r}): {s.doc}")
+    return EXIT_OK
+
+
+VERBS: dict[str, Callable[[Sequence[str]], int]] = {
+    "inspect": _cmd_inspect,
+    "bench": _cmd_bench,
+    "compare": _cmd_compare,
+    "passes": _cmd_passes,
+}
+
+
+def register_verb(name: str, handler: Callable[[Sequence[str]], int]) -> None:
+    """Add a verb (used by commands that live beside the passes, e.g. merge)."""
+    VERBS[name] = handler
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _load_verbs() -> None:
+    import onnxopt.passes  # noqa: F401  (pass modules may register verbs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        _load_verbs()
+        if argv and argv[0] in ("--version", "-V"):
+            print(f"onnxopt {__version__}")
+            return EXIT_OK
+        if argv and argv[0] in VERBS:
+            return VERBS[argv[0]](argv[1:])
+        return _cmd_optimize(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except OnnxoptError as exc:
+        if debug:
+            raise
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"onnxopt: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

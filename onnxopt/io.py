@@ -1,0 +1,263 @@
+"""Model I/O over onnx_ir: safe loading, atomic saving, temp files for ONNX Runtime.
+
+Loading checks what a hostile or broken file can do wrong (not ONNX, truncated, external data
+outside the model's folder or missing, checker failure) and raises `ModelError` with one line.
+Saving writes into a temporary folder next to the target and renames into place, so a failure
+never leaves half a file and never touches the input. Models past protobuf's 2 GB limit, or
+when asked, are written with their weights in one external data file ``<name>.data``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import ModelError, UsageError
+
+__all__ = [
+    "load",
+    "save",
+    "to_ir",
+    "temp_model_file",
+    "file_size",
+    "weight_bytes",
+    "check_output_path",
+    "iter_graphs",
+    "is_constant",
+]
+
+PROTOBUF_LIMIT = 2_000_000_000
+# Above this many weight bytes a temporary copy for ONNX Runtime keeps its weights external,
+# so serialization never builds one huge protobuf message in memory.
+_TEMP_EXTERNAL_BYTES = 256 * 1024 * 1024
+
+
+def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """The graph and every subgraph below it (If/Loop/Scan bodies), without recursion."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    stack.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    stack.extend(attr.value)
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """True for an initializer that is not also a graph input (inputs can be overridden)."""
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def _external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    for graph in iter_graphs(model.graph):
+        for name, value in graph.initializers.items():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield name, value.const_value
+
+
+def _check_external_data(model: ir.Model, base_dir: Path) -> None:
+    base = base_dir.resolve()
+    for name, tensor in _external_tensors(model):
+        location = tensor.location
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise ModelError(
+                f"initializer '{name}' points at external data by absolute path '{location}'; "
+                "refusing to read files outside the model's folder"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise ModelError(
+                f"initializer '{name}' points at external data '{location}' outside the model's "
+                "folder; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelError(f"external data file '{location}' of initializer '{name}' is missing")
+        need = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+        if target.stat().st_size < need:
+            raise ModelError(
+                f"external data file '{location}' is too short for initializer '{name}' "
+                f"({target.stat().st_size} bytes, need {need})"
+            )
+
+
+def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
+    """Load a model from a file with lazy (memory-mapped) external weights, checked."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"model file '{p}' does not exist")
+    if not p.is_file():
+        raise UsageError(f"model path '{p}' is not a file")
+    if p.stat().st_size == 0:
+        raise ModelError(f"'{p}' is empty, not an ONNX model")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(f"'{p}' is not a readable ONNX model ({_first_line(exc)})") from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise ModelError(f"'{p}' is not an ONNX model (no graph, IR version or opset)")
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelError(f"'{p}' could not be read as ONNX: {_first_line(exc)}") from None
+    _set_base_dir(model, p.parent)
+    _check_external_data(model, p.parent)
+    if check:
+        try:
+            onnx.checker.check_model(str(p))
+        except Exception as exc:
+            raise ModelError(f"'{p}' fails the ONNX checker: {_first_line(exc)}") from None
+    return model
+
+
+def _set_base_dir(model: ir.Model, base_dir: Path) -> None:
+    for graph in iter_graphs(model.graph):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.base_dir = str(base_dir)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers, from shapes and dtypes only (no weight is read)."""
+    total = 0
+    for graph in iter_graphs(model.graph):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += int(value.const_value.nbytes)
+    return total
+
+
+def to_ir(model: Any) -> ir.Model:
+    """Accept a path, an `onnx.ModelProto`, an `onnx_ir.Model` or an onnx-graphsurgeon Graph."""
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load(model)
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    if type(model).__module__.startswith("onnx_graphsurgeon"):
+        import onnx_graphsurgeon as gs
+
+        return ir.serde.deserialize_model(gs.export_onnx(model))
+    raise UsageError(
+        f"cannot optimize a {type(model).__name__}: give a path, an onnx.ModelProto, "
+        "an onnx_ir.Model or an onnx_graphsurgeon.Graph"
+    )
+
+
+def check_output_path(out: str | os.PathLike[str], model_path: str | os.PathLike[str] | None) -> Path:
+    """Refuse an output path that would overwrite the input or cannot be written."""
+    o = Path(out)
+    if model_path is not None and o.resolve() == Path(model_path).resolve():
+        raise UsageError(f"output '{o}' is the input model; choose another path")
+    if o.is_dir():
+        raise UsageError(f"output '{o}' is a directory; give a file name")
+    parent = o.parent if str(o.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output folder '{parent}' is not writable")
+    if o.exists() and not os.access(o, os.W_OK):
+        raise UsageError(f"output '{o}' exists and is not writable")
+    return o
+
+
+def _inline_external(model: ir.Model) -> None:
+    """Bring external weights into memory so the model can be written as one file."""
+    for graph in iter_graphs(model.graph):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                value.const_value = ir.tensor(np.array(tensor.numpy()), name=tensor.name)
+
+
+def _write(model: ir.Model, path: Path, external: bool) -> None:
+    if external:
+        ir.save(model, path, external_data=f"{path.name}.data")
+    else:
+        _inline_external(model)
+        ir.save(model, path)
+
+
+def save(
+    model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None
+) -> Path:
+    """Write `model` atomically. ``external_data=None`` chooses it only past protobuf's limit.
+
+    Files are first written to a temporary folder beside the target and then renamed into
+    place (external data first, then the model), so a failure leaves nothing behind.
+    """
+    target = Path(path)
+    external = external_data if external_data is not None else weight_bytes(model) > PROTOBUF_LIMIT
+    parent = target.parent if str(target.parent) else Path(".")
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=parent))
+    try:
+        staged = tmpdir / target.name
+        _write(model, staged, external)
+        data = tmpdir / f"{target.name}.data"
+        if data.exists():
+            os.replace(data, parent / data.name)
+        os.replace(staged, target)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def temp_model_file(model: ir.Model, name: str = "model.onnx") -> Iterator[Path]:
+    """A path to a temporary copy of `model`, for ONNX Runtime (which must get a path)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="onnxopt-"))
+    try:
+        path = tmpdir / name
+        has_external = any(True for _ in _external_tensors(model))
+        external = has_external or weight_bytes(model) > _TEMP_EXTERNAL_BYTES
+        if external:
+            ir.save(model, path, external_data=f"{name}.data")
+        else:
+            ir.save(model, path)
+        yield path
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def file_size(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of a model file plus every external data file it references."""
+    p = Path(path)
+    total = p.stat().st_size
+    proto = onnx.load(str(p), load_external_data=False)
+    seen: set[str] = set()
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        for init in g.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                for entry in init.external_data:
+                    if entry.key == "location" and entry.value not in seen:
+                        seen.add(entry.value)
+                        f = p.parent / entry.value
+                        if f.is_file():
+                            total += f.stat().st_size
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attr.graphs)
+    return total

@@ -1,0 +1,295 @@
+"""Passes, their declared options, and the registry that names them.
+
+A pass is a class with typed keyword-only options and one ``call(model, ctx) -> PassStats``.
+Options are dataclass fields declared with `option(default, doc)`; the registry reads their
+annotations to coerce command-line strings (``--set prune.sparsity=0.7``) and recipe values, and to
+print ``onnxopt passes``. A third party registers its own pass the same way::
+
+    @register_pass("scale")
+    class Scale(Pass):
+        "Multiply every float weight by a factor."
+        factor: float = option(1.0, "the factor")
+
+        def call(self, model, ctx):
+            ...
+            return PassStats(modified=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal, TypeVar
+
+import onnx_ir as ir
+
+from onnxopt.errors import UsageError
+
+__all__ = [
+    "Pass",
+    "PassStats",
+    "OptionSpec",
+    "option",
+    "register_pass",
+    "get_pass",
+    "list_passes",
+    "make_pass",
+    "option_specs",
+    "matches_any",
+]
+
+logger = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, type[Pass]] = {}
+P = TypeVar("P", bound="type[Pass]")
+
+
+def option(default: Any, doc: str) -> Any:
+    """Declare a pass option with its default and one line of documentation."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass
+class PassStats:
+    """What a pass changed, as data: the pipeline puts it in the report.
+
+    ``summary`` holds headline numbers, ``layers`` one row per rewritten layer, ``skipped`` the
+    nodes a pass declined with the reason, ``notes`` sentences the user should read.
+    """
+
+    modified: bool = False
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def skip(self, node: ir.Node | str, reason: str) -> None:
+        name = node if isinstance(node, str) else (node.name or node.op_type)
+        logger.debug("skip %s: %s", name, reason)
+        self.skipped.append({"node": name, "reason": reason})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Pass:
+    """Base of every pass. Subclasses declare options with `option` and implement `call`."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    """True when the pass claims to preserve outputs to float rounding (tested against ORT)."""
+    idempotent: ClassVar[bool] = False
+
+    def call(self, model: ir.Model, ctx: Any) -> PassStats:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    type: Any
+    default: Any
+    doc: str
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type)
+
+    @property
+    def choices(self) -> tuple[Any, ...] | None:
+        base = _strip_optional(self.type)
+        if typing.get_origin(base) is Literal:
+            return typing.get_args(base)
+        return None
+
+
+def register_pass(name: str) -> Callable[[P], P]:
+    """Class decorator: make `cls` a dataclass of keyword-only options and register it."""
+
+    def deco(cls: P) -> P:
+        if not issubclass(cls, Pass):
+            raise TypeError(f"{cls.__name__} must subclass onnxopt.Pass")
+        if "__dataclass_fields__" not in cls.__dict__:
+            cls = dataclasses.dataclass(kw_only=True)(cls)  # type: ignore[assignment]
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_passes() -> dict[str, type[Pass]]:
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    _load_builtin_passes()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UsageError(f"unknown pass '{name}' (known passes: {known})") from None
+
+
+def _load_builtin_passes() -> None:
+    import onnxopt.passes  # noqa: F401  (registers the built-in passes)
+
+
+def option_specs(cls: type[Pass]) -> list[OptionSpec]:
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        specs.append(OptionSpec(f.name, hints.get(f.name, str), default, f.metadata.get("doc", "")))
+    return specs
+
+
+def make_pass(name: str, options: dict[str, Any] | None = None, *, from_text: bool = False) -> Pass:
+    """Instantiate pass `name` with `options`, coerced by the declared annotations."""
+    cls = get_pass(name)
+    specs = {s.name: s for s in option_specs(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in (options or {}).items():
+        if key not in specs:
+            allowed = ", ".join(specs) or "none"
+            raise UsageError(f"pass '{name}' has no option '{key}' (options: {allowed})")
+        spec = specs[key]
+        kwargs[key] = coerce(raw, spec.type, f"{name}.{key}", from_text=from_text)
+    try:
+        return cls(**kwargs)
+    except UsageError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"pass '{name}': {exc}") from None
+
+
+# ---------------------------------------------------------------- coercion of option values
+def _strip_optional(tp: Any) -> Any:
+    if _is_union(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "none"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(tp)) + "}"
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"list[{_type_name(args[0]) if args else 'str'}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(raw: Any, tp: Any, where: str, *, from_text: bool = False) -> Any:
+    """Turn `raw` into a value of annotation `tp`, or raise a UsageError naming `where`."""
+    try:
+        return _coerce(raw, tp, from_text)
+    except (ValueError, TypeError):
+        shown = raw if isinstance(raw, str) else repr(raw)
+        raise UsageError(f"option {where}: '{shown}' is not a valid {_type_name(tp)}") from None
+
+
+def _coerce(raw: Any, tp: Any, text: bool) -> Any:
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if type(None) in args and (raw is None or (text and str(raw).lower() in ("none", "null", ""))):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(raw, arg, text)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError(raw)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:
+            if raw == choice or (isinstance(raw, str) and str(choice) == raw):
+                return choice
+        raise ValueError(raw)
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = args[0] if args else str
+        if isinstance(raw, str):
+            parts: Iterable[Any] = [p.strip() for p in raw.split(",") if p.strip()]
+        elif isinstance(raw, (list, tuple)):
+            parts = raw
+        else:
+            raise TypeError(raw)
+        values = [_coerce(p, item, text or isinstance(p, str)) for p in parts]
+        return values if origin is list else tuple(values)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        raise ValueError(raw)
+    if tp is int:
+        if isinstance(raw, bool):
+            raise TypeError(raw)
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if isinstance(raw, str):
+            return int(raw.strip())
+        raise TypeError(raw)
+    if tp is float:
+        if isinstance(raw, bool):
+            raise TypeError(raw)
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):
+            return float(raw.strip())
+        raise TypeError(raw)
+    if tp is str:
+        if isinstance(raw, str):
+            return raw
+        raise TypeError(raw)
+    raise TypeError(f"unsupported option type {tp}")
+
+
+def matches_any(node: ir.Node, patterns: Iterable[str]) -> bool:
+    """True when a node's name matches a glob, or its op type equals a pattern, in `patterns`."""
+    name = node.name or ""
+    for pat in patterns:
+        if pat == node.op_type or fnmatch.fnmatchcase(name, pat):
+            return True
+    return False

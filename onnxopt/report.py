@@ -1,0 +1,87 @@
+"""The before/after table printed by the command line, and number formatting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxopt.analysis import ModelStats
+
+__all__ = ["human_bytes", "human_count", "table", "result_table", "stats_table"]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def table(rows: list[list[str]], header: list[str] | None = None) -> str:
+    all_rows = ([header] if header else []) + rows
+    widths = [max(len(r[i]) for r in all_rows) for i in range(len(all_rows[0]))]
+    lines = []
+    for k, r in enumerate(all_rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if header and k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or a == 0:
+        return "-"
+    return f"{b / a:.3f}x"
+
+
+def result_table(result: Any) -> str:
+    """The before/after table of an `onnxopt.api.Result`."""
+    b: ModelStats = result.before
+    a: ModelStats = result.after
+    rows = [
+        ["file size", human_bytes(result.size_before), human_bytes(result.size_after),
+         _ratio(result.size_before, result.size_after)],
+        ["parameters", human_count(b.parameters), human_count(a.parameters), _ratio(b.parameters, a.parameters)],
+        ["nonzero params", human_count(b.nonzero), human_count(a.nonzero), _ratio(b.nonzero, a.nonzero)],
+        ["MACs", human_count(b.macs), human_count(a.macs), _ratio(b.macs, a.macs)],
+        ["nodes", str(b.nodes), str(a.nodes), _ratio(b.nodes, a.nodes)],
+    ]
+    if result.latency is not None:
+        la, lb = result.latency.latencies
+        rows.append(["latency (ORT CPU, median)", f"{la.median_ms:.3f} ms", f"{lb.median_ms:.3f} ms",
+                     _ratio(la.median_ms, lb.median_ms)])
+    v = result.validation
+    if v is not None and v.accuracy_a is not None and v.accuracy_b is not None:
+        rows.append(["accuracy", f"{v.accuracy_a * 100:.2f}%", f"{v.accuracy_b * 100:.2f}%",
+                     f"{(v.accuracy_b - v.accuracy_a) * 100:+.2f} pt"])
+    text = table(rows, ["", "before", "after", "change"])
+    if v is not None:
+        for o in v.outputs:
+            line = f"output '{o.name}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"
+            if o.top1 is not None:
+                line += f", top-1 agreement {o.top1 * 100:.2f}%"
+            text += "\n" + line
+        text += f"\nvalidation on {v.samples} samples: {v.describe()}"
+    return text
+
+
+def stats_table(stats: ModelStats, size: int) -> str:
+    rows = [
+        ["file size", human_bytes(size)],
+        ["parameters", human_count(stats.parameters)],
+        ["nonzero params", human_count(stats.nonzero)],
+        ["MACs", human_count(stats.macs) + (f" ({stats.macs_unknown_nodes} nodes of unknown shape)"
+                                            if stats.macs_unknown_nodes else "")],
+        ["nodes", str(stats.nodes)],
+    ]
+    return table(rows)

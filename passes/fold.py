@@ -1,0 +1,477 @@
+"""fold: constant and BatchNorm folding, Identity/Dropout removal, dead code, duplicate weights.
+
+Rewrite cases, repeated until nothing changes (so running it twice equals running it once):
+
+1. ``Constant`` nodes become initializers (exporters such as Paddle's store every weight that way,
+   and later passes look for initializers).
+2. Inference ``Dropout`` (mask unused, not in training mode) and ``Identity`` are removed.
+3. ``BatchNormalization`` after Conv / ConvTranspose / Gemm / 2-D MatMul with constant weights is
+   folded into them. With ``s = gamma / sqrt(var + eps)``: ``W' = W * s`` on the output-channel
+   axis and ``b' = (b - mean) * s + beta`` (for MatMul a bias Add is inserted).
+4. Nodes whose inputs are all constant are evaluated (onnx's reference evaluator) and replaced by
+   initializers, as are ``Shape``/``Size`` of tensors with a static shape. A fold that would
+   create a tensor larger than ``max_fold_mb``, or grow the file (a ``Cast`` of fp16 weights to
+   fp32, an ``Expand`` of a constant), is declined with the reason.
+5. Dead nodes and unused initializers are dropped; identical initializers are stored once.
+
+All rewrites are exact up to float rounding (BN folding reorders one multiply-add).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+from onnx_ir.passes.common import (
+    DeduplicateHashedInitializersPass,
+    IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
+    RemoveUnusedNodesPass,
+)
+
+from onnxopt.analysis import infer_shapes
+from onnxopt.context import Context
+from onnxopt.io import is_constant, iter_graphs
+from onnxopt.registry import Pass, PassStats, option, register_pass
+
+__all__ = ["Fold", "fold_model"]
+
+logger = logging.getLogger(__name__)
+
+# Ops never folded: quantization boundaries are what quantized models are made of, random ops
+# are not deterministic, and control flow carries subgraphs.
+_NEVER_FOLD = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "If",
+    "Loop",
+    "Scan",
+    "Constant",
+}
+_GROW_SLACK_BYTES = 64 * 1024
+
+
+@register_pass("fold")
+class Fold(Pass):
+    """Fold constants and BatchNorm, drop Identity/Dropout, dead nodes and duplicate weights (exact)."""
+
+    exact = True
+    idempotent = True
+
+    batchnorm: bool = option(True, "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul")
+    constants: bool = option(True, "evaluate nodes whose inputs are all constant")
+    max_fold_mb: float = option(64.0, "largest tensor (MB) constant folding may create")
+    dedup: bool = option(True, "store identical initializers once")
+
+    def __post_init__(self) -> None:
+        if not self.max_fold_mb > 0:
+            from onnxopt.errors import UsageError
+
+            raise UsageError(f"fold.max_fold_mb must be positive, got {self.max_fold_mb}")
+
+    def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
+        stats = PassStats()
+        counts = {"constants_lifted": 0, "identity_removed": 0, "batchnorm_folded": 0,
+                  "nodes_folded": 0, "dead_nodes_removed": 0, "initializers_deduplicated": 0}
+        nodes_before = _count_nodes(model)
+        for _ in range(8):
+            changed = False
+            n = _lift_constants(model)
+            counts["constants_lifted"] += n
+            changed |= n > 0
+            n = _remove_identities(model)
+            counts["identity_removed"] += n
+            changed |= n > 0
+            if self.batchnorm:
+                n = _fold_batchnorms(model, stats)
+                counts["batchnorm_folded"] += n
+                changed |= n > 0
+            if self.constants:
+                infer_shapes(model)
+                n = _fold_constants(model, stats, int(self.max_fold_mb * 1024 * 1024))
+                counts["nodes_folded"] += n
+                changed |= n > 0
+            inits_before = _count_initializers(model)
+            dead_before = _count_nodes(model)
+            RemoveUnusedNodesPass()(model)
+            counts["dead_nodes_removed"] += dead_before - _count_nodes(model)
+            changed |= _count_initializers(model) != inits_before or dead_before != _count_nodes(model)
+            if self.dedup:
+                before = _count_initializers(model)
+                DeduplicateHashedInitializersPass()(model)
+                RemoveUnusedNodesPass()(model)
+                counts["initializers_deduplicated"] += before - _count_initializers(model)
+                changed |= before != _count_initializers(model)
+            if not changed:
+                break
+        stats.summary = {k: v for k, v in counts.items() if v} or {"nodes": nodes_before}
+        stats.summary["nodes_removed"] = nodes_before - _count_nodes(model)
+        stats.modified = any(counts.values())
+        # Reasons are repeated once per sweep; keep each (node, reason) once.
+        seen: set[tuple[str, str]] = set()
+        stats.skipped = [s for s in stats.skipped if not ((s["node"], s["reason"]) in seen
+                                                          or seen.add((s["node"], s["reason"])))]
+        return stats
+
+
+def fold_model(model: ir.Model) -> PassStats:
+    """Run `fold` with default options (for passes that want folded input without a user step)."""
+    return Fold().call(model, None)
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(len(g) for g in iter_graphs(model.graph))
+
+
+def _count_initializers(model: ir.Model) -> int:
+    return sum(len(g.initializers) for g in iter_graphs(model.graph))
+
+
+# ------------------------------------------------------------------------------ 1. constants
+def _lift_constants(model: ir.Model) -> int:
+    before = _count_nodes(model)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    return before - _count_nodes(model)
+
+
+# ------------------------------------------------------------------------------ 2. identities
+def _is_inference_dropout(node: ir.Node) -> bool:
+    if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
+        return False
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return False
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        mode = node.inputs[2]
+        if not is_constant(mode) or bool(np.asarray(mode.const_value.numpy()).item()):
+            return False
+    return True
+
+
+def _remove_identities(model: ir.Model) -> int:
+    converted = 0
+    for graph in iter_graphs(model.graph):
+        for node in list(graph):
+            if _is_inference_dropout(node):
+                ident = ir.Node("", "Identity", [node.inputs[0]], name=node.name)
+                node.outputs[0].replace_all_uses_with(ident.outputs[0], replace_graph_outputs=True)
+                ident.outputs[0].name = node.outputs[0].name
+                ident.outputs[0].shape = node.outputs[0].shape
+                ident.outputs[0].type = node.outputs[0].type
+                graph.insert_before(node, ident)
+                graph.remove(node, safe=True)
+                converted += 1
+    before = _count_nodes(model)
+    IdentityEliminationPass()(model)
+    return before - _count_nodes(model)
+
+
+# ------------------------------------------------------------------------------ 3. BatchNorm
+def _bn_scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    if len(bn.inputs) < 5 or not all(is_constant(v) for v in bn.inputs[1:5]):
+        return None
+    gamma, beta, mean, var = (np.asarray(v.const_value.numpy(), dtype=np.float64) for v in bn.inputs[1:5])
+    eps = bn.attributes.get_float("epsilon", 1e-5)
+    scale = gamma / np.sqrt(var + eps)
+    shift = beta - mean * scale
+    return scale, shift
+
+
+def _only_use(value: ir.Value, node: ir.Node) -> bool:
+    users = {id(u.node) for u in value.uses()}
+    return users == {id(node)} and not value.is_graph_output()
+
+
+def _fold_batchnorms(model: ir.Model, stats: PassStats) -> int:
+    folded = 0
+    for graph in iter_graphs(model.graph):
+        for bn in list(graph):
+            if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+                continue
+            if bn.attributes.get_int("training_mode", 0) or any(o.uses() or o.is_graph_output()
+                                                                 for o in bn.outputs[1:]):
+                stats.skip(bn, "BatchNormalization in training mode")
+                continue
+            src = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+            if src is None:
+                stats.skip(bn, "input is not produced by a node")
+                continue
+            reason = _try_fold_bn(graph, src, bn)
+            if reason:
+                stats.skip(bn, reason)
+            else:
+                folded += 1
+    return folded
+
+
+def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
+    """Fold `bn` into its producer `src`; return the reason when it cannot."""
+    if src.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or src.domain not in ("", "ai.onnx"):
+        return f"preceded by {src.op_type}, which BatchNorm does not fold into"
+    if src.graph is not graph:
+        return "producer is in another graph"
+    if not _only_use(src.outputs[0], bn):
+        return f"output of {src.name or src.op_type} is used elsewhere too"
+    ss = _bn_scale_shift(bn)
+    if ss is None:
+        return "BatchNorm parameters are not constant"
+    scale, shift = ss
+    weight = src.inputs[1]
+    if not is_constant(weight):
+        return "weight is not a constant initializer"
+    if not _only_use(weight, src):
+        return "weight is shared with other nodes"
+    w = np.asarray(weight.const_value.numpy())
+    if not np.issubdtype(w.dtype, np.floating):
+        return f"weight dtype {w.dtype} is not float"
+    bias_value = src.inputs[2] if len(src.inputs) > 2 else None
+    if bias_value is not None and (not is_constant(bias_value) or not _only_use(bias_value, src)):
+        return "bias is not a constant used only here"
+    channels = scale.shape[0]
+    if src.op_type == "Conv":
+        if w.shape[0] != channels:
+            return "channel count mismatch"
+        new_w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        axis_len = w.shape[0]
+    elif src.op_type == "ConvTranspose":
+        group = src.attributes.get_int("group", 1)
+        cout_g = w.shape[1]
+        if cout_g * group != channels:
+            return "channel count mismatch"
+        s = scale.reshape(group, 1, cout_g)  # channel g*cout_g + j scales w[g*cin_g + i, j]
+        wg = w.reshape((group, w.shape[0] // group, cout_g) + w.shape[2:])
+        new_w = (wg * s.reshape(s.shape + (1,) * (w.ndim - 2))).reshape(w.shape)
+        axis_len = channels
+    elif src.op_type == "Gemm":
+        if src.attributes.get_int("transA", 0) not in (0, 1) or w.ndim != 2:
+            return "unsupported Gemm form"
+        trans_b = src.attributes.get_int("transB", 0)
+        out_dim = w.shape[0] if trans_b else w.shape[1]
+        if out_dim != channels:
+            return "channel count mismatch"
+        alpha = src.attributes.get_float("alpha", 1.0)
+        beta_attr = src.attributes.get_float("beta", 1.0)
+        new_w = (w * scale[:, None]) if trans_b else (w * scale[None, :])
+        new_w = new_w * alpha
+        axis_len = channels
+    else:  # MatMul: only [M, K] x [K, N] -> [M, N], where BN's channel axis is N
+        out_shape = src.outputs[0].shape
+        if w.ndim != 2 or out_shape is None or out_shape.rank() != 2:
+            return "MatMul output is not 2-D, so BatchNorm's channel axis is not the weight's"
+        if w.shape[1] != channels:
+            return "channel count mismatch"
+        new_w = w * scale[None, :]
+        axis_len = channels
+    if bias_value is not None:
+        b = np.asarray(bias_value.const_value.numpy(), dtype=np.float64)
+        if src.op_type == "Gemm":
+            b = b * beta_attr
+            try:
+                b = np.broadcast_to(b, (channels,)) if b.ndim <= 1 else b
+            except ValueError:
+                return "Gemm bias does not broadcast per channel"
+            if b.shape != (channels,):
+                return "Gemm bias is not per channel"
+        elif b.shape != (axis_len,):
+            return "bias is not per channel"
+        new_b = b * scale + shift
+    else:
+        new_b = shift
+    weight.const_value = ir.tensor(new_w.astype(w.dtype), name=weight.name)
+    bias_np = new_b.astype(w.dtype)
+    if src.op_type == "MatMul":
+        bias_init = _new_initializer(graph, f"{bn.name or bn.outputs[0].name}.folded_bias", bias_np)
+        add = ir.Node("", "Add", [src.outputs[0], bias_init], name=f"{bn.name}.bias" if bn.name else None)
+        graph.insert_after(src, add)
+        _take_over_output(graph, bn, add.outputs[0])
+        return None
+    if bias_value is not None:
+        bias_value.const_value = ir.tensor(bias_np, name=bias_value.name)
+    else:
+        bias_value = _new_initializer(graph, f"{src.name or weight.name}.bias", bias_np)
+        src.resize_inputs(3)
+        src.replace_input_with(2, bias_value)
+    if src.op_type == "Gemm":
+        src.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+        src.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    _take_over_output(graph, bn, src.outputs[0])
+    return None
+
+
+def _take_over_output(graph: ir.Graph, bn: ir.Node, replacement: ir.Value) -> None:
+    """Let `replacement` stand in for BN's output, under BN's output name, and drop BN."""
+    old = bn.outputs[0]
+    name, shape, typ = old.name, old.shape, old.type
+    old.replace_all_uses_with(replacement, replace_graph_outputs=True)
+    graph.remove(bn, safe=True)
+    replacement.name = name
+    if shape is not None:
+        replacement.shape = shape
+    if typ is not None:
+        replacement.type = typ
+
+
+def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name = base
+    k = 1
+    taken = _all_names(graph)
+    while name in taken:
+        name = f"{base}.{k}"
+        k += 1
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _all_names(graph: ir.Graph) -> set[str]:
+    names = set(graph.initializers)
+    names.update(v.name for v in graph.inputs if v.name)
+    for node in graph:
+        names.update(o.name for o in node.outputs if o.name)
+    return names
+
+
+# ------------------------------------------------------------------------------ 4. constants
+def _static_dims(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = list(value.shape.dims)
+    if all(isinstance(d, int) for d in dims):
+        return dims
+    return None
+
+
+def _fold_shape_node(node: ir.Node) -> np.ndarray | None:
+    dims = _static_dims(node.inputs[0])
+    if dims is None:
+        return None
+    if node.op_type == "Size":
+        return np.asarray(math.prod(dims), dtype=np.int64)
+    rank = len(dims)
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", rank)
+    start = max(0, min(rank, start + rank if start < 0 else start))
+    end = max(0, min(rank, end + rank if end < 0 else end))
+    return np.asarray(dims[start:end], dtype=np.int64)
+
+
+def _declared_elems(node: ir.Node) -> int | None:
+    """Element count the node will produce, when its output shape is static."""
+    total = 0
+    for out in node.outputs:
+        dims = _static_dims(out)
+        if dims is None:
+            return None
+        total += math.prod(dims)
+    return total
+
+
+def _predicted_elems(node: ir.Node) -> int | None:
+    """For ops that can blow a small input up, the output size computed from their inputs."""
+    vals = [np.asarray(v.const_value.numpy()) if v is not None else None for v in node.inputs]
+    try:
+        if node.op_type == "ConstantOfShape":
+            return int(np.prod(vals[0])) if vals[0].size else 1
+        if node.op_type == "Expand":
+            return int(np.prod(np.broadcast_shapes(vals[0].shape, tuple(int(x) for x in vals[1]))))
+        if node.op_type == "Tile":
+            return int(vals[0].size * np.prod(vals[1]))
+        if node.op_type == "Range":
+            start, limit, delta = (float(np.asarray(v).item()) for v in vals[:3])
+            return max(0, int(math.ceil((limit - start) / delta))) if delta else None
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return None
+
+
+def _fold_constants(model: ir.Model, stats: PassStats, max_bytes: int) -> int:
+    folded = 0
+    opset = model.opset_imports.get("", 17)
+    for graph in iter_graphs(model.graph):
+        for node in list(graph):
+            if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD:
+                continue
+            if any(o.is_graph_output() for o in node.outputs):
+                continue
+            if node.op_type in ("Shape", "Size"):
+                array = _fold_shape_node(node)
+                if array is None:
+                    continue
+                arrays = [array]
+            else:
+                if not node.inputs or not all(v is None or is_constant(v) for v in node.inputs):
+                    continue
+                if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                       for attr in node.attributes.values()):
+                    continue
+                reason = _size_guard(node, max_bytes)
+                if reason:
+                    stats.skip(node, reason)
+                    continue
+                try:
+                    arrays = _evaluate(node, opset)
+                except Exception as exc:  # an op the reference evaluator lacks: leave the node
+                    stats.skip(node, f"cannot evaluate {node.op_type}: {str(exc).splitlines()[0][:120]}")
+                    continue
+                out_bytes = sum(a.nbytes for a in arrays)
+                if out_bytes > max_bytes:
+                    stats.skip(node, f"folded tensor would be {out_bytes / 2**20:.1f} MB (> max_fold_mb)")
+                    continue
+                freed = sum(int(v.const_value.nbytes) for v in {id(v): v for v in node.inputs if v is not None}.values()
+                            if len(v.uses()) == 1 and not v.is_graph_output())
+                if out_bytes > freed + _GROW_SLACK_BYTES:
+                    stats.skip(node, f"folding would grow the model by {(out_bytes - freed) / 2**20:.2f} MB")
+                    continue
+            _replace_with_initializers(graph, node, arrays)
+            folded += 1
+    return folded
+
+
+def _size_guard(node: ir.Node, max_bytes: int) -> str | None:
+    elems = _declared_elems(node)
+    if elems is None:
+        elems = _predicted_elems(node)
+    if elems is not None and elems * 8 > max_bytes * 8 // 1 and elems * 4 > max_bytes:
+        return f"folded tensor would hold {elems} elements (> max_fold_mb)"
+    return None
+
+
+def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray]:
+    names = [v.name if v is not None else "" for v in node.inputs]
+    proto = onnx.helper.make_node(
+        node.op_type,
+        [f"i{k}" if n else "" for k, n in enumerate(names)],
+        [f"o{k}" for k in range(len(node.outputs))],
+        **{a.name: a.value if not isinstance(a.value, ir.TensorProtocol) else ir.serde.serialize_tensor(a.value)
+           for a in node.attributes.values()},
+    )
+    feeds = {f"i{k}": np.asarray(v.const_value.numpy()) for k, v in enumerate(node.inputs) if v is not None}
+    ev = ReferenceEvaluator(proto, opsets={"": opset})
+    results = ev.run(None, feeds)
+    return [np.asarray(r) for r in results]
+
+
+def _replace_with_initializers(graph: ir.Graph, node: ir.Node, arrays: list[np.ndarray]) -> None:
+    for out, array in zip(node.outputs, arrays):
+        if not out.uses():
+            continue
+        dtype = out.dtype
+        if dtype is not None and array.dtype != dtype.numpy():
+            array = array.astype(dtype.numpy())
+        init = ir.Value(name=out.name, shape=ir.Shape(array.shape),
+                        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                        const_value=ir.tensor(array, name=out.name))
+        graph.register_initializer(init)
+        out.replace_all_uses_with(init)
+    graph.remove(node, safe=True)

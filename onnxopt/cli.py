@@ -142,7 +142,8 @@ def _pass_line(rec: Any) -> str:
     bits = [f"{k}={_fmt(v)}" for k, v in s.summary.items()]
     if s.skipped:
         bits.append(f"skipped={len(s.skipped)}")
-    line = f"pass {rec.name} ({rec.seconds:.2f}s): " + (", ".join(bits) if bits else ("changed" if s.modified else "no change"))
+    body = ", ".join(bits) if bits else ("changed" if s.modified else "no change")
+    line = f"pass {rec.name} ({rec.seconds:.2f}s): {body}"
     for note in s.notes:
         line += f"\n  note: {note}"
     return line

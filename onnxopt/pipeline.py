@@ -6,12 +6,12 @@ import dataclasses
 import json
 import logging
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+import tomllib
 
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, OnnxoptError, UsageError

@@ -35,6 +35,7 @@ from onnx_ir.passes.common import (
 
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
+from onnxopt.graph import new_initializer, only_used_by, take_over_output
 from onnxopt.io import is_constant, iter_graphs
 from onnxopt.registry import Pass, PassStats, option, register_pass
 
@@ -187,11 +188,6 @@ def _bn_scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     return scale, shift
 
 
-def _only_use(value: ir.Value, node: ir.Node) -> bool:
-    users = {id(u.node) for u in value.uses()}
-    return users == {id(node)} and not value.is_graph_output()
-
-
 def _fold_batchnorms(model: ir.Model, stats: PassStats) -> int:
     folded = 0
     for graph in iter_graphs(model.graph):
@@ -220,7 +216,7 @@ def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
         return f"preceded by {src.op_type}, which BatchNorm does not fold into"
     if src.graph is not graph:
         return "producer is in another graph"
-    if not _only_use(src.outputs[0], bn):
+    if not only_used_by(src.outputs[0], bn):
         return f"output of {src.name or src.op_type} is used elsewhere too"
     ss = _bn_scale_shift(bn)
     if ss is None:
@@ -229,13 +225,13 @@ def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
     weight = src.inputs[1]
     if not is_constant(weight):
         return "weight is not a constant initializer"
-    if not _only_use(weight, src):
+    if not only_used_by(weight, src):
         return "weight is shared with other nodes"
     w = np.asarray(weight.const_value.numpy())
     if not np.issubdtype(w.dtype, np.floating):
         return f"weight dtype {w.dtype} is not float"
     bias_value = src.inputs[2] if len(src.inputs) > 2 else None
-    if bias_value is not None and (not is_constant(bias_value) or not _only_use(bias_value, src)):
+    if bias_value is not None and (not is_constant(bias_value) or not only_used_by(bias_value, src)):
         return "bias is not a constant used only here"
     channels = scale.shape[0]
     if src.op_type == "Conv":
@@ -290,56 +286,22 @@ def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
     weight.const_value = ir.tensor(new_w.astype(w.dtype), name=weight.name)
     bias_np = new_b.astype(w.dtype)
     if src.op_type == "MatMul":
-        bias_init = _new_initializer(graph, f"{bn.name or bn.outputs[0].name}.folded_bias", bias_np)
+        bias_init = new_initializer(graph, f"{bn.name or bn.outputs[0].name}.folded_bias", bias_np)
         add = ir.Node("", "Add", [src.outputs[0], bias_init], name=f"{bn.name}.bias" if bn.name else None)
         graph.insert_after(src, add)
-        _take_over_output(graph, bn, add.outputs[0])
+        take_over_output(graph, bn, add.outputs[0])
         return None
     if bias_value is not None:
         bias_value.const_value = ir.tensor(bias_np, name=bias_value.name)
     else:
-        bias_value = _new_initializer(graph, f"{src.name or weight.name}.bias", bias_np)
+        bias_value = new_initializer(graph, f"{src.name or weight.name}.bias", bias_np)
         src.resize_inputs(3)
         src.replace_input_with(2, bias_value)
     if src.op_type == "Gemm":
         src.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         src.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    _take_over_output(graph, bn, src.outputs[0])
+    take_over_output(graph, bn, src.outputs[0])
     return None
-
-
-def _take_over_output(graph: ir.Graph, bn: ir.Node, replacement: ir.Value) -> None:
-    """Let `replacement` stand in for BN's output, under BN's output name, and drop BN."""
-    old = bn.outputs[0]
-    name, shape, typ = old.name, old.shape, old.type
-    old.replace_all_uses_with(replacement, replace_graph_outputs=True)
-    graph.remove(bn, safe=True)
-    replacement.name = name
-    if shape is not None:
-        replacement.shape = shape
-    if typ is not None:
-        replacement.type = typ
-
-
-def _new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = base
-    k = 1
-    taken = _all_names(graph)
-    while name in taken:
-        name = f"{base}.{k}"
-        k += 1
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def _all_names(graph: ir.Graph) -> set[str]:
-    names = set(graph.initializers)
-    names.update(v.name for v in graph.inputs if v.name)
-    for node in graph:
-        names.update(o.name for o in node.outputs if o.name)
-    return names
 
 
 # ------------------------------------------------------------------------------ 4. constants

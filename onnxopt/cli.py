@@ -346,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"onnxopt: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into a pager or head that closed early
+        return EXIT_OK
     except KeyboardInterrupt:
         print("onnxopt: interrupted; nothing was written", file=sys.stderr)
         return 130

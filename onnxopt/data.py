@@ -66,8 +66,9 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
         shape = None
         if value.shape is not None:
+            # Negative sizes (-1, written by some exporters) mean "dynamic", like a missing name.
             shape = tuple(
-                d if isinstance(d, int) else (d.value if d.value is not None else None)
+                (d if d >= 0 else None) if isinstance(d, int) else (d.value if d.value is not None else None)
                 for d in value.shape.dims
             )
         specs.append(InputSpec(value.name, np.dtype(dtype), shape))

@@ -94,12 +94,12 @@ class Fold(Pass):
             n = _remove_identities(model)
             counts["identity_removed"] += n
             changed |= n > 0
+            infer_shapes(model)
             if self.batchnorm:
                 n = _fold_batchnorms(model, stats)
                 counts["batchnorm_folded"] += n
                 changed |= n > 0
             if self.constants:
-                infer_shapes(model)
                 n = _fold_constants(model, stats, int(self.max_fold_mb * 1024 * 1024))
                 counts["nodes_folded"] += n
                 changed |= n > 0

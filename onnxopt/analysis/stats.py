@@ -56,7 +56,7 @@ def dim_values(shape: ir.Shape | None, dims: dict[str, int]) -> list[int] | None
     out = []
     for d in shape.dims:
         if isinstance(d, int):
-            out.append(d)
+            out.append(d if d >= 0 else 1)
         elif isinstance(d, ir.SymbolicDim) and d.value is not None:
             out.append(dims.get(d.value, 1))
         else:
@@ -127,6 +127,14 @@ def model_stats(model: ir.Model, dims: dict[str, int] | None = None, *, count_no
         for node in graph:
             nodes += 1
             hist[node.op_type if not node.domain else f"{node.domain}.{node.op_type}"] += 1
+            if node.op_type == "Constant" and "value" in node.attributes:
+                # Exporters such as Paddle's keep every weight in a Constant node.
+                tensor = node.attributes["value"].value
+                nbytes += int(tensor.nbytes)
+                if tensor.dtype not in _NOT_PARAMS:
+                    params += int(tensor.size)
+                    if count_nonzero:
+                        nonzero += int(np.count_nonzero(tensor.numpy()))
         for value in graph.initializers.values():
             tensor = value.const_value
             if tensor is None:
@@ -134,8 +142,7 @@ def model_stats(model: ir.Model, dims: dict[str, int] | None = None, *, count_no
             nbytes += int(tensor.nbytes)
             if tensor.dtype in _NOT_PARAMS:
                 continue
-            size = math.prod(tensor.shape.numpy()) if tensor.shape is not None else 0
-            params += int(size)
+            params += int(tensor.size)
             if count_nonzero:
                 nonzero += int(np.count_nonzero(tensor.numpy()))
     macs = macs_by_node(model, dims)

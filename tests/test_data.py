@@ -1,0 +1,108 @@
+"""Data specs, validation metrics, MAC counting and the benchmark helper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from helpers import F32, I64, MODELS, make_model
+from onnx import helper
+
+import onnxopt
+from onnxopt.analysis import model_stats
+from onnxopt.bench import bench
+from onnxopt.data import input_specs, load_data
+from onnxopt.errors import UsageError
+from onnxopt.validate import compare_models
+
+CNN = MODELS / "digits_cnn.onnx"
+
+
+def _specs(path: Path = CNN):
+    return input_specs(onnxopt.load(path))
+
+
+def test_stacked_npz_is_split_into_batches_with_labels() -> None:
+    ds = load_data(MODELS / "digits_eval.npz", _specs(), batch=50)
+    assert len(ds) == 8 and ds.num_samples == 360
+    assert ds.feeds[0]["input"].shape == (50, 1, 8, 8) and ds.feeds[-1]["input"].shape == (10, 1, 8, 8)
+    assert ds.has_labels and ds.labels[-1].shape == (10,)
+
+
+def test_folder_of_npz_feeds(tmp_path: Path) -> None:
+    for i in range(3):
+        np.savez(tmp_path / f"{i}.npz", input=np.full((2, 1, 8, 8), i, np.float32), labels=np.array([i, i]))
+    ds = load_data(tmp_path, _specs())
+    assert len(ds) == 3 and float(ds.feeds[2]["input"][0, 0, 0, 0]) == 2.0 and ds.has_labels
+
+
+def test_random_feeds_follow_types_and_dims() -> None:
+    proto = make_model([helper.make_node("Cast", ["ids"], ["f"], to=F32), helper.make_node("Add", ["f", "x"], ["y"])],
+                       [("ids", I64, ["batch", "seq"]), ("x", F32, ["batch", "seq"])], [("y", F32, ["batch", "seq"])])
+    specs = input_specs(ir.from_proto(proto))
+    ds = load_data("random:3", specs, dims={"seq": 7})
+    assert len(ds) == 3
+    assert ds.feeds[0]["ids"].dtype == np.int64 and ds.feeds[0]["ids"].shape == (1, 7)
+    assert ds.feeds[0]["x"].dtype == np.float32
+
+
+@pytest.mark.parametrize("spec, needle", [("random:0", "at least 1"), ("random:x", "whole number")])
+def test_bad_random_spec(spec: str, needle: str) -> None:
+    with pytest.raises(UsageError, match=needle):
+        load_data(spec, _specs())
+
+
+def test_unequal_stacks_and_label_counts_refused(tmp_path: Path) -> None:
+    f = tmp_path / "d.npz"
+    np.savez(f, input=np.zeros((4, 1, 8, 8), np.float32), labels=np.zeros(3, np.int64))
+    with pytest.raises(UsageError, match="labels"):
+        load_data(f, _specs())
+
+
+def test_compare_metrics_against_numpy(tmp_path: Path) -> None:
+    # B = 1.5 * A exactly: rel L2 0.5, cosine 1, top-1 agreement 100 %, max abs = 0.5 max |A|.
+    w = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    a = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", F32, ["n", 4])], [("y", F32, ["n", 3])],
+                   {"w": w})
+    b = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", F32, ["n", 4])], [("y", F32, ["n", 3])],
+                   {"w": w * 1.5})
+    pa, pb = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    pa.write_bytes(a.SerializeToString())
+    pb.write_bytes(b.SerializeToString())
+    ds = load_data("random:4", input_specs(ir.from_proto(a)), batch=5)
+    ref = np.concatenate([f["x"] @ w for f in ds.feeds])
+    cmp = compare_models(pa, pb, ds, tolerance=0.4)
+    o = cmp.outputs[0]
+    assert o.rel_l2 == pytest.approx(0.5, rel=1e-5) and o.cosine == pytest.approx(1.0, abs=1e-6)
+    assert o.top1 == 1.0 and o.max_abs == pytest.approx(0.5 * np.abs(ref).max(), rel=1e-5)
+    assert not cmp and "FAIL" in cmp.describe()
+    assert compare_models(pa, pb, ds, metric="top1", tolerance=0.0)
+
+
+def test_macs_and_params_of_known_layers() -> None:
+    # Conv 3->8, 3x3, on 10x10 (pad 1): 8*10*10 * 3*3*3 MACs; Gemm 800->5: 800*5.
+    w = np.ones((8, 3, 3, 3), np.float32)
+    g = np.zeros((5, 800), np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)]
+    proto = make_model(nodes, [("x", F32, ["N", 3, 10, 10])], [("y", F32, ["N", 5])], {"w": w, "g": g})
+    stats = model_stats(ir.from_proto(proto))
+    assert stats.macs == 8 * 100 * 27 + 800 * 5
+    assert stats.parameters == w.size + g.size and stats.nonzero == w.size
+    assert model_stats(ir.from_proto(proto), {"N": 4}).macs == 4 * stats.macs
+
+
+def test_bench_interleaves_and_reports_percentiles() -> None:
+    res = bench([CNN, CNN], runs=7, warmup=1, memory=False)
+    assert [lat.runs for lat in res.latencies] == [7, 7]
+    for lat in res.latencies:
+        assert lat.min_ms <= lat.median_ms <= lat.p90_ms
+    assert len(res.ratios) == 2 and res.ratios[0] == 1.0
+
+
+def test_peak_memory_is_measured_in_a_child() -> None:
+    res = bench([CNN], runs=2, warmup=0, memory=True)
+    assert res.latencies[0].peak_mb is not None and res.latencies[0].peak_mb > 10

@@ -1,0 +1,262 @@
+"""fold: each rewrite case checked against ONNX Runtime to float rounding, idempotence, guards."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import F32, I64, MODELS, assert_same_outputs, make_model, run_ort
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt.context import Context
+from onnxopt.errors import UsageError
+from onnxopt.registry import make_pass
+
+NEWEST = onnx.defs.onnx_opset_version()
+RNG = np.random.default_rng(0)
+
+
+def _fold(proto: onnx.ModelProto, **options) -> tuple[ir.Model, onnxopt.PassStats]:
+    model = ir.from_proto(proto)
+    stats = make_pass("fold", options).call(model, Context())
+    return model, stats
+
+
+def _ops(model: ir.Model | onnx.ModelProto) -> list[str]:
+    if isinstance(model, ir.Model):
+        return [n.op_type for n in model.graph]
+    return [n.op_type for n in model.graph.node]
+
+
+def _bn_inits(prefix: str, c: int) -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}.g": RNG.uniform(0.5, 1.5, c).astype(np.float32),
+        f"{prefix}.b": RNG.normal(0, 0.5, c).astype(np.float32),
+        f"{prefix}.m": RNG.normal(0, 0.5, c).astype(np.float32),
+        f"{prefix}.v": RNG.uniform(0.5, 2.0, c).astype(np.float32),
+    }
+
+
+def _bn(x: str, y: str, prefix: str) -> onnx.NodeProto:
+    return helper.make_node("BatchNormalization", [x, f"{prefix}.g", f"{prefix}.b", f"{prefix}.m", f"{prefix}.v"],
+                            [y], name=prefix, epsilon=1e-3)
+
+
+def _conv_bn_model(opset: int) -> onnx.ModelProto:
+    inits = {"w": RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), **_bn_inits("bn", 4)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        _bn("c", "b", "bn"),
+        helper.make_node("Identity", ["b"], ["i"], name="ident"),
+        helper.make_node("Relu", ["i"], ["y"], name="relu"),
+    ]
+    return make_model(nodes, [("x", F32, ["N", 3, 6, 6])], [("y", F32, ["N", 4, 6, 6])], inits, opset=opset)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21, NEWEST])
+def test_conv_batchnorm_identity_folded_exactly_across_opsets(opset: int) -> None:
+    proto = _conv_bn_model(opset)
+    model, stats = _fold(proto)
+    assert _ops(model) == ["Conv", "Relu"]
+    assert stats.summary["batchnorm_folded"] == 1
+    x = RNG.normal(size=(2, 3, 6, 6)).astype(np.float32)
+    assert_same_outputs(proto, model, {"x": x})
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_digits_cnn_fold_is_exact_idempotent_and_keeps_names() -> None:
+    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    model, stats = _fold(proto)
+    ops = _ops(model)
+    assert "BatchNormalization" not in ops and "Dropout" not in ops
+    assert stats.summary["batchnorm_folded"] == sum(1 for n in proto.graph.node if n.op_type == "BatchNormalization")
+    # The BN outputs keep their names (now produced by the convs); graph I/O unchanged.
+    names = {o.name for n in model.graph for o in n.outputs}
+    assert "stem.bn.out" in names
+    assert [v.name for v in model.graph.inputs] == ["input"]
+    assert [v.name for v in model.graph.outputs] == ["logits"]
+    with np.load(MODELS / "digits_eval.npz") as d:
+        x = d["input"][:64]
+    assert_same_outputs(proto, model, {"input": x}, rtol=1e-4, atol=1e-5)
+    second = make_pass("fold").call(model, Context())
+    assert not second.modified
+    assert len(model.graph) == len(ops)
+
+
+def test_conv_transpose_grouped_batchnorm() -> None:
+    inits = {"w": RNG.normal(0, 0.3, (4, 3, 2, 2)).astype(np.float32),
+             "bias": RNG.normal(0, 0.1, 6).astype(np.float32), **_bn_inits("bn", 6)}
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "bias"], ["c"], name="ct", group=2, strides=[2, 2]),
+             _bn("c", "y", "bn")]
+    proto = make_model(nodes, [("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 6, 6, 6])], inits)
+    model, _ = _fold(proto)
+    assert _ops(model) == ["ConvTranspose"]
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 4, 3, 3)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_batchnorm_with_alpha_beta(trans_b: int) -> None:
+    w = RNG.normal(0, 0.3, (5, 8) if trans_b else (8, 5)).astype(np.float32)
+    inits = {"w": w, "c": RNG.normal(0, 0.1, 5).astype(np.float32), **_bn_inits("bn", 5)}
+    nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["g"], name="gemm", transB=trans_b, alpha=0.7, beta=1.3),
+             _bn("g", "y", "bn")]
+    proto = make_model(nodes, [("x", F32, ["N", 8])], [("y", F32, ["N", 5])], inits)
+    model, _ = _fold(proto)
+    assert _ops(model) == ["Gemm"]
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(3, 8)).astype(np.float32)})
+
+
+def test_matmul_batchnorm_gets_a_bias_add() -> None:
+    inits = {"w": RNG.normal(0, 0.3, (8, 5)).astype(np.float32), **_bn_inits("bn", 5)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["g"], name="mm"), _bn("g", "y", "bn")]
+    proto = make_model(nodes, [("x", F32, [4, 8])], [("y", F32, [4, 5])], inits)
+    model, _ = _fold(proto)
+    assert _ops(model) == ["MatMul", "Add"]
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(4, 8)).astype(np.float32)})
+
+
+def test_shared_weight_is_not_folded_and_reason_given() -> None:
+    inits = {"w": RNG.normal(0, 0.3, (3, 3, 1, 1)).astype(np.float32), **_bn_inits("bn1", 3), **_bn_inits("bn2", 3)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], name="c1"),
+        _bn("a", "a2", "bn1"),
+        helper.make_node("Conv", ["a2", "w"], ["b"], name="c2"),
+        _bn("b", "y", "bn2"),
+    ]
+    proto = make_model(nodes, [("x", F32, [1, 3, 4, 4])], [("y", F32, [1, 3, 4, 4])], inits)
+    model, stats = _fold(proto)
+    assert _ops(model).count("BatchNormalization") == 2
+    assert any("shared" in s["reason"] for s in stats.skipped)
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 3, 4, 4)).astype(np.float32)})
+
+
+def test_weights_in_constant_nodes_are_lifted_then_folded() -> None:
+    w = RNG.normal(0, 0.3, (4, 3, 1, 1)).astype(np.float32)
+    bn = _bn_inits("bn", 4)
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w"))]
+    nodes += [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in bn.items()]
+    nodes += [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), _bn("c", "y", "bn")]
+    proto = make_model(nodes, [("x", F32, [1, 3, 4, 4])], [("y", F32, [1, 4, 4, 4])], opset=11)
+    model, stats = _fold(proto)
+    assert _ops(model) == ["Conv"]
+    assert "w" in model.graph.initializers
+    assert stats.summary["constants_lifted"] == 5
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 3, 4, 4)).astype(np.float32)})
+
+
+def test_shape_arithmetic_folds_for_static_shapes_only() -> None:
+    # Reshape target computed from Shape -> Gather -> Unsqueeze -> Concat, as exporters write it.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["y"]),
+    ]
+    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus1": np.array([-1], np.int64)}
+    static = make_model(nodes, [("x", F32, [2, 3, 4])], [("y", F32, [2, 12])], inits, opset=13)
+    model, _ = _fold(static)
+    assert _ops(model) == ["Reshape"]
+    x = RNG.normal(size=(2, 3, 4)).astype(np.float32)
+    assert_same_outputs(static, model, {"x": x})
+    dynamic = make_model(nodes, [("x", F32, ["N", 3, 4])], [("y", F32, ["N", 12])], inits, opset=13)
+    model, _ = _fold(dynamic)
+    assert "Shape" in _ops(model)  # batch is dynamic: the shape must stay computed at run time
+    assert_same_outputs(dynamic, model, {"x": RNG.normal(size=(5, 3, 4)).astype(np.float32)})
+
+
+def test_fold_size_cap_and_growth_guard() -> None:
+    nodes = [
+        helper.make_node("ConstantOfShape", ["big_shape"], ["big"], value=helper.make_tensor("v", F32, [1], [1.0])),
+        helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+        helper.make_node("Cast", ["w16"], ["w32"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["x", "w32"], ["m"]),
+        helper.make_node("Add", ["m", "s"], ["y"]),
+    ]
+    inits = {"big_shape": np.array([4096, 4096], np.int64),
+             "w16": RNG.normal(size=(256, 256)).astype(np.float16)}
+    proto = make_model(nodes, [("x", F32, [1, 256])], [("y", F32, [1, 256])], inits, opset=13)
+    model, stats = _fold(proto, max_fold_mb=8.0)
+    ops = _ops(model)
+    assert "ConstantOfShape" in ops  # 64 MB fp32 tensor over the 8 MB cap
+    assert "Cast" in ops  # fp16 -> fp32 would double the weight bytes
+    reasons = " ".join(s["reason"] for s in stats.skipped)
+    assert "max_fold_mb" in reasons and "grow" in reasons
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 256)).astype(np.float32)}, rtol=1e-4, atol=1e-2)
+
+
+def test_if_subgraphs_are_folded_and_model_stays_valid() -> None:
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Constant", [], [f"{name}_k"], value=helper.make_tensor("k", F32, [1], [scale])),
+             helper.make_node("Identity", [f"{name}_k"], [f"{name}_k2"]),
+             helper.make_node("Mul", ["x", f"{name}_k2"], [f"{name}_out"])],
+            name, [], [helper.make_tensor_value_info(f"{name}_out", F32, [2])])
+
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 2.0), else_branch=branch("else", -1.0))]
+    proto = make_model(nodes, [("x", F32, [2]), ("cond", TensorProto.BOOL, [])], [("y", F32, [2])], opset=13)
+    model, stats = _fold(proto)
+    assert stats.modified
+    sub = model.graph.node(0).attributes["then_branch"].value
+    assert [n.op_type for n in sub] == ["Mul"]
+    x = np.array([1.0, -3.0], np.float32)
+    for cond in (True, False):
+        assert_same_outputs(proto, model, {"x": x, "cond": np.array(cond)})
+
+
+def test_graph_output_identity_keeps_output_name() -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])]
+    proto = make_model(nodes, [("x", F32, [3])], [("y", F32, [3])])
+    model, _ = _fold(proto)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert _ops(model) == ["Relu"]
+
+
+def test_dropout_in_training_mode_is_kept() -> None:
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y"], seed=1)]
+    inits = {"ratio": np.array(0.5, np.float32), "train": np.array(True)}
+    proto = make_model(nodes, [("x", F32, [3])], [("y", F32, [3])], inits, opset=13)
+    model, _ = _fold(proto)
+    assert _ops(model) == ["Dropout"]
+
+
+def test_duplicate_initializers_are_stored_once() -> None:
+    w = RNG.normal(size=(8, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    proto = make_model(nodes, [("x", F32, [1, 8])], [("y", F32, [1, 8])], {"w1": w, "w2": w.copy()})
+    model, stats = _fold(proto)
+    assert len(model.graph.initializers) == 1
+    assert stats.summary["initializers_deduplicated"] == 1
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 8)).astype(np.float32)})
+
+
+def test_external_data_model_is_read_never_changed_and_output_matches(tmp_path) -> None:
+    src = tmp_path / "ext.onnx"
+    m = onnxopt.load(MODELS / "digits_cnn.onnx")
+    ir.save(m, src, external_data="ext.onnx.data", size_threshold_bytes=0)
+    data_hash = hashlib.sha256((tmp_path / "ext.onnx.data").read_bytes()).hexdigest()
+    out = tmp_path / "out.onnx"
+    result = onnxopt.optimize(src, ["fold"], data=str(MODELS / "digits_eval.npz"), output=out)
+    result.save(out)
+    assert hashlib.sha256((tmp_path / "ext.onnx.data").read_bytes()).hexdigest() == data_hash
+    assert result.validation.outputs[0].max_abs < 1e-4
+    with np.load(MODELS / "digits_eval.npz") as d:
+        x = d["input"][:16]
+    np.testing.assert_allclose(run_ort(out, {"input": x})[0], run_ort(src, {"input": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fold_option_validation() -> None:
+    with pytest.raises(UsageError, match="max_fold_mb"):
+        make_pass("fold", {"max_fold_mb": "-1"}, from_text=True)
+
+
+def test_int64_shape_inputs_stay_untouched() -> None:
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    proto = make_model(nodes, [("x", F32, [2, 6]), ("shape", I64, [2])], [("y", F32, [None, None])], {})
+    model, stats = _fold(proto)
+    assert _ops(model) == ["Reshape"] and not stats.modified

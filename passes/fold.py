@@ -5,6 +5,7 @@ Rewrite cases, repeated until nothing changes (so running it twice equals runnin
 1. ``Constant`` nodes become initializers (exporters such as Paddle's store every weight that way,
    and later passes look for initializers).
 2. Inference ``Dropout`` (mask unused, not in training mode) and ``Identity`` are removed.
+   ``Conv``/``ConvTranspose`` followed by ``Add`` of a per-channel constant takes it as its bias.
 3. ``BatchNormalization`` after Conv / ConvTranspose / Gemm / 2-D MatMul with constant weights is
    folded into them. With ``s = gamma / sqrt(var + eps)``: ``W' = W * s`` on the output-channel
    axis and ``b' = (b - mean) * s + beta`` (for MatMul a bias Add is inserted).
@@ -35,7 +36,7 @@ from onnx_ir.passes.common import (
 
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
-from onnxopt.graph import new_initializer, only_used_by, take_over_output
+from onnxopt.graph import new_initializer, only_used_by, set_weight, take_over_output
 from onnxopt.io import is_constant, iter_graphs
 from onnxopt.registry import Pass, PassStats, option, register_pass
 
@@ -83,7 +84,7 @@ class Fold(Pass):
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
         stats = PassStats()
-        counts = {"constants_lifted": 0, "identity_removed": 0, "batchnorm_folded": 0,
+        counts = {"constants_lifted": 0, "identity_removed": 0, "bias_adds_folded": 0, "batchnorm_folded": 0,
                   "nodes_folded": 0, "dead_nodes_removed": 0, "initializers_deduplicated": 0}
         nodes_before = _count_nodes(model)
         for _ in range(8):
@@ -95,6 +96,9 @@ class Fold(Pass):
             counts["identity_removed"] += n
             changed |= n > 0
             infer_shapes(model)
+            n = _fold_bias_adds(model, stats)
+            counts["bias_adds_folded"] += n
+            changed |= n > 0
             if self.batchnorm:
                 n = _fold_batchnorms(model, stats)
                 counts["batchnorm_folded"] += n
@@ -177,7 +181,56 @@ def _remove_identities(model: ir.Model) -> int:
     return before - _count_nodes(model)
 
 
-# ------------------------------------------------------------------------------ 3. BatchNorm
+# ------------------------------------------------------------------------------ 3. bias Add, BatchNorm
+def _fold_bias_adds(model: ir.Model, stats: PassStats) -> int:
+    """Conv/ConvTranspose followed by Add of a per-channel constant: the constant joins the bias.
+
+    Exporters write a convolution's bias this way (Paddle's ConvTranspose + Add), and it keeps a
+    following BatchNorm from folding.
+    """
+    folded = 0
+    for graph in iter_graphs(model.graph):
+        for add in list(graph):
+            if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+                continue
+            for k in (0, 1):
+                conv_out, const = add.inputs[k], add.inputs[1 - k]
+                src = conv_out.producer() if conv_out is not None else None
+                if src is None or src.op_type not in ("Conv", "ConvTranspose") or not is_constant(const):
+                    continue
+                if _try_fold_bias_add(graph, src, add, const):
+                    folded += 1
+                break
+    return folded
+
+
+def _try_fold_bias_add(graph: ir.Graph, src: ir.Node, add: ir.Node, const: ir.Value) -> bool:
+    weight = src.inputs[1]
+    if src.graph is not graph or not is_constant(weight) or not only_used_by(src.outputs[0], add):
+        return False
+    w_shape = weight.const_value.shape
+    channels = w_shape[0] if src.op_type == "Conv" else w_shape[1] * src.attributes.get_int("group", 1)
+    c = np.asarray(const.const_value.numpy())
+    rank = len(w_shape)
+    if c.ndim > rank or not np.issubdtype(c.dtype, np.floating):
+        return False
+    c = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if any(d != 1 for i, d in enumerate(c.shape) if i != 1) or c.shape[1] not in (1, channels):
+        return False
+    per_channel = np.broadcast_to(c.reshape(-1), (channels,)).astype(c.dtype)
+    bias = src.inputs[2] if len(src.inputs) > 2 else None
+    if bias is not None:
+        if not is_constant(bias) or not only_used_by(bias, src):
+            return False
+        set_weight(bias, np.asarray(bias.const_value.numpy()) + per_channel)
+    else:
+        bias = new_initializer(graph, f"{src.name or weight.name}.bias", per_channel.copy())
+        src.resize_inputs(3)
+        src.replace_input_with(2, bias)
+    take_over_output(graph, add, src.outputs[0])
+    return True
+
+
 def _bn_scale_shift(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
     if len(bn.inputs) < 5 or not all(is_constant(v) for v in bn.inputs[1:5]):
         return None

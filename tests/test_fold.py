@@ -260,3 +260,38 @@ def test_int64_shape_inputs_stay_untouched() -> None:
     proto = make_model(nodes, [("x", F32, [2, 6]), ("shape", I64, [2])], [("y", F32, [None, None])], {})
     model, stats = _fold(proto)
     assert _ops(model) == ["Reshape"] and not stats.modified
+
+
+def test_conv_transpose_bias_add_then_batchnorm_fold() -> None:
+    # Paddle writes ConvTranspose + Add(bias [1,C,1,1]) + BatchNorm.
+    inits = {"w": RNG.normal(0, 0.3, (4, 6, 2, 2)).astype(np.float32),
+             "b": RNG.normal(0, 0.3, (1, 6, 1, 1)).astype(np.float32), **_bn_inits("bn", 6)}
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
+             helper.make_node("Add", ["c", "b"], ["a"]), _bn("a", "y", "bn")]
+    proto = make_model(nodes, [("x", F32, [1, 4, 3, 3])], [("y", F32, [1, 6, 6, 6])], inits, opset=12)
+    model, stats = _fold(proto)
+    assert _ops(model) == ["ConvTranspose"]
+    assert stats.summary["bias_adds_folded"] == 1 and stats.summary["batchnorm_folded"] == 1
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 4, 3, 3)).astype(np.float32)})
+
+
+def test_nhwc_input_with_transposes_folds_exactly() -> None:
+    # TensorFlow exports: NHWC input, Transpose to NCHW, Conv + BN + Relu, Transpose back.
+    inits = {"w": RNG.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), **_bn_inits("bn", 8)}
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w"], ["c"], pads=[1, 1, 1, 1]), _bn("c", "b", "bn"),
+             helper.make_node("Relu", ["b"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1])]
+    proto = make_model(nodes, [("x", F32, ["N", 5, 5, 3])], [("y", F32, ["N", 5, 5, 8])], inits, opset=13)
+    model, _ = _fold(proto)
+    assert _ops(model) == ["Transpose", "Conv", "Relu", "Transpose"]
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(3, 5, 5, 3)).astype(np.float32)})
+
+
+def test_transformer_fixture_folds_exactly_for_other_batch_and_seq() -> None:
+    proto = onnx.load(str(MODELS / "digits_transformer.onnx"))
+    model, _ = _fold(proto)
+    assert [v.name for v in model.graph.inputs] == ["input"]
+    for batch, seq in ((1, 8), (3, 5), (2, 16)):
+        x = RNG.uniform(0, 1, (batch, seq, 8)).astype(np.float32)
+        assert_same_outputs(proto, model, {"input": x}, rtol=1e-4, atol=1e-5)

@@ -48,6 +48,7 @@ class Result:
     input_kind: str
     _staged: Path | None = None
     _workspace: Any = None
+    _stage: Any = None
 
     def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None) -> Path:
         """Write the model to `path` atomically (external data past 2 GB or when asked)."""
@@ -65,6 +66,8 @@ class Result:
                 os.replace(data, target.parent / data.name)
             os.replace(staged, target)
             self._staged = None
+            if self._stage is not None and self._stage is not self._workspace:
+                self._stage.cleanup()
             return target
         return io.save(self.model, target, external_data=external_data)
 
@@ -147,7 +150,9 @@ def optimize(
     if target is not None:
         io.check_output_path(target, model if kind == "path" else None)
     pipeline = Pipeline(passes)
-    ws = _Workspace(target.parent if target is not None and str(target.parent) else (Path(".") if target else None))
+    ws = _Workspace()
+    # The optimized model is staged beside its target, so that saving it is a rename.
+    stage = ws if target is None else _Workspace(target.parent if str(target.parent) else Path("."))
     try:
         if kind == "path":
             src_path = Path(model)
@@ -169,7 +174,7 @@ def optimize(
         size_before = io.file_size(src_path)
         ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads)
         records = pipeline.run(work, ctx)
-        staged = ws.path / (target.name if target is not None else "optimized.onnx")
+        staged = stage.path / (target.name if target is not None else "optimized.onnx")
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT
         io.save(work, staged, external_data=ext)
         comparison = None
@@ -196,7 +201,9 @@ def optimize(
             input_kind=kind,
             _staged=staged,
             _workspace=ws,
+            _stage=stage,
         )
     except BaseException:
         ws.cleanup()
+        stage.cleanup()
         raise

@@ -117,3 +117,15 @@ def test_save_with_external_data_on_request(tmp_path: Path) -> None:
     assert (tmp_path / "ext.onnx.data").is_file()
     assert out.stat().st_size < 20_000
     np.testing.assert_allclose(run_ort(out, {"input": _x()})[0], run_ort(CNN, {"input": _x()})[0], atol=1e-4)
+
+
+def test_external_data_chosen_automatically_past_the_protobuf_limit(tmp_path: Path, monkeypatch) -> None:
+    from onnxopt import io
+
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 10_000)  # stand-in for 2 GB: the CNN has ~176 KB of weights
+    out = tmp_path / "big.onnx"
+    res = onnxopt.optimize(CNN, ["fold"], output=out, validate=True)
+    res.save(out)
+    assert (tmp_path / "big.onnx.data").is_file() and out.stat().st_size < 20_000
+    np.testing.assert_allclose(run_ort(out, {"input": _x()})[0], run_ort(CNN, {"input": _x()})[0], atol=1e-4)
+    assert not any(p.name.startswith(".onnxopt-") for p in tmp_path.iterdir())

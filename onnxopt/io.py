@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt import sparse
 from onnxopt.errors import ModelError, UsageError
 
 __all__ = [
@@ -108,6 +109,8 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
         raise ModelError(f"'{p}' is not an ONNX model (no graph, IR version or opset)")
     try:
+        # onnx_ir keeps only dense initializers: bring sparse ones in as dense tensors.
+        sparse.densify(proto)
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise ModelError(f"'{p}' could not be read as ONNX: {_first_line(exc)}") from None
@@ -191,8 +194,14 @@ def _inline_external(model: ir.Model) -> None:
 def _write(model: ir.Model, path: Path, external: bool) -> None:
     if external:
         ir.save(model, path, external_data=f"{path.name}.data")
+        return
+    _inline_external(model)
+    if sparse.marked_names(model):
+        # Weights a pass asked to store sparse go to the model's sparse_initializer list.
+        proto = ir.to_proto(model)
+        sparse.apply_sparse_storage(proto)
+        onnx.save(proto, str(path))
     else:
-        _inline_external(model)
         ir.save(model, path)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxopt import sparse
 from onnxopt.data import Dataset
 from onnxopt.errors import ModelError, UsageError
 from onnxopt.progress import progress
@@ -89,18 +90,33 @@ class Comparison:
 
 
 def check_model_file(path: str | os.PathLike[str]) -> None:
-    """Full ONNX checker and strict shape inference on a saved model; raises ModelError."""
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        raise ModelError(f"the optimized model fails the ONNX checker: {_line(exc)}") from None
+    """Full ONNX checker and strict shape inference on a saved model; raises ModelError.
+
+    onnx's shape inference types a sparse initializer as a sparse tensor and rejects it as a
+    Conv/Gemm/MatMul input although ONNX Runtime reads it, so such a model is checked densified.
+    """
     with tempfile.TemporaryDirectory(prefix="onnxopt-infer-") as tmp:
+        path = _densified(Path(path), Path(tmp))
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as exc:
+            raise ModelError(f"the optimized model fails the ONNX checker: {_line(exc)}") from None
         try:
             onnx.shape_inference.infer_shapes_path(
                 str(path), str(Path(tmp) / "inferred.onnx"), check_type=True, strict_mode=True, data_prop=True
             )
         except Exception as exc:
             raise ModelError(f"the optimized model fails strict shape inference: {_line(exc)}") from None
+
+
+def _densified(path: Path, tmp: Path) -> Path:
+    proto = onnx.load(str(path), load_external_data=False)
+    if not proto.graph.sparse_initializer:
+        return path
+    sparse.densify(proto)
+    dense = tmp / "dense.onnx"
+    onnx.save(proto, str(dense))
+    return dense
 
 
 def _line(exc: BaseException) -> str:

@@ -57,6 +57,10 @@ def make_model(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir_version or min(onnx.IR_VERSION, _ir_for_opset(opset))
+    if any(s is None for _, _, s in outputs):  # outputs given without a shape: take the inferred one
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for out, new in zip(model.graph.output, inferred.graph.output):
+            out.CopyFrom(new)
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -1,0 +1,553 @@
+"""channels: structured removal of whole channels (filters, hidden units, attention heads).
+
+Zeroing is not removal: the rewritten model has smaller weight tensors and smaller activations, so
+ONNX Runtime runs fewer MACs. The channel dependency graph (`onnxopt.analysis.channel_groups`)
+says which channels must go together; this pass scores, chooses and cuts.
+
+Rewrite cases:
+
+1. Importance of a unit (one coupled channel, a whole group of a grouped conv, a whole head):
+   ``l1``/``l2`` -- sum over the group's producers of the norm of the unit's filter and bias
+   (Li et al., "Pruning Filters for Efficient ConvNets"), so an all-zero filter scores 0 and goes
+   first; ``bn`` -- ``|gamma| / sqrt(var + eps)`` of a BatchNorm in the group; ``activation`` --
+   mean ``|x|`` of the unit's channels at the consumers' inputs on the calibration data.
+2. Choice: ``ratio`` removes ``floor(ratio * n)`` of each group's ``n`` units; ``macs`` removes units
+   globally in order of (importance / group-mean importance) per MAC saved until the model's MACs
+   drop by the target fraction. Kept counts are rounded up to multiples of ``round_to`` and never
+   fall below ``min_channels``; pinned units (graph outputs, unknown ops...) are never removed.
+3. Compensation: a removed channel ``c`` leaves behind the constant ``m_c`` it holds (``relu(bias)``
+   when its filter is zero, pushed through the pass-through ops) or, with calibration data, its
+   mean. A consumer ``y = W x + b`` then gets ``b' = b + sum_c W[:, c] m_c`` (for a Conv the kernel is
+   summed over its window; exact away from zero-padded borders).
+4. Surgery: every parameter indexed by a space is sliced with the space's keep mask (producer
+   filters and biases, BatchNorm/InstanceNorm parameters, per-channel constants, consumer input
+   rows), and ``group`` of grouped convs, Reshape shape constants (head counts), Split sizes and Slice
+   bounds are recomputed.
+5. Reconstruction (``reconstruct=true``, needs ``--calib``): each consumer of a cut space, in graph
+   order, is refitted by ridge least squares so that on the pruned model's inputs ``X'`` it
+   reproduces its outputs ``Y`` in the model before the cut: ``[W'; b'] = (AᵀA + λI)⁻¹ AᵀY`` with
+   ``A = [X' 1]`` (He et al. 2017, ThiNet); Conv inputs are unfolded into patches.
+
+Lossy unless the removed channels are all zero; running it twice removes more channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.analysis import infer_shapes
+from onnxopt.analysis.channel_groups import ChannelGraph, Consumer, Fixup, Group, build_channel_graph
+from onnxopt.context import Context
+from onnxopt.errors import ModelError, UsageError
+from onnxopt.graph import constant_array, new_initializer, only_used_by, set_weight, unique_name
+from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
+
+__all__ = ["Channels", "remove_units", "add_to_bias"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_LISTED = 6
+
+
+@register_pass("channels")
+class Channels(Pass):
+    """Remove whole channels, hidden units and heads through a channel dependency graph (smaller, faster)."""
+
+    exact = False
+    idempotent = False
+
+    ratio: float = option(0.3, "fraction of each group's channels to remove, in [0, 1)")
+    macs: float | None = option(None, "instead of ratio: fraction of the model's MACs to remove, in (0, 1)")
+    importance: Literal["l1", "l2", "bn", "activation"] = option(
+        "l2", "channel score: filter norm (l1, l2), BatchNorm scale (bn) or mean |activation| (needs --calib)")
+    round_to: int = option(1, "keep channel counts multiples of this (8 or 16 suit SIMD kernels)")
+    min_channels: int = option(1, "fewest channels (units) a group keeps")
+    exclude: list[str] = option([], "producer node names (globs) or op types whose output channels are kept")
+    compensate: bool = option(True, "fold removed channels' constant (or mean, with --calib) into consumer biases")
+    reconstruct: bool = option(False, "refit consumer weights by least squares on --calib data")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise UsageError(f"channels.ratio: {self.ratio} is outside [0, 1) (allowed 0 <= ratio < 1)")
+        if self.macs is not None and not 0.0 < self.macs < 1.0:
+            raise UsageError(f"channels.macs: {self.macs} is outside (0, 1) (allowed 0 < macs < 1)")
+        if self.round_to < 1:
+            raise UsageError(f"channels.round_to: {self.round_to} must be at least 1 (e.g. 8 or 16)")
+        if self.min_channels < 1:
+            raise UsageError(f"channels.min_channels: {self.min_channels} must be at least 1")
+
+    # ------------------------------------------------------------------ driver
+    def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
+        ctx = ctx if ctx is not None else Context()
+        if self.importance == "activation":
+            ctx.require_calib("channels importance=activation")
+        if self.reconstruct:
+            ctx.require_calib("channels reconstruct=true")
+        stats = PassStats()
+        cg = build_channel_graph(model, ctx.dims)
+        groups = cg.groups()
+        candidates = self._candidates(groups, stats)
+        stats.summary = {"groups": len(groups), "prunable_groups": len(candidates)}
+        if not candidates:
+            if self.macs is not None:
+                raise UsageError(self._blocked_message(cg, groups, 0.0))
+            msg = "channels: no prunable channel group; the model is unchanged"
+            logger.warning(msg)
+            stats.notes.append(msg + " (" + _blockers(groups) + ")")
+            return stats
+        means = _channel_stats(cg, candidates, model, ctx) if (
+            ctx.calib is not None and (self.compensate or self.importance == "activation")) else {}
+        scores = {id(g): self._scores(cg, g, means, stats) for g in candidates}
+        plan = self._plan(cg, groups, candidates, scores)
+        removed_units = sum(len(units) for units in plan.values())
+        if removed_units == 0:
+            stats.notes.append("channels: nothing to remove at these settings; the model is unchanged")
+            return stats
+        removed = {e for g in candidates for u in plan.get(id(g), []) for e in g.units[u]}
+        snapshot = _snapshot(model) if self.reconstruct else None
+        macs_before = cg.total_macs()
+        masks, comp_applied = remove_units(model, cg, removed, means=means, compensate=self.compensate)
+        if self.reconstruct and snapshot is not None:
+            _refit_consumers(model, cg, masks, comp_applied, snapshot, ctx, stats)
+        infer_shapes(model)
+        _report(stats, cg, candidates, plan, masks, macs_before, len(comp_applied))
+        return stats
+
+    # ------------------------------------------------------------------ candidates and scores
+    def _candidates(self, groups: list[Group], stats: PassStats) -> list[Group]:
+        out = []
+        for g in groups:
+            if self.exclude and any(matches_any(p.node, self.exclude) for p in g.producers):
+                stats.skip(g.name, "excluded by channels.exclude")
+                continue
+            if not g.prunable():
+                stats.skip(g.name, next(iter(g.pinned.values()), "pinned"))
+                continue
+            out.append(g)
+        return out
+
+    def _scores(self, cg: ChannelGraph, g: Group, means: dict[str, tuple[np.ndarray, np.ndarray]],
+                stats: PassStats) -> np.ndarray:
+        if self.importance == "activation":
+            score = _activation_scores(cg, g, means)
+            if score is not None:
+                return score
+        if self.importance == "bn":
+            score = _bn_scores(cg, g)
+            if score is not None:
+                return score
+            stats.notes.append(f"channels: group {g.name} has no BatchNorm; scored by l2 instead")
+        return _filter_scores(cg, g, 1 if self.importance == "l1" else 2)
+
+    # ------------------------------------------------------------------ choice
+    def _keep_count(self, g: Group, keep: int) -> int:
+        if self.round_to > 1 and _unit_width(g) == 1:
+            keep = int(math.ceil(keep / self.round_to) * self.round_to)
+        keep = max(keep, self.min_channels, g.size - len(g.prunable()), 1)
+        return min(keep, g.size)
+
+    def _plan(self, cg: ChannelGraph, groups: list[Group], candidates: list[Group],
+              scores: dict[int, np.ndarray]) -> dict[int, list[int]]:
+        if self.macs is None:
+            plan = {}
+            for g in candidates:
+                keep = self._keep_count(g, g.size - int(math.floor(self.ratio * g.size + 1e-9)))
+                order = sorted(g.prunable(), key=lambda u: (scores[id(g)][u], u))
+                plan[id(g)] = sorted(order[:g.size - keep])
+            return plan
+        return self._plan_macs(cg, groups, candidates, scores)
+
+    def _plan_macs(self, cg: ChannelGraph, groups: list[Group], candidates: list[Group],
+                   scores: dict[int, np.ndarray]) -> dict[int, list[int]]:
+        total = cg.total_macs()
+        if total <= 0:
+            raise UsageError("channels.macs: the model has no counted MACs (Conv/Gemm/MatMul)")
+        model_mac = _MacModel(cg, total)
+        heap = []
+        for g in candidates:
+            s = scores[id(g)]
+            mean = float(np.mean(s)) or 1.0
+            for u in g.prunable():
+                saving = max(model_mac.unit_saving(g.units[u]), 1e-9)
+                heap.append(((s[u] / mean) / saving, id(g), u))
+        heap.sort()
+        by_id = {id(g): g for g in candidates}
+        picked: dict[int, list[int]] = {id(g): [] for g in candidates}
+        realized: dict[int, list[int]] = {id(g): [] for g in candidates}
+        target = self.macs * total
+        for _, gid, u in heap:
+            if model_mac.removed >= target:
+                break
+            g = by_id[gid]
+            picked[gid].append(u)
+            keep = self._keep_count(g, g.size - len(picked[gid]))
+            now = picked[gid][:g.size - keep]
+            if len(now) != len(realized[gid]):
+                model_mac.replace(realized[gid], now, g)
+                realized[gid] = now
+        if model_mac.removed < target * (1 - 1e-6):
+            raise UsageError(self._blocked_message(cg, groups, model_mac.removed / total))
+        return {gid: sorted(units) for gid, units in realized.items()}
+
+    def _blocked_message(self, cg: ChannelGraph, groups: list[Group], reached: float) -> str:
+        return (f"channels.macs={self.macs}: cannot be met, at most {reached:.1%} of MACs can be removed "
+                f"with these settings; blocked by {_blockers(groups, self.exclude)}")
+
+
+def _report(stats: PassStats, cg: ChannelGraph, candidates: list[Group], plan: dict[int, list[int]],
+            masks: dict[int, np.ndarray], macs_before: int, compensated: int) -> None:
+    macs_after = cg.total_macs()
+    for g in candidates:
+        cut = plan.get(id(g), [])
+        if cut:
+            stats.layers.append({"group": g.name, "units": g.size, "removed": len(cut),
+                                 "kept": g.size - len(cut), "nodes": [n.name for n in g.nodes()][:8]})
+    stats.summary.update({
+        "units_removed": sum(len(units) for units in plan.values()),
+        "channels_removed": int(sum((~masks[i]).sum() for i in {p.space.index for p in cg.producers})),
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "macs_removed": round(1 - macs_after / macs_before, 4) if macs_before else 0.0,
+        "compensated_consumers": compensated,
+    })
+    stats.modified = True
+
+
+# ====================================================================== helpers: scoring
+def _unit_width(g: Group) -> int:
+    """Channels of the first producer that one unit covers (1, or a head's width)."""
+    if not g.producers:
+        return 1
+    sp = g.producers[0].space
+    return sum(1 for e in g.units[0] if sp.base <= e < sp.base + sp.size) or 1
+
+
+def _filter_scores(cg: ChannelGraph, g: Group, order: int) -> np.ndarray:
+    per_channel: dict[int, np.ndarray] = {}
+    for p in g.producers:
+        w = constant_array(p.node.inputs[p.weight_index])
+        if w is None:
+            continue
+        moved = np.moveaxis(np.asarray(w, dtype=np.float64), p.axis, 0).reshape(w.shape[p.axis], -1)
+        if p.bias_index is not None:
+            b = np.asarray(constant_array(p.node.inputs[p.bias_index]), dtype=np.float64).reshape(-1)
+            moved = np.concatenate([moved, b[:, None]], axis=1) if b.size == moved.shape[0] else moved
+        norms = np.abs(moved).sum(1) if order == 1 else (moved ** 2).sum(1)
+        per_channel[p.space.index] = per_channel.get(p.space.index, 0) + norms
+    return _unit_sums(cg, g, per_channel, root=order == 2)
+
+
+def _unit_sums(cg: ChannelGraph, g: Group, per_channel: dict[int, np.ndarray], *, root: bool = False) -> np.ndarray:
+    scores = np.zeros(g.size)
+    for k, unit in enumerate(g.units):
+        total = 0.0
+        for e in unit:
+            space = cg.spaces[cg.elem_space[e]]
+            vec = per_channel.get(space.index)
+            if vec is not None:
+                total += float(vec[e - space.base])
+        scores[k] = math.sqrt(total) if root else total
+    return scores
+
+
+def _bn_scores(cg: ChannelGraph, g: Group) -> np.ndarray | None:
+    ids = {s.index for s in g.spaces}
+    per_channel: dict[int, np.ndarray] = {}
+    for sl in cg.slices:
+        if sl.node.op_type == "BatchNormalization" and sl.input_index == 1 and sl.space.index in ids:
+            gamma = np.asarray(constant_array(sl.node.inputs[1]), dtype=np.float64)
+            var = np.asarray(constant_array(sl.node.inputs[4]), dtype=np.float64)
+            eps = sl.node.attributes.get_float("epsilon", 1e-5)
+            per_channel[sl.space.index] = np.abs(gamma) / np.sqrt(var + eps)
+    return _unit_sums(cg, g, per_channel) if per_channel else None
+
+
+def _activation_scores(cg: ChannelGraph, g: Group, means: dict[str, tuple[np.ndarray, np.ndarray]]
+                       ) -> np.ndarray | None:
+    per_channel = {c.space.index: means[c.space.value.name][1] for c in g.consumers
+                   if c.space.value.name in means}
+    return _unit_sums(cg, g, per_channel) if per_channel else None
+
+
+def _channel_stats(cg: ChannelGraph, groups: list[Group], model: ir.Model, ctx: Context
+                   ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and mean |x| of every consumer input of `groups`, over the calibration data."""
+    spaces = {c.space.value.name: c.space for g in groups for c in g.consumers if c.space.value.name}
+    if not spaces:
+        return {}
+    sums: dict[str, list[np.ndarray | int]] = {n: [0.0, 0.0, 0] for n in spaces}
+    for acts in ctx.activations(model, list(spaces), desc="channels: statistics"):
+        for name, space in spaces.items():
+            a = np.moveaxis(np.asarray(acts[name], dtype=np.float64), space.axis, 0).reshape(space.size, -1)
+            acc = sums[name]
+            acc[0] = acc[0] + a.sum(1)
+            acc[1] = acc[1] + np.abs(a).sum(1)
+            acc[2] = int(acc[2]) + a.shape[1]
+    return {n: (np.asarray(s) / max(1, c), np.asarray(a) / max(1, c)) for n, (s, a, c) in sums.items()}
+
+
+def _blockers(groups: list[Group], exclude: list[str] | None = None) -> str:
+    rows = []
+    for g in groups:
+        if exclude and any(matches_any(p.node, exclude) for p in g.producers):
+            rows.append(f"'{g.name}' (excluded)")
+        elif g.pinned and len(g.pinned) == g.size:
+            rows.append(f"'{g.name}' ({next(iter(g.pinned.values()))})")
+    more = f" and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else ""
+    return (", ".join(rows[:_MAX_LISTED]) + more) if rows else "min_channels/round_to limits"
+
+
+class _MacModel:
+    """MACs of the model as units are removed: each counted node scales by kept in/out fractions."""
+
+    def __init__(self, cg: ChannelGraph, total: int) -> None:
+        self.cg = cg
+        self.total = total
+        self.kept = {s.index: s.size for s in cg.spaces}
+        self.removed = 0.0
+        self._by_space: dict[int, list[int]] = {}
+        for k, (_, _, sin, sout) in enumerate(cg.mac_nodes):
+            for s in (sin, sout):
+                if s is not None:
+                    self._by_space.setdefault(s.index, []).append(k)
+
+    def _node_macs(self, k: int) -> float:
+        _, macs, sin, sout = self.cg.mac_nodes[k]
+        f = 1.0
+        for s in (sin, sout):
+            if s is not None:
+                f *= self.kept[s.index] / s.size
+        return macs * f
+
+    def unit_saving(self, unit: list[int]) -> float:
+        saving = 0.0
+        for s, n in self.cg.unit_counts(unit).items():
+            for k in self._by_space.get(s, []):
+                saving += self.cg.mac_nodes[k][1] * n / self.cg.spaces[s].size
+        return saving
+
+    def replace(self, old: list[int], new: list[int], g: Group) -> None:
+        delta: dict[int, int] = {}
+        for sign, units in ((1, old), (-1, new)):
+            for u in units:
+                for s, n in self.cg.unit_counts(g.units[u]).items():
+                    delta[s] = delta.get(s, 0) + sign * n
+        nodes = {k for s in delta for k in self._by_space.get(s, [])}
+        before = sum(self._node_macs(k) for k in nodes)
+        for s, d in delta.items():
+            self.kept[s] += d
+        after = sum(self._node_macs(k) for k in nodes)
+        self.removed += before - after
+
+
+# ====================================================================== helpers: compensation
+def _compensations(cg: ChannelGraph, removed: set[int], means: dict[str, tuple[np.ndarray, np.ndarray]]
+                   ) -> dict[int, tuple[Consumer, np.ndarray]]:
+    """Bias change (full output length) per consumer, from the removed channels' constants or means."""
+    out: dict[int, tuple[Consumer, np.ndarray]] = {}
+    for c in cg.consumers:
+        idx = np.array([i for i, e in enumerate(c.space.elements()) if e in removed], dtype=np.int64)
+        if idx.size == 0:
+            continue
+        stat = means.get(c.space.value.name)
+        m = stat[0][idx] if stat is not None else cg.consts(c.space)[idx]
+        m = np.nan_to_num(m, nan=0.0)
+        if not np.any(m):
+            continue
+        delta = _consumer_delta(c, idx, m)
+        if delta is not None:
+            prev = out.get(id(c.node))
+            out[id(c.node)] = (c, delta if prev is None else prev[1] + delta)
+    return out
+
+
+def _consumer_delta(c: Consumer, idx: np.ndarray, m: np.ndarray) -> np.ndarray | None:
+    w = np.asarray(constant_array(c.node.inputs[c.weight_index]), dtype=np.float64)
+    cols = np.take(w, idx, axis=c.axis)
+    if c.kind == "conv":
+        return cols.reshape(cols.shape[0], cols.shape[1], -1).sum(-1) @ m
+    if c.kind == "convtranspose":
+        if any(s != 1 for s in c.node.attributes.get_ints("strides", [1])):
+            return None
+        return m @ cols.reshape(cols.shape[0], cols.shape[1], -1).sum(-1)
+    if c.kind == "gemm":
+        alpha = c.node.attributes.get_float("alpha", 1.0)
+        return alpha * (cols @ m if c.axis == 1 else m @ cols)
+    return m @ cols
+
+
+def _apply_compensations(graph: ir.Graph, cg: ChannelGraph, deltas: dict[int, tuple[Consumer, np.ndarray]],
+                         masks: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    applied = {}
+    for key, (c, delta) in deltas.items():
+        out_space = cg.space_of(c.node.outputs[0])
+        if out_space is not None:
+            delta = delta[masks[out_space.index]]
+        add_to_bias(graph, c.node, delta.astype(np.float32))
+        applied[key] = delta
+    return applied
+
+
+def add_to_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
+    """Add a per-output-channel `delta` to the bias of a Conv/ConvTranspose/Gemm/MatMul."""
+    if node.op_type == "MatMul":
+        _add_after_matmul(graph, node, delta)
+        return
+    if node.op_type == "Gemm":
+        beta = node.attributes.get_float("beta", 1.0)
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    else:
+        beta = 1.0
+    dtype = np.asarray(constant_array(node.inputs[1])).dtype
+    old = node.inputs[2] if len(node.inputs) > 2 else None
+    base = np.zeros(delta.shape) if old is None else np.asarray(constant_array(old), dtype=np.float64) * beta
+    new = (base + (delta if base.ndim < 2 else delta[None, :])).astype(dtype)
+    if old is not None and only_used_by(old, node):
+        set_weight(old, new)
+        return
+    bias = new_initializer(graph, f"{node.name or node.op_type}.bias", new, origin=old.name if old else None)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, bias)
+
+
+def _add_after_matmul(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        arr = constant_array(other)
+        if arr is not None and arr.shape and arr.shape[-1] == delta.size and arr.size == delta.size:
+            new = (np.asarray(arr, dtype=np.float64) + delta.reshape(arr.shape)).astype(arr.dtype)
+            if only_used_by(other, add):
+                set_weight(other, new)
+            else:
+                add.replace_input_with(1 - uses[0].idx, new_initializer(graph, f"{other.name}", new, origin=other.name))
+            return
+    bias = new_initializer(graph, f"{node.name or 'MatMul'}.bias", delta.astype(np.float32))
+    add = ir.Node("", "Add", [out, bias], name=f"{node.name or 'MatMul'}.bias_add")
+    for use in uses:
+        use.node.replace_input_with(use.idx, add.outputs[0])
+    add.outputs[0].name = unique_name(graph, f"{out.name}.biased")
+    add.outputs[0].shape = out.shape
+    add.outputs[0].type = out.type
+    if out.is_graph_output():
+        k = list(graph.outputs).index(out)
+        name = out.name
+        out.name = f"{name}.raw"
+        add.outputs[0].name = name
+        graph.outputs[k] = add.outputs[0]
+    graph.insert_after(node, add)
+
+
+# ====================================================================== helpers: surgery
+def remove_units(model: ir.Model, cg: ChannelGraph, removed: set[int], *,
+                 means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 compensate: bool = True) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Cut the elements `removed` (whole units of `cg`) out of `model`, compensating consumer biases.
+
+    Returns the keep mask per space index and the bias change applied per consumer node id.
+    """
+    deltas = _compensations(cg, removed, means or {}) if compensate else {}
+    masks = cg.keep_masks(removed)
+    _cut(model, cg, masks)
+    return masks, _apply_compensations(model.graph, cg, deltas, masks)
+
+
+def _cut(model: ir.Model, cg: ChannelGraph, masks: dict[int, np.ndarray]) -> None:
+    graph = model.graph
+    for sl in cg.slices:
+        mask = masks[sl.space.index]
+        if mask.all():
+            continue
+        value = sl.node.inputs[sl.input_index]
+        arr = constant_array(value)
+        if arr is None or arr.ndim <= sl.axis or arr.shape[sl.axis] != mask.size:
+            continue
+        _replace_param(graph, sl.node, sl.input_index, np.compress(mask, arr, axis=sl.axis))
+    for fx in cg.fixups:
+        reason = _try_fixup(graph, fx, masks)
+        if reason:
+            raise ModelError(f"channels: cannot update {fx.node.name or fx.node.op_type}: {reason}")
+    for space in cg.spaces:
+        mask = masks[space.index]
+        if mask.all() or space.value.shape is None:
+            continue
+        dims = list(space.value.shape.dims)
+        dims[space.axis] = int(mask.sum())
+        space.value.shape = ir.Shape(dims)
+
+
+def _replace_param(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+    value = node.inputs[index]
+    if only_used_by(value, node):
+        set_weight(value, array)
+        return
+    new = new_initializer(graph, value.name, np.ascontiguousarray(array), origin=value.name)
+    node.replace_input_with(index, new)
+
+
+def _try_fixup(graph: ir.Graph, fx: Fixup, masks: dict[int, np.ndarray]) -> str | None:
+    """Recompute a group count, Reshape shape, Split sizes or Slice bounds; the reason if it cannot."""
+    node, kind, spaces, data = fx.node, fx.kind, fx.spaces, fx.data
+    kept = [int(masks[s.index].sum()) for s in spaces]
+    if all(masks[s.index].all() for s in spaces):
+        return None
+    if kind == "group":
+        node.attributes["group"] = ir.AttrInt64("group", kept[0] // data["per_group"])
+    elif kind == "reshape":
+        if constant_array(node.inputs[1]) is None:
+            return "its shape is no longer a constant"
+        shape = np.asarray(constant_array(node.inputs[1])).copy()
+        shape[data["index"]] = kept[0]
+        _replace_param(graph, node, 1, shape.astype(np.int64))
+    elif kind == "split":
+        sizes = np.asarray(kept, dtype=np.int64)
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            _replace_param(graph, node, 1, sizes)
+        elif "split" in node.attributes or graph.opset_imports.get("", 17) < 13:
+            node.attributes["split"] = ir.AttrInt64s("split", [int(s) for s in sizes])
+        else:
+            node.resize_inputs(2)
+            node.replace_input_with(1, new_initializer(graph, f"{node.name or 'split'}.sizes", sizes))
+    elif kind == "slice":
+        mask = masks[spaces[0].index]
+        k = data["k"]
+        for index, bound in ((1, data["lo"]), (2, data["hi"])):
+            arr = np.asarray(constant_array(node.inputs[index])).copy()
+            arr[k] = int(mask[:bound].sum())
+            _replace_param(graph, node, index, arr)
+    return None
+
+
+def _snapshot(model: ir.Model) -> ir.Model:
+    """An independent copy of the model before surgery (the reconstruction target)."""
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _refit_consumers(model: ir.Model, cg: ChannelGraph, masks: dict[int, np.ndarray],
+                     comp: dict[int, np.ndarray], snapshot: ir.Model, ctx: Context, stats: PassStats) -> None:
+    from onnxopt.passes._channels_fit import refit_consumer
+
+    order = {id(n): k for k, n in enumerate(model.graph)}
+    seen: set[int] = set()
+    cut = [c for c in cg.consumers if not masks[c.space.index].all()]
+    cut.sort(key=lambda c: order.get(id(c.node), 0))
+    refitted = 0
+    for c in cut:
+        if id(c.node) in seen:
+            continue
+        seen.add(id(c.node))
+        reason = refit_consumer(model, c, snapshot, cg, masks, ctx, comp.get(id(c.node)))
+        if reason:
+            stats.skip(c.node, f"not reconstructed: {reason}")
+        else:
+            refitted += 1
+    stats.summary["reconstructed_consumers"] = refitted
+

@@ -443,3 +443,21 @@ def test_options_are_listed(capsys: pytest.CaptureFixture) -> None:
     names = [o["name"] for o in doc["options"]]
     assert names == ["sparsity", "threshold", "scope", "criterion", "pattern", "exclude", "min_size", "storage"]
     assert all(o["doc"] for o in doc["options"]) and not doc["exact"]
+
+
+def test_sparse_storage_through_the_pipeline_and_reload(tmp_path: Path) -> None:
+    out = tmp_path / "sparse.onnx"
+    dense = tmp_path / "dense.onnx"
+    passes = ["fold", ("prune", {"sparsity": 0.8, "scope": "layer", "storage": "sparse"})]
+    res = onnxopt.optimize(MODELS / "digits_cnn.onnx", passes, output=out)
+    res.save(out)
+    onnxopt.optimize(MODELS / "digits_cnn.onnx", ["fold", ("prune", {"sparsity": 0.8, "scope": "layer"})],
+                     validate=False).save(dense)
+    assert len(onnx.load(str(out)).graph.sparse_initializer) > 0
+    # 20 % of the values kept, each with an 8-byte index: 0.2 * (4 + 8) / 4 = 0.6 of the weight bytes.
+    assert out.stat().st_size < 0.7 * dense.stat().st_size
+    x, _ = digits_eval()
+    np.testing.assert_array_equal(run_ort(out, {"input": x[:32]})[0], run_ort(dense, {"input": x[:32]})[0])
+    # Re-read by onnxopt (onnx_ir keeps only dense initializers: they are densified on load).
+    again = onnxopt.optimize(out, ["fold"], data=[{"input": x[:32]}])
+    assert again.validation.outputs[0].max_abs == 0.0

@@ -11,9 +11,18 @@ from onnxopt.io import load, save
 from onnxopt.pipeline import Pipeline
 from onnxopt.registry import Pass, PassStats, list_passes, option, register_pass
 
+
+def merge(models, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - documented where it lives
+    """Merge several models into one (ensembles, chain, soup): see `onnxopt.passes.merge.merge`."""
+    from onnxopt.passes.merge import merge as _merge
+
+    return _merge(models, *args, **kwargs)
+
+
 __all__ = [
     "__version__",
     "optimize",
+    "merge",
     "Result",
     "Context",
     "load",

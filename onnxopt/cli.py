@@ -16,13 +16,15 @@ from typing import Any, NoReturn
 from onnxopt import __version__
 from onnxopt.errors import OnnxoptError, UsageError
 
-__all__ = ["main"]
+__all__ = ["main", "Parser", "register_verb"]
 
 EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one-line UsageErrors (exit 2), shared by every verb."""
+
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
@@ -54,7 +56,7 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
 
 
 def _optimize_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="onnxopt",
         description="Optimize an ONNX model with a pipeline of passes, check it against the original "
         "in ONNX Runtime, and write it. Other verbs: inspect, bench, compare, passes, merge "
@@ -156,7 +158,7 @@ def _fmt(v: Any) -> str:
 
 
 def _cmd_inspect(argv: Sequence[str]) -> int:
-    p = _Parser(prog="onnxopt inspect", description="Inputs, outputs, opset, op histogram, parameters, size, MACs.")
+    p = Parser(prog="onnxopt inspect", description="Inputs, outputs, opset, op histogram, parameters, size, MACs.")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _common(p, data=False)
@@ -203,7 +205,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
 
 
 def _cmd_bench(argv: Sequence[str]) -> int:
-    p = _Parser(prog="onnxopt bench",
+    p = Parser(prog="onnxopt bench",
                 description="Latency on ONNX Runtime (min, median, p90), throughput and peak memory. "
                 "With several models, runs interleave in one process and ratios to the first are printed.")
     p.add_argument("models", nargs="+")
@@ -246,7 +248,7 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 
 
 def _cmd_compare(argv: Sequence[str]) -> int:
-    p = _Parser(prog="onnxopt compare", description="Output agreement of two models on the same inputs.")
+    p = Parser(prog="onnxopt compare", description="Output agreement of two models on the same inputs.")
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("--tolerance", type=float, default=None, help="exit 1 when exceeded (by --metric)")
@@ -279,7 +281,7 @@ def _cmd_compare(argv: Sequence[str]) -> int:
 
 
 def _cmd_passes(argv: Sequence[str]) -> int:
-    p = _Parser(prog="onnxopt passes", description="Every registered pass with its options.")
+    p = Parser(prog="onnxopt passes", description="Every registered pass with its options.")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
@@ -360,4 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module, so that verbs registered by pass modules are the ones seen.
+    from onnxopt.cli import main as _main
+
+    sys.exit(_main())

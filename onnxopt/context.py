@@ -30,6 +30,7 @@ class Context:
     dims: dict[str, int] = dataclasses.field(default_factory=dict)
     tolerance: float | None = None
     threads: int | None = None
+    _original: ir.Model | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def require_calib(self, who: str, hint: str = "") -> Dataset:
         if self.calib is None or len(self.calib) == 0:
@@ -49,14 +50,22 @@ class Context:
         data = feeds if feeds is not None else self.require_calib(desc)
         yield from progress(run_taps(model, names, data, threads=self.threads), desc=desc, total=len(data))
 
+    def original_model(self) -> ir.Model:
+        """The model as it was before the pipeline (loaded once, lazily, shapes inferred)."""
+        if self.original_path is None:
+            raise UsageError("the original model is not available to this pass")
+        if self._original is None:
+            from onnxopt.analysis.stats import infer_shapes
+            from onnxopt.io import load
+
+            self._original = load(self.original_path, check=False)
+            infer_shapes(self._original)
+        return self._original
+
     def original_activations(
         self, names: Sequence[str], *, feeds: Dataset | None = None, desc: str = "teacher"
     ) -> Iterator[dict[str, np.ndarray]]:
         """Stream the named tensors of the model as it was before the pipeline."""
-        if self.original_path is None:
-            raise UsageError("the original model is not available to this pass")
-        from onnxopt.io import load
-
-        teacher = load(self.original_path, check=False)
+        teacher = self.original_model()
         data = feeds if feeds is not None else self.require_calib(desc)
         yield from progress(run_taps(teacher, names, data, threads=self.threads), desc=desc, total=len(data))

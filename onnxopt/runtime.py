@@ -95,6 +95,10 @@ def run_taps(
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each feed, the values of the tensors `names` (plus the model outputs) as a dict."""
     values = tap_values(model, names)
+    if any(v.type is None for v in values):
+        from onnxopt.analysis.stats import infer_shapes
+
+        infer_shapes(model)
     outputs = model.graph.outputs
     added = []
     for value in values:

@@ -1,0 +1,97 @@
+"""Does ONNX Runtime fuse a quantized model? Count the kernels in its optimized graph.
+
+ONNX Runtime turns ``DequantizeLinear -> op -> QuantizeLinear`` groups into integer kernels while it
+optimizes a session. Saving that optimized graph (``SessionOptions.optimized_model_filepath``) and
+counting its op types tells how much of the model really runs in integer arithmetic: integer kernels,
+float compute ops left (Conv/Gemm/MatMul that were not fused) and Q/DQ boundaries left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxopt.io import temp_model_file
+from onnxopt.runtime import session
+
+__all__ = ["FusionReport", "INTEGER_KERNELS", "FLOAT_COMPUTE", "fusion_report", "fusion_report_file"]
+
+logger = logging.getLogger(__name__)
+
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearConvTranspose", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QLinearWhere", "QLinearReduceMean", "QAttention", "DynamicQuantizeLSTM",
+})
+FLOAT_COMPUTE = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv",
+})
+_BOUNDARIES = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+@dataclasses.dataclass
+class FusionReport:
+    """Op-type counts of ONNX Runtime's optimized graph, split into the parts that matter."""
+
+    ops: dict[str, int]
+
+    @property
+    def integer_kernels(self) -> int:
+        return sum(n for op, n in self.ops.items() if op in INTEGER_KERNELS)
+
+    @property
+    def float_compute(self) -> int:
+        return sum(n for op, n in self.ops.items() if op in FLOAT_COMPUTE)
+
+    @property
+    def boundaries(self) -> int:
+        return sum(n for op, n in self.ops.items() if op in _BOUNDARIES)
+
+    @property
+    def other_float(self) -> int:
+        """Ops that are neither integer kernels, float compute, nor Q/DQ (pooling, Softmax, ...)."""
+        return sum(self.ops.values()) - self.integer_kernels - self.float_compute - self.boundaries
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "integer_kernels": self.integer_kernels,
+            "float_compute_left": self.float_compute,
+            "qdq_left": self.boundaries,
+            "other_ops": self.other_float,
+            "ops": dict(sorted(self.ops.items())),
+        }
+
+
+def fusion_report_file(path: str | os.PathLike[str], *, threads: int | None = 1) -> FusionReport:
+    """Load the model file in ONNX Runtime, save its optimized graph, and count the ops in it."""
+    tmpdir = Path(tempfile.mkdtemp(prefix="onnxopt-fused-"))
+    try:
+        out = tmpdir / "optimized.onnx"
+        session(path, threads=threads, optimized_model_path=str(out))
+        proto = onnx.load(str(out), load_external_data=False)
+        counts: Counter[str] = Counter()
+        graphs = [proto.graph]
+        while graphs:
+            g = graphs.pop()
+            for node in g.node:
+                counts[node.op_type] += 1
+                graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+        return FusionReport(dict(counts))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def fusion_report(model: ir.Model, *, threads: int | None = 1) -> FusionReport:
+    """`fusion_report_file` on an in-memory model (written to a temporary file for ONNX Runtime)."""
+    with temp_model_file(model) as path:
+        return fusion_report_file(path, threads=threads)

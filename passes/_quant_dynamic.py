@@ -1,0 +1,255 @@
+"""Dynamic and weight-only quantization for the quantize pass (no calibration data).
+
+Dynamic (MatMul ``x @ W`` and Gemm ``x @ W(^T) + C`` with a constant float weight, ``W`` as ``[K, N]``)::
+
+    x -> DynamicQuantizeLinear -> (x_q uint8, s_x, z_x)
+    y = Cast(MatMulInteger(x_q, W_q, z_x, 0), float) * (s_x * s_w)        [+ C for Gemm]
+
+``W_q = round(W / s_w)`` int8 with ``s_w = max|W[:, n]| / 127`` per output column (or one scale), so
+``y = s_x s_w Σ_k (x_q - z_x) W_q ≈ x @ W``. ONNX Runtime fuses the chain into
+``DynamicQuantizeMatMul``. One DynamicQuantizeLinear serves every MatMul reading the same ``x``.
+
+Weight-only (MatMul with a 2-D constant ``[K, N]`` weight, or Gemm with transA=0, alpha=beta=1 and a
+``[N]`` bias, which becomes MatMulNBits' bias input) -> ``com.microsoft.MatMulNBits``: for each
+output column ``n`` and block ``b`` of ``block_size`` rows along K (K zero-padded to a whole block),
+``s = max|w| / (2^(bits-1) - 1)``, ``q = clip(round(w / s), -2^(bits-1), 2^(bits-1) - 1) + 2^(bits-1)``
+stored unsigned (two 4-bit values per byte, low nibble first); the kernel's default zero point
+``2^(bits-1)`` undoes the offset, so ``w' = (q - 2^(bits-1)) * s``.
+
+With calibration data and ``gptq=true``, weight-only rounding is error-compensating (GPTQ, see
+`passes._quant_gptq`) with the same blockwise scales.
+
+Weights are read, quantized and released one at a time, so memory holds one float weight at a time
+on top of the memory-mapped model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.graph import all_names, record_origin, unique_name
+from onnxopt.io import is_constant
+from onnxopt.progress import progress
+from onnxopt.registry import PassStats, matches_any
+
+from ._quant_calib import quantize_array, weight_scales
+from ._quant_gptq import gptq_round
+
+__all__ = ["apply_dynamic", "apply_weight_only", "pack_nbits"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT = ir.DataType.FLOAT
+_MS = "com.microsoft"
+
+
+def _init(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str], origin: str | None = None) -> ir.Value:
+    name = unique_name(graph, base, taken)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    if origin:
+        record_origin(value, origin)
+    return value
+
+
+def _new_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], base: str, taken: set[str], *,
+              attrs: list[ir.Attr] | None = None, domain: str = "", outputs: int = 1) -> ir.Node:
+    node = ir.Node(domain, op, inputs, attrs or [], num_outputs=outputs, name=unique_name(graph, f"{base}_{op}", taken))
+    for i, out in enumerate(node.outputs):
+        out.name = unique_name(graph, f"{base}_{op}_out{i}" if outputs > 1 else f"{base}_{op}_out", taken)
+    return node
+
+
+def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
+    """The node's weight as [K, N] float32 (and whether it was transposed), or why it is declined."""
+    w_value = node.inputs[1] if len(node.inputs) > 1 else None
+    if not is_constant(w_value):
+        return "weight is not a constant initializer"
+    if w_value.dtype != _FLOAT or w_value.shape is None or len(w_value.shape) != 2:
+        return "weight is not a 2-D float32 constant"
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return "Gemm with transA=1"
+        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+            return "Gemm with alpha or beta other than 1"
+        trans = bool(node.attributes.get_int("transB", 0))
+        w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
+        return (np.ascontiguousarray(w.T) if trans else w), trans
+    return np.asarray(w_value.const_value.numpy(), dtype=np.float32), False
+
+
+def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassStats) -> list[ir.Node]:
+    nodes = []
+    for node in graph:
+        if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
+            if node.op_type in ("Conv", "ConvTranspose"):
+                stats.skip(node, "this mode quantizes MatMul/Gemm only; Conv stays float (use mode=static)")
+            continue
+        if matches_any(node, exclude):
+            stats.skip(node, "excluded by the exclude option")
+            continue
+        x = node.inputs[0]
+        if x is None or is_constant(x) or x.dtype != _FLOAT:
+            stats.skip(node, "first input is not a float activation")
+            continue
+        nodes.append(node)
+    return nodes
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    if value.name in graph.initializers:
+        del graph.initializers[value.name]
+
+
+# ------------------------------------------------------------------------------ dynamic
+def apply_dynamic(graph: ir.Graph, stats: PassStats, *, exclude: Iterable[str], per_channel: bool) -> dict[str, int]:
+    taken = all_names(graph)
+    dql: dict[str, ir.Node] = {}
+    done = 0
+    nodes = _candidates(graph, {"MatMul", "Gemm"}, list(exclude), stats)
+    for node in progress(nodes, desc="quantizing (dynamic)"):
+        reason = _try_dynamic(graph, node, dql, taken, per_channel)
+        if reason:
+            stats.skip(node, reason)
+            continue
+        done += 1
+        stats.layers.append({"node": node.name or node.op_type, "op": node.op_type, "per_channel": per_channel})
+    stats.summary.update({"mode": "dynamic", "per_channel": per_channel})
+    return {"quantized_nodes": done, "dynamic_quantize_inputs": len(dql)}
+
+
+def _try_dynamic(
+    graph: ir.Graph, node: ir.Node, dql: dict[str, ir.Node], taken: set[str], per_channel: bool
+) -> str | None:
+    got = _matmul_weight(node)
+    if isinstance(got, str):
+        return got
+    w, _ = got
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None and not is_constant(bias):
+        return "Gemm bias is not constant"
+    x = node.inputs[0]
+    w_value = node.inputs[1]
+    base = node.name or w_value.name
+    s_w = weight_scales(w, 1 if per_channel else None)
+    w_q = quantize_array(w, s_w.reshape(1, -1) if per_channel else s_w, 0, np.dtype(np.int8))
+    del w
+    if x.name not in dql:
+        q = _new_node(graph, "DynamicQuantizeLinear", [x], x.name, taken, outputs=3)
+        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
+        q.outputs[0].shape = x.shape
+        q.outputs[1].type, q.outputs[1].shape = ir.TensorType(_FLOAT), ir.Shape([])
+        q.outputs[2].type, q.outputs[2].shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([])
+        graph.insert_before(node, q)
+        dql[x.name] = q
+    q = dql[x.name]
+    wq_value = _init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
+    wz_value = _init(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken)
+    ws_value = _init(graph, f"{w_value.name}_scale", s_w, taken)
+    mmi = _new_node(graph, "MatMulInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken)
+    cast = _new_node(graph, "Cast", [mmi.outputs[0]], base, taken, attrs=[ir.AttrInt64("to", _FLOAT.value)])
+    scale = _new_node(graph, "Mul", [q.outputs[1], ws_value], f"{base}_scale", taken)
+    out = _new_node(graph, "Mul", [cast.outputs[0], scale.outputs[0]], base, taken)
+    new_nodes = [mmi, cast, scale, out]
+    last = out
+    if bias is not None:
+        last = _new_node(graph, "Add", [out.outputs[0], bias], f"{base}_bias", taken)
+        new_nodes.append(last)
+    graph.insert_before(node, new_nodes)
+    _take_over(graph, node, last.outputs[0])
+    _drop_if_unused(graph, w_value)
+    return None
+
+
+def _take_over(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
+    old = node.outputs[0]
+    name, shape, typ = old.name, old.shape, old.type
+    old.replace_all_uses_with(replacement, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    replacement.name = name
+    replacement.shape, replacement.type = shape, typ
+
+
+# ------------------------------------------------------------------------------ weight-only
+def pack_nbits(w: np.ndarray, bits: int, block_size: int,
+               hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits data of a [K, N] weight: packed uint8 [N, blocks, block_size*bits/8], scales [N, blocks].
+
+    With the input's ``XᵀX`` (`hessian`, [K, K]) the values are rounded GPTQ-style (same scales).
+    """
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    wt = np.zeros((n, blocks * block_size), dtype=np.float32)
+    wt[:, :k] = w.T
+    wt = wt.reshape(n, blocks, block_size)
+    half = 2 ** (bits - 1)
+    scales = (np.abs(wt).max(axis=2) / np.float32(half - 1)).astype(np.float32)
+    scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
+    if hessian is not None:
+        padded = np.zeros((blocks * block_size, blocks * block_size), dtype=np.float64)
+        padded[:k, :k] = hessian
+        full_scales = np.repeat(scales, block_size, axis=1)
+        signed = gptq_round(wt.reshape(n, -1), padded, full_scales, qmax=half - 1, qmin=-half)
+        q = (signed.astype(np.int16) + half).astype(np.uint8).reshape(n, blocks, block_size)
+    else:
+        q = (np.clip(np.rint(wt / scales[:, :, None]), -half, half - 1) + half).astype(np.uint8)
+    if bits == 4:
+        q = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(q), scales
+
+
+def apply_weight_only(model: ir.Model, stats: PassStats, *, exclude: Iterable[str], bits: int,
+                      block_size: int, hessians: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+    graph = model.graph
+    taken = all_names(graph)
+    done = 0
+    nodes = _candidates(graph, {"MatMul", "Gemm"}, list(exclude), stats)
+    for node in progress(nodes, desc=f"quantizing (int{bits} weights)"):
+        reason = _try_weight_only(graph, node, bits, block_size, taken, hessians or {})
+        if reason:
+            stats.skip(node, reason)
+            continue
+        done += 1
+        stats.layers.append({"node": node.name or node.op_type, "op": node.op_type, "bits": bits,
+                             "block_size": block_size})
+    if done:
+        model.opset_imports.setdefault(_MS, 1)
+    stats.summary.update({"mode": "weight-only", "bits": bits, "block_size": block_size})
+    return {"quantized_nodes": done}
+
+
+def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int, taken: set[str],
+                     hessians: dict[str, np.ndarray]) -> str | None:
+    got = _matmul_weight(node)
+    if isinstance(got, str):
+        return got
+    w, _ = got
+    k, n = w.shape
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None and (not is_constant(bias) or bias.dtype != _FLOAT or bias.shape is None
+                             or list(bias.shape) != [n]):
+        return f"Gemm bias is not a float32 constant of shape [{n}]"
+    x = node.inputs[0]
+    if node.op_type == "Gemm" and (x.shape is None or len(x.shape) != 2):
+        return "Gemm input is not 2-D"
+    h = hessians.get(x.name)
+    packed, scales = pack_nbits(w, bits, block_size, h if h is not None and h.shape == (k, k) else None)
+    del w
+    w_value = node.inputs[1]
+    b_value = _init(graph, f"{w_value.name}_quantized", packed, taken, origin=w_value.name)
+    s_value = _init(graph, f"{w_value.name}_scale", scales.reshape(-1), taken)
+    attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
+             ir.AttrInt64("block_size", block_size)]
+    inputs = [x, b_value, s_value] + ([None, None, bias] if bias is not None else [])
+    mm = _new_node(graph, "MatMulNBits", inputs, node.name or w_value.name, taken, attrs=attrs, domain=_MS)
+    graph.insert_before(node, mm)
+    _take_over(graph, node, mm.outputs[0])
+    _drop_if_unused(graph, w_value)
+    return None

@@ -1,0 +1,603 @@
+"""Tests of the quantize pass: QDQ placement per op family, per-channel axes, scale/zero-point math,
+ONNX Runtime fusion and parity, calibration methods, dynamic and weight-only modes, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import F32, MODELS, accuracy, digits_eval, make_model, run_ort
+from onnx import helper
+from onnxopt.passes._quant_calib import BINS, Range, choose_range, qparams
+from onnxopt.passes._quant_check import fusion_report
+
+import onnxopt
+from onnxopt.context import Context
+from onnxopt.data import input_specs, load_data
+from onnxopt.errors import UsageError
+from onnxopt.registry import make_pass
+
+RNG = np.random.default_rng(0)
+
+
+def _w(*shape: int) -> np.ndarray:
+    return (RNG.standard_normal(shape) * 0.3).astype(np.float32)
+
+
+def _quantize(proto: onnx.ModelProto, options: dict | None = None, feeds: list[dict] | None = None,
+              n_calib: int = 4) -> tuple[ir.Model, onnxopt.PassStats]:
+    model = ir.from_proto(proto)
+    calib = None
+    if feeds is not None or (options or {}).get("mode", "static") == "static":
+        specs = input_specs(model)
+        calib = load_data(feeds if feeds is not None else f"random:{n_calib}", specs)
+    stats = make_pass("quantize", options or {}).call(model, Context(calib=calib))
+    return model, stats
+
+
+def _check(model: ir.Model) -> onnx.ModelProto:
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def _dq_of(value: ir.Value) -> ir.Node | None:
+    prod = value.producer()
+    return prod if prod is not None and prod.op_type == "DequantizeLinear" else None
+
+
+def _const(value: ir.Value) -> np.ndarray:
+    return np.asarray(value.const_value.numpy())
+
+
+def _node(model: ir.Model, name: str) -> ir.Node:
+    return next(n for n in model.graph if n.name == name)
+
+
+# ------------------------------------------------------------------------------ fixtures
+def _conv_family() -> onnx.ModelProto:
+    """Conv-Relu-MaxPool, a second Conv branch, Add, Concat, AveragePool, Flatten, Gemm."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p1", "w3"], ["c3"], name="conv3"),
+        helper.make_node("Add", ["c2", "c3"], ["a"], name="add"),
+        helper.make_node("Concat", ["a", "p1"], ["cat"], name="concat", axis=1),
+        helper.make_node("AveragePool", ["cat"], ["ap"], name="avg", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["ap"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    inits = {"w1": _w(8, 3, 3, 3), "b1": _w(8), "w2": _w(8, 8, 3, 3), "w3": _w(8, 8, 1, 1),
+             "wg": _w(5, 64), "bg": _w(5)}
+    return make_model(nodes, [("x", F32, ["n", 3, 8, 8])], [("y", F32, ["n", 5])], inits)
+
+
+def _movement_family() -> onnx.ModelProto:
+    """Conv then Transpose, Resize, Split, Slice, Mul, GlobalAveragePool, Reshape, MatMul."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Transpose", ["c"], ["t"], name="transpose", perm=[0, 1, 3, 2]),
+        helper.make_node("Resize", ["t", "", "scales"], ["rs"], name="resize", mode="nearest"),
+        helper.make_node("Split", ["rs", "split"], ["s1", "s2"], name="split", axis=1),
+        helper.make_node("Slice", ["s1", "starts", "ends", "axes"], ["sl"], name="slice"),
+        helper.make_node("Mul", ["sl", "s2"], ["m"], name="mul"),
+        helper.make_node("GlobalAveragePool", ["m"], ["g"], name="gap"),
+        helper.make_node("Reshape", ["g", "shape"], ["rh"], name="reshape"),
+        helper.make_node("MatMul", ["rh", "wm"], ["y"], name="matmul"),
+    ]
+    inits = {"w": _w(8, 3, 1, 1), "scales": np.array([1, 1, 2, 2], np.float32), "split": np.array([4, 4], np.int64),
+             "starts": np.array([0], np.int64), "ends": np.array([100], np.int64), "axes": np.array([2], np.int64),
+             "shape": np.array([-1, 4], np.int64), "wm": _w(4, 6)}
+    return make_model(nodes, [("x", F32, [2, 3, 4, 4])], [("y", F32, [2, 6])], inits)
+
+
+# ------------------------------------------------------------------------------ placement and fusion
+def test_conv_family_placement_parity_and_fusion() -> None:
+    proto = _conv_family()
+    model, stats = _quantize(proto)
+    _check(model)
+    ops = [n.op_type for n in model.graph]
+    assert "Relu" not in ops, "Relu after a quantized Conv is folded into its range"
+    for name in ("conv1", "conv2", "conv3", "fc"):
+        node = _node(model, name)
+        assert all(_dq_of(v) is not None for v in node.inputs), f"{name}: every input comes from a DequantizeLinear"
+        assert _const(_dq_of(node.inputs[1]).inputs[0]).dtype == np.int8
+    assert _const(_dq_of(_node(model, "conv1").inputs[2]).inputs[0]).dtype == np.int32
+    for name in ("add", "concat", "avg", "pool", "flatten"):
+        node = _node(model, name)
+        assert all(_dq_of(v) is not None for v in node.inputs if v is not None and not v.const_value), name
+        assert [u.node.op_type for u in node.outputs[0].uses()] == ["QuantizeLinear"], name
+    # MaxPool and Flatten move int8 data: input and output share one scale and zero point.
+    for name in ("pool", "flatten"):
+        node = _node(model, name)
+        q_out = node.outputs[0].uses()[0].node
+        dq_in = _dq_of(node.inputs[0])
+        assert _const(q_out.inputs[1]) == _const(dq_in.inputs[1])
+        assert _const(q_out.inputs[2]) == _const(dq_in.inputs[2])
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    x = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    ref, got = run_ort(proto, {"x": x})[0], run_ort(model, {"x": x})[0]
+    assert got.shape == ref.shape
+    assert _rel_l2(ref, got) < 0.05
+    report = fusion_report(model)
+    assert report.float_compute == 0
+    assert report.ops.get("QLinearConv", 0) == 3 and report.ops.get("QGemm", 0) == 1
+    assert stats.summary["integer_kernels"] == report.integer_kernels
+    assert stats.summary["fused_activations"] == 1
+
+
+def test_movement_family_placement_and_parity() -> None:
+    proto = _movement_family()
+    model, _ = _quantize(proto)
+    _check(model)
+    for name in ("transpose", "resize", "split", "slice", "reshape"):
+        node = _node(model, name)
+        dq_in = _dq_of(node.inputs[0])
+        assert dq_in is not None, name
+        for out in node.outputs:
+            q = [u.node for u in out.uses()]
+            assert [n.op_type for n in q] == ["QuantizeLinear"], name
+            assert _const(q[0].inputs[1]) == _const(dq_in.inputs[1]), f"{name} shares its input's scale"
+    for name in ("mul", "gap", "matmul"):
+        assert all(_dq_of(v) is not None for v in _node(model, name).inputs), name
+    x = RNG.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    ref, got = run_ort(proto, {"x": x})[0], run_ort(model, {"x": x})[0]
+    assert _rel_l2(ref, got) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "w_shape", "axis"),
+    [("Conv", {}, (6, 3, 3, 3), 0), ("ConvTranspose", {}, (3, 6, 3, 3), 1),
+     ("Gemm", {"transB": 1}, (6, 12), 0), ("Gemm", {"transB": 0}, (12, 6), 1), ("MatMul", {}, (12, 6), 1)],
+)
+def test_per_channel_axis_and_weight_math(op: str, attrs: dict, w_shape: tuple[int, ...], axis: int) -> None:
+    w = _w(*w_shape)
+    x_shape = [2, 3, 6, 6] if op.startswith("Conv") else [2, 12]
+    out_shape = {"Conv": [2, 6, 4, 4], "ConvTranspose": [2, 6, 8, 8]}.get(op, [2, 6])
+    proto = make_model([helper.make_node(op, ["x", "w"], ["y"], name="op", **attrs)],
+                       [("x", F32, x_shape)], [("y", F32, out_shape)], {"w": w})
+    model, _ = _quantize(proto)
+    _check(model)
+    dq = _dq_of(_node(model, "op").inputs[1])
+    assert dq.attributes.get_int("axis", 1) == axis
+    q, scale, zp = (_const(v) for v in dq.inputs)
+    assert scale.shape == (w_shape[axis],) and np.all(zp == 0) and q.dtype == np.int8
+    others = tuple(i for i in range(w.ndim) if i != axis)
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=others) / 127, rtol=1e-6)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    deq = q.astype(np.float32) * scale.reshape(shape)
+    assert np.all(np.abs(deq - w) <= scale.reshape(shape) / 2 + 1e-7)
+    assert np.abs(q).max() == 127
+
+
+def test_activation_scale_and_zero_point_match_numpy() -> None:
+    proto = make_model([helper.make_node("Conv", ["x", "w"], ["y0"], name="conv"),
+                        helper.make_node("Sigmoid", ["y0"], ["y"], name="sig")],
+                       [("x", F32, [1, 2, 4, 4])], [("y", F32, [1, 3, 4, 4])], {"w": _w(3, 2, 1, 1)})
+    feeds = [{"x": (RNG.standard_normal((1, 2, 4, 4)) * s + 0.5).astype(np.float32)} for s in (1.0, 3.0, 0.2)]
+    xs = np.concatenate([f["x"] for f in feeds])
+    lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
+    model, _ = _quantize(proto, feeds=feeds)
+    dq = _dq_of(_node(model, "conv").inputs[0])
+    scale, zp = float(_const(dq.inputs[1])), int(_const(dq.inputs[2]))
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert zp == int(np.rint(-lo / ((hi - lo) / 255)))
+    model8, _ = _quantize(proto, {"activations": "int8"}, feeds=feeds)
+    dq8 = _dq_of(_node(model8, "conv").inputs[0])
+    assert float(_const(dq8.inputs[1])) == pytest.approx(max(abs(lo), abs(hi)) / 127, rel=1e-6)
+    assert int(_const(dq8.inputs[2])) == 0 and _const(dq8.inputs[2]).dtype == np.int8
+
+
+def test_qparams_relu_range_is_exact_clamp() -> None:
+    qp = qparams(Range(0.0, 5.1), "int8", fused_relu=True)
+    assert qp.zero_point == -128 and qp.scale == pytest.approx(5.1 / 255)
+    qp = qparams(Range(-2.0, 6.0), "uint8")
+    assert qp.zero_point == 64 and qp.scale == pytest.approx(8 / 255)
+    assert qparams(Range(0.0, 0.0), "uint8").scale == 1.0
+
+
+# ------------------------------------------------------------------------------ calibration
+def test_histogram_methods_clip_an_outlier() -> None:
+    hist = np.zeros(BINS, np.int64)
+    # a half-normal bulk in the first ~5 % of [0, 100] (enough samples that rounding noise outweighs
+    # clipping the one outlier) and one outlier at the maximum
+    hist[:200] = (1e5 * np.exp(-((np.arange(200) / 40.0) ** 2))).astype(np.int64)
+    hist[-1] = 1  # one outlier at the maximum
+    rng = Range(0.0, 100.0)
+    for method in ("percentile", "mse", "entropy"):
+        got = choose_range(method, hist, rng, "uint8", percentile=99.99)
+        assert 0.0 == got.lo and got.hi < 60.0, method
+        assert got.hi >= 4.0, method
+    assert choose_range("minmax", hist, rng, "uint8") == rng
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_calibration_methods_on_digits_cnn(method: str) -> None:
+    x, labels = digits_eval()
+    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    with np.load(MODELS / "digits_calib.npz") as d:
+        feeds = [{"input": d["input"][i : i + 32]} for i in range(0, 128, 32)]
+    model, stats = _quantize(proto, {"calibrate": method, "check_fusion": False}, feeds=feeds)
+    assert stats.summary["calibrate"] == method
+    assert accuracy(model, x, labels) >= accuracy(proto, x, labels) - 0.01
+
+
+def test_digits_cnn_accuracy_size_and_fusion() -> None:
+    x, labels = digits_eval()
+    result = onnxopt.optimize(MODELS / "digits_cnn.onnx", passes=["quantize"], calib=MODELS / "digits_calib.npz",
+                              data=MODELS / "digits_eval.npz")
+    assert result.validation.accuracy_b >= result.validation.accuracy_a - 0.01
+    summary = result.passes[0].stats.summary
+    assert summary["weight_bytes_after"] <= 0.3 * summary["weight_bytes_before"]
+    assert summary["float_compute_left"] == 0
+    assert summary["folded_batchnorm"] == 7
+    # every Conv and Gemm of the folded model became an integer kernel (7 Conv + 2 Gemm)
+    assert summary["ort_ops"].get("QLinearConv", 0) == 7 and summary["ort_ops"].get("QGemm", 0) == 2
+    assert accuracy(result.model, x, labels) == result.validation.accuracy_b
+
+
+def test_concat_range_mismatch_left_in_float() -> None:
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="small"),
+             helper.make_node("Conv", ["x", "w2"], ["b"], name="big"),
+             helper.make_node("Concat", ["a", "b"], ["c"], name="cat", axis=1),
+             helper.make_node("Abs", ["c"], ["y"], name="abs")]
+    proto = make_model(nodes, [("x", F32, [1, 2, 4, 4])], [("y", F32, [1, 4, 4, 4])],
+                       {"w1": _w(2, 2, 1, 1) * 0.01, "w2": _w(2, 2, 1, 1) * 100})
+    model, stats = _quantize(proto)
+    cat = _node(model, "cat")
+    assert all(u.node.op_type != "QuantizeLinear" for u in cat.outputs[0].uses())
+    assert any(s["node"] == "cat" and "concat_range_ratio" in s["reason"] for s in stats.skipped)
+    # each input keeps its own scale, so the small branch is not flattened to zero as with one scale
+    model2, _ = _quantize(proto, {"concat_range_ratio": 1e9})
+    assert any(u.node.op_type == "QuantizeLinear" for u in _node(model2, "cat").outputs[0].uses())
+    x = load_data("random:1", input_specs(model)).feeds[0]["x"]
+    ref = run_ort(proto, {"x": x})[0][:, :2]
+    assert _rel_l2(ref, run_ort(model, {"x": x})[0][:, :2]) < 0.1
+    assert _rel_l2(ref, run_ort(model2, {"x": x})[0][:, :2]) > 0.5
+
+
+def test_exclude_keeps_nodes_float() -> None:
+    model, stats = _quantize(_conv_family(), {"exclude": ["Gemm", "conv2"]})
+    assert _dq_of(_node(model, "fc").inputs[1]) is None
+    assert _dq_of(_node(model, "conv2").inputs[1]) is None
+    assert _dq_of(_node(model, "conv3").inputs[1]) is not None
+    assert {s["node"] for s in stats.skipped if "exclude" in s["reason"]} == {"fc", "conv2"}
+
+
+def test_already_quantized_left_as_is() -> None:
+    model, _ = _quantize(_conv_family())
+    count = len(model.graph)
+    stats = make_pass("quantize").call(model, Context(calib=load_data("random:2", input_specs(model))))
+    assert not stats.modified and "already quantized" in stats.notes[0]
+    assert len(model.graph) == count
+
+
+@pytest.mark.parametrize("opset", [13, 17, 19, 21, 23, 25, 27])
+def test_opsets(opset: int) -> None:
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
+    proto = make_model(nodes, [("x", F32, [1, 2, 4, 4])], [("y", F32, [1, 3])],
+                       {"w": _w(4, 2, 3, 3), "b": _w(4), "wg": _w(3, 16)}, opset=opset)
+    model, stats = _quantize(proto)
+    _check(model)
+    assert model.opset_imports[""] == opset
+    assert stats.summary["float_compute_left"] == 0
+    x = load_data("random:1", input_specs(model)).feeds[0]["x"]  # a calibration sample
+    assert _rel_l2(run_ort(proto, {"x": x})[0], run_ort(model, {"x": x})[0]) < 0.05
+
+
+def test_old_opset_upgraded_for_per_channel() -> None:
+    proto = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                       [("x", F32, [1, 2, 4, 4])], [("y", F32, [1, 4, 2, 2])], {"w": _w(4, 2, 3, 3)}, opset=11)
+    model, stats = _quantize(proto)
+    _check(model)
+    assert model.opset_imports[""] == 13
+    assert any("upgraded" in n for n in stats.notes)
+    assert _dq_of(_node(model, "conv").inputs[1]).attributes.get_int("axis") == 0
+    model_pt, _ = _quantize(proto, {"per_channel": False})
+    assert model_pt.opset_imports[""] == 11
+    assert _const(_dq_of(_node(model_pt, "conv").inputs[1]).inputs[1]).shape == ()
+
+
+# ------------------------------------------------------------------------------ dynamic, weight-only
+def test_dynamic_mode_on_digits_mlp() -> None:
+    x, labels = digits_eval("digits_mlp_eval.npz")
+    proto = onnx.load(str(MODELS / "digits_mlp.onnx"))
+    model, stats = _quantize(proto, {"mode": "dynamic"})
+    _check(model)
+    assert stats.summary["quantized_nodes"] == 3
+    assert stats.summary["float_compute_left"] == 0 and stats.summary["integer_kernels"] >= 3
+    assert accuracy(model, x, labels) >= accuracy(proto, x, labels) - 0.02
+    assert stats.summary["weight_bytes_after"] <= 0.3 * stats.summary["weight_bytes_before"]
+
+
+@pytest.mark.parametrize(("bits", "op"), [(4, "MatMul"), (8, "MatMul"), (4, "Gemm")])
+def test_weight_only_matmulnbits_matches_numpy(bits: int, op: str) -> None:
+    k, n, block = 40, 24, 16
+    w = _w(k, n)
+    bias = _w(n)
+    if op == "MatMul":
+        node, inits = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), {"w": w}
+    else:  # Gemm with transB=1 stores the weight as [N, K]
+        node = helper.make_node("Gemm", ["x", "wt", "b"], ["y"], name="mm", transB=1)
+        inits = {"wt": w.T.copy(), "b": bias}
+    proto = make_model([node], [("x", F32, [3, k])], [("y", F32, [3, n])], inits)
+    model, _ = _quantize(proto, {"mode": "weight-only", "bits": bits, "block_size": block})
+    _check(model)
+    assert [nd.op_type for nd in model.graph] == ["MatMulNBits"]
+    # Reference: blockwise symmetric quantization written out here, blocks along K (zero padded).
+    half = 2 ** (bits - 1)
+    padded = np.zeros((-(-k // block) * block, n), np.float32)
+    padded[:k] = w
+    blocks = padded.reshape(-1, block, n)
+    scale = np.abs(blocks).max(axis=1, keepdims=True) / (half - 1)
+    deq = (np.clip(np.rint(blocks / scale), -half, half - 1) * scale).reshape(-1, n)[:k]
+    x = RNG.standard_normal((3, k)).astype(np.float32)
+    got = run_ort(model, {"x": x})[0]
+    offset = bias if op == "Gemm" else 0.0
+    np.testing.assert_allclose(got, x @ deq + offset, rtol=1e-4, atol=1e-4)
+    assert _rel_l2(x @ w + offset, got) < (0.15 if bits == 4 else 0.01)
+
+
+def test_weight_only_on_digits_mlp_gemms() -> None:
+    x, labels = digits_eval("digits_mlp_eval.npz")
+    proto = onnx.load(str(MODELS / "digits_mlp.onnx"))
+    model, stats = _quantize(proto, {"mode": "weight-only", "bits": 4, "block_size": 16})
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == 3
+    assert stats.summary["float_compute_left"] == 0
+    assert accuracy(model, x, labels) >= accuracy(proto, x, labels) - 0.02
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_static_without_calibration_is_a_usage_error() -> None:
+    model = ir.from_proto(_conv_family())
+    with pytest.raises(UsageError, match=r"--calib.*mode=dynamic"):
+        make_pass("quantize").call(model, Context())
+
+
+def test_calibration_data_that_does_not_match() -> None:
+    model = ir.from_proto(_conv_family())
+    bad = load_data([{"x": np.zeros((1, 3, 8, 8), np.float32)}], input_specs(model))
+    bad.feeds[0] = {"other": np.zeros((1, 3, 8, 8), np.float32)}
+    with pytest.raises(UsageError, match="does not match"):
+        make_pass("quantize").call(model, Context(calib=bad))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [("bits", "3", "allowed 4, 8"), ("calibrate", "kl", "calibrate"), ("mode", "fp8", "mode"),
+     ("activations", "int16", "activations"), ("percentile", "20", "percentile"),
+     ("block_size", "24", "power of two"), ("concat_range_ratio", "0.5", "concat_range_ratio"),
+     ("per_channel", "maybe", "per_channel"), ("exclude", "5", None), ("fold", "x", "fold"),
+     ("fallback", "always", "fallback"), ("bias_correction", "x", "bias_correction"), ("equalize", "2", "equalize"),
+     ("gptq", "yes please", "gptq"), ("smooth_alpha", "1.0", "smooth_alpha"),
+     ("check_fusion", "x", "check_fusion")],
+)
+def test_bad_options(key: str, value: str, match: str | None) -> None:
+    if match is None:  # a list of globs accepts any text
+        assert make_pass("quantize", {key: value}, from_text=True).exclude == ["5"]
+        return
+    with pytest.raises(UsageError, match=match):
+        make_pass("quantize", {key: value}, from_text=True)
+
+
+def test_cli_exit_code(tmp_path, capsys) -> None:
+    from onnxopt.cli import main
+
+    out = tmp_path / "q.onnx"
+    code = main([str(MODELS / "digits_cnn.onnx"), "--passes", "quantize", "-o", str(out)])
+    assert code == 2 and not out.exists()
+    assert "--calib" in capsys.readouterr().err
+    code = main([str(MODELS / "digits_cnn.onnx"), "--passes", "quantize", "--set", "quantize.bits=5", "-o", str(out)])
+    assert code == 2
+
+
+def test_nothing_to_quantize_still_gives_a_valid_model() -> None:
+    proto = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], [("x", F32, [2])], [("y", F32, [2])], opset=9)
+    model = ir.from_proto(proto)
+    stats = make_pass("quantize").call(model, Context(calib=load_data("random:1", input_specs(model))))
+    assert stats.summary["quantized_nodes"] == 0
+    assert stats.modified == bool(stats.summary.get("opset_upgraded"))
+    assert any("nothing quantized: the main graph has no node" in n for n in stats.notes)
+    _check(model)
+    x = np.array([0.5, -1.0], np.float32)
+    np.testing.assert_allclose(run_ort(model, {"x": x})[0], run_ort(proto, {"x": x})[0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ fallback=auto
+def test_fallback_auto_keeps_sensitive_layers_float_until_tolerance() -> None:
+    proto = _conv_family()
+    model = ir.from_proto(proto)
+    calib = load_data("random:4", input_specs(model))
+    loose = make_pass("quantize", {"fallback": "auto"})
+    loose_stats = loose.call(ir.from_proto(proto), Context(calib=calib, tolerance=10.0))
+    assert loose_stats.summary["fallback_float_nodes"] == []
+    full_error = loose_stats.summary["error_all_quantized"]
+    tolerance = full_error / 3
+    stats = make_pass("quantize", {"fallback": "auto"}).call(model, Context(calib=calib, tolerance=tolerance))
+    _check(model)
+    kept = stats.summary["fallback_float_nodes"]
+    assert kept and stats.summary["fallback_error"] <= tolerance
+    for name in kept:  # a compute node kept in float keeps its float weight
+        node = _node(model, name)
+        if node.op_type in ("Conv", "Gemm"):
+            assert _dq_of(node.inputs[1]) is None and _const(node.inputs[1]).dtype == np.float32
+    assert any("fallback=auto" in s["reason"] for s in stats.skipped)
+    # measured independently: the outputs on the calibration feeds are within the tolerance
+    ref = np.concatenate([run_ort(proto, f)[0].ravel() for f in calib.feeds])
+    got = np.concatenate([run_ort(model, f)[0].ravel() for f in calib.feeds])
+    assert _rel_l2(ref, got) <= tolerance * 1.001
+
+
+def test_fallback_auto_needs_a_tolerance() -> None:
+    model = ir.from_proto(_conv_family())
+    with pytest.raises(UsageError, match="--tolerance"):
+        calib = load_data("random:2", input_specs(model))
+        make_pass("quantize", {"fallback": "auto"}).call(model, Context(calib=calib))
+
+
+# ------------------------------------------------------------------------------ bias correction
+@pytest.mark.parametrize("op", ["Gemm", "Conv"])
+def test_bias_correction_removes_the_mean_shift_of_weight_rounding(op: str) -> None:
+    if op == "Gemm":
+        node = helper.make_node("Gemm", ["x", "w", "b"], ["y0"], name="op", transB=1)
+        x_shape, w, out_shape = [16, 32], _w(6, 32), [16, 6]
+    else:
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y0"], name="op", group=2)
+        x_shape, w, out_shape = [4, 8, 5, 5], _w(6, 4, 3, 3), [4, 6, 3, 3]
+    proto = make_model([node, helper.make_node("Sigmoid", ["y0"], ["y"], name="sig")],
+                       [("x", F32, x_shape)], [("y", F32, out_shape)], {"w": w, "b": _w(6)})
+    # inputs with a large mean, so that the weight rounding error shifts every output channel
+    feeds = [{"x": (RNG.standard_normal(x_shape) + 3.0).astype(np.float32)} for _ in range(4)]
+    plain, _ = _quantize(proto, {"check_fusion": False}, feeds=feeds)
+    fixed, stats = _quantize(proto, {"check_fusion": False, "bias_correction": True}, feeds=feeds)
+    assert stats.summary["bias_corrected"] == 1
+    # independent check of the int32 update: round(((W - W') E[x]) / bias scale)
+    dq_w = _dq_of(_node(plain, "op").inputs[1])
+    q, s = _const(dq_w.inputs[0]).astype(np.float64), _const(dq_w.inputs[1]).astype(np.float64)
+    eps = w - q * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    xs = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    if op == "Gemm":
+        delta = eps @ xs.mean(axis=0)
+    else:
+        mu = xs.mean(axis=(0, 2, 3)).reshape(2, 4)
+        delta = np.einsum("goj,gj->go", eps.reshape(2, 3, 4, -1).sum(axis=3), mu).reshape(6)
+    b_plain = _const(_dq_of(_node(plain, "op").inputs[2]).inputs[0]).astype(np.int64)
+    dq_b = _dq_of(_node(fixed, "op").inputs[2])
+    expected = b_plain + np.rint(delta / _const(dq_b.inputs[1]))
+    np.testing.assert_array_equal(_const(dq_b.inputs[0]), expected)
+    # and the output's mean error per channel shrinks
+    axes = (0,) if op == "Gemm" else (0, 2, 3)
+
+    def mean_shift(model: ir.Model) -> float:
+        diffs = [run_ort(model, f)[0] - run_ort(proto, f)[0] for f in feeds]
+        return float(np.abs(np.mean(np.concatenate(diffs), axis=axes)).sum())
+
+    assert mean_shift(fixed) < mean_shift(plain)
+
+
+# ------------------------------------------------------------------------------ cross-layer equalization
+def test_equalize_is_exact_and_balances_ranges() -> None:
+    from onnxopt.passes._quant_cle import equalize_pairs
+    from onnxopt.passes.fold import fold_model
+
+    x, _ = digits_eval()
+    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    model = ir.from_proto(proto)
+    fold_model(model)
+    stats = onnxopt.PassStats()
+    pairs = equalize_pairs(model.graph, stats)
+    assert pairs >= 1
+    np.testing.assert_allclose(run_ort(model, {"input": x})[0], run_ort(proto, {"input": x})[0], rtol=1e-4, atol=1e-4)
+    dw, pw = _node(model, "dw.conv"), _node(model, "pw.conv")
+    r1 = np.abs(_const(dw.inputs[1])).reshape(16, -1).max(axis=1)
+    r2 = np.abs(_const(pw.inputs[1])).max(axis=(0, 2, 3))
+    np.testing.assert_allclose(r1, r2, rtol=1e-5)
+    quantized, qstats = _quantize(proto, {"equalize": True, "check_fusion": False}, feeds=[{"input": x[:64]}])
+    assert qstats.summary["equalized_pairs"] == pairs
+    assert _rel_l2(run_ort(proto, {"input": x})[0], run_ort(quantized, {"input": x})[0]) < 0.05
+
+
+def test_clip_zero_six_is_folded_into_the_conv_range() -> None:
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="relu6"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    proto = make_model(nodes, [("x", F32, [1, 3, 6, 6])], [("y", F32, [1, 4, 6, 6])],
+                       {"w1": _w(8, 3, 3, 3) * 4, "w2": _w(4, 8, 1, 1), "lo": np.float32(0), "hi": np.float32(6)})
+    for act, zp in (("uint8", 0), ("int8", -128)):
+        model, stats = _quantize(proto, {"activations": act})
+        assert "Clip" not in [n.op_type for n in model.graph]
+        dq = _dq_of(_node(model, "conv2").inputs[0])
+        scale = float(_const(dq.inputs[1]))
+        assert int(_const(dq.inputs[2])) == zp and scale * 255 <= 6.0 + 1e-6
+        x = load_data("random:1", input_specs(model)).feeds[0]["x"]
+        assert _rel_l2(run_ort(proto, {"x": x})[0], run_ort(model, {"x": x})[0]) < 0.05
+
+
+# ------------------------------------------------------------------------------ GPTQ-style rounding
+def test_gptq_lowers_the_layer_output_error_on_calibration_data() -> None:
+    k, n = 48, 16
+    mix = RNG.standard_normal((k, k)).astype(np.float32)
+    feeds = [{"x": (RNG.standard_normal((32, k)) @ mix * 0.3).astype(np.float32)} for _ in range(4)]  # correlated
+    w = _w(n, k)
+    proto = make_model([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+                       [("x", F32, [32, k])], [("y", F32, [32, n])], {"w": w, "b": _w(n)})
+    rtn, _ = _quantize(proto, {"check_fusion": False}, feeds=feeds)
+    gptq, stats = _quantize(proto, {"check_fusion": False, "gptq": True}, feeds=feeds)
+    _check(gptq)
+    assert stats.summary["gptq_layers"] == 1
+    dq_r, dq_g = _dq_of(_node(rtn, "fc").inputs[1]), _dq_of(_node(gptq, "fc").inputs[1])
+    np.testing.assert_array_equal(_const(dq_r.inputs[1]), _const(dq_g.inputs[1]))  # same scales, same format
+    scale = _const(dq_r.inputs[1]).reshape(-1, 1)
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+
+    def layer_error(dq: ir.Node) -> float:
+        return float(np.linalg.norm(x @ (w - _const(dq.inputs[0]) * scale).T))
+
+    assert layer_error(dq_g) < 0.9 * layer_error(dq_r)
+
+
+# ------------------------------------------------------------------------------ SmoothQuant-style migration
+def test_smoothing_is_exact_and_flattens_channel_ranges() -> None:
+    from onnxopt.passes._quant_smooth import apply_smoothing, channel_absmax, smooth_targets
+
+    d = 16
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["h", "w1"], ["y1"], name="mm1"),
+             helper.make_node("Gemm", ["h", "w2"], ["y2"], name="mm2", transB=1)]
+    gamma = np.ones(d, np.float32)
+    gamma[3] = 40.0  # one outlier channel
+    proto = make_model(nodes, [("x", F32, [8, d])], [("y1", F32, [8, 12]), ("y2", F32, [8, 5])],
+                       {"g": gamma, "b": _w(d), "w1": _w(d, 12), "w2": _w(5, d)})
+    model = ir.from_proto(proto)
+    stats = onnxopt.PassStats()
+    targets = smooth_targets(model.graph, [], stats)
+    assert [(ln.name, sorted(u.name for u in users)) for ln, users in targets] == [("ln", ["mm1", "mm2"])]
+    feeds = load_data("random:4", input_specs(model))
+    before = channel_absmax(iter(_tap_h(model, feeds)), ["h"])["h"]
+    apply_smoothing(targets[0][0], targets[0][1], before, 0.5)
+    after = channel_absmax(iter(_tap_h(model, feeds)), ["h"])["h"]
+    assert after.max() / after.min() < before.max() / before.min()
+    x = feeds.feeds[0]["x"]
+    for got, ref in zip(run_ort(model, {"x": x}), run_ort(proto, {"x": x})):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    quantized, qstats = _quantize(proto, {"smooth_alpha": 0.5, "check_fusion": False})
+    assert qstats.summary["smoothed_layernorms"] == 1
+    _check(quantized)
+
+
+def _tap_h(model: ir.Model, feeds) -> list[dict[str, np.ndarray]]:
+    from onnxopt.runtime import run_taps
+
+    return list(run_taps(model, ["h"], feeds))
+
+
+def test_weight_only_gptq_int4_lowers_the_error() -> None:
+    k, n = 64, 24
+    mix = RNG.standard_normal((k, k)).astype(np.float32)
+    feeds = [{"x": (RNG.standard_normal((16, k)) @ mix * 0.3).astype(np.float32)} for _ in range(4)]
+    w = _w(k, n)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [("x", F32, [16, k])], [("y", F32, [16, n])], {"w": w})
+    options = {"mode": "weight-only", "bits": 4, "block_size": 16, "check_fusion": False}
+    rtn, _ = _quantize(proto, options)
+    gptq, _ = _quantize(proto, {**options, "gptq": True}, feeds=feeds)
+    _check(gptq)
+    scales = [_const(m.graph.node(0).inputs[2]) for m in (rtn, gptq)]
+    np.testing.assert_array_equal(scales[0], scales[1])  # same blockwise scales, other rounding
+    x = np.concatenate([f["x"] for f in feeds])
+    ref = x @ w
+    errors = [_rel_l2(ref, np.concatenate([run_ort(m, f)[0] for f in feeds])) for m in (rtn, gptq)]
+    assert errors[1] < 0.8 * errors[0]
+    with pytest.raises(UsageError, match="calibration"):
+        make_pass("quantize", {**options, "gptq": True}).call(ir.from_proto(proto), Context())

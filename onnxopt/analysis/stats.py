@@ -41,13 +41,24 @@ class ModelStats:
 
 
 def infer_shapes(model: ir.Model) -> bool:
-    """Run ONNX shape inference on `model` in place (lenient). False when it failed."""
+    """Run ONNX shape inference on `model` in place (lenient). False when it failed.
+
+    The declared shapes of the graph's inputs and outputs are kept as they were: inference may
+    refine a symbolic output dim to a number (an LSTM state [1, dim, 128] to [1, 1, 128]), and
+    the model's interface must not change.
+    """
+    declared = [(v, v.shape, v.type) for v in (*model.graph.inputs, *model.graph.outputs)]
     try:
         ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         return True
     except Exception as exc:  # models with custom ops can defeat onnx's inference
         logger.debug("shape inference failed: %s", exc)
         return False
+    finally:
+        for value, shape, typ in declared:
+            value.shape = shape
+            if typ is not None:
+                value.type = typ
 
 
 def dim_values(shape: ir.Shape | None, dims: dict[str, int]) -> list[int] | None:
@@ -115,8 +126,22 @@ def macs_by_node(model: ir.Model, dims: dict[str, int] | None = None) -> dict[st
     return result
 
 
-def model_stats(model: ir.Model, dims: dict[str, int] | None = None, *, count_nonzero: bool = True) -> ModelStats:
-    """Counts over the main graph and its subgraphs; shapes inferred first (in place)."""
+# Counting nonzeros reads every weight; past this many weight bytes the count is skipped (reported
+# as unknown) so that the statistics of a large model do not page all of it into memory.
+NONZERO_COUNT_LIMIT = 1 << 30
+
+
+def model_stats(
+    model: ir.Model, dims: dict[str, int] | None = None, *, count_nonzero: bool | None = None
+) -> ModelStats:
+    """Counts over the main graph and its subgraphs; shapes inferred first (in place).
+
+    ``count_nonzero=None`` counts nonzeros only below `NONZERO_COUNT_LIMIT` weight bytes.
+    """
+    if count_nonzero is None:
+        from onnxopt.io import weight_bytes
+
+        count_nonzero = weight_bytes(model) <= NONZERO_COUNT_LIMIT
     infer_shapes(model)
     hist: Counter[str] = Counter()
     params = 0

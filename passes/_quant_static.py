@@ -501,9 +501,12 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str]) 
 def _dq_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zp: np.ndarray, axis: int | None,
              base: str, shape: ir.Shape | None, taken: set[str]) -> ir.Value:
     s = _scalar_init(graph, f"{base}_scale", scale, taken)
-    z = _scalar_init(graph, f"{base}_zero_point", zp, taken)
+    inputs = [q_value, s]
+    if zp.dtype != np.int32 or np.any(zp):
+        # An int32 bias always has zero point 0, DequantizeLinear's default: store none.
+        inputs.append(_scalar_init(graph, f"{base}_zero_point", zp, taken))
     attrs = [ir.AttrInt64("axis", axis)] if axis is not None and scale.ndim == 1 else []
-    dq = ir.Node("", "DequantizeLinear", [q_value, s, z], attrs,
+    dq = ir.Node("", "DequantizeLinear", inputs, attrs,
                  name=unique_name(graph, f"{base}_DequantizeLinear", taken))
     out = dq.outputs[0]
     out.name = unique_name(graph, f"{base}_dequantized", taken)

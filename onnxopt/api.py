@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from onnxopt import io
 from onnxopt.analysis import ModelStats, model_stats
+from onnxopt.analysis.stats import NONZERO_COUNT_LIMIT
 from onnxopt.bench import BenchResult, bench
 from onnxopt.context import Context
 from onnxopt.data import Dataset, input_specs, load_data
@@ -170,7 +171,10 @@ def optimize(
             eval_ds = calib_ds.take(32)
         else:
             eval_ds = load_data(DEFAULT_EVAL, inputs, dims=dims, batch=batch)
-        before = model_stats(work, dims)
+        # Counting nonzeros reads every weight; decided once from the input so that a big model's
+        # smaller output is not paged in just to count it.
+        count_nonzero = io.weight_bytes(work) <= NONZERO_COUNT_LIMIT
+        before = model_stats(work, dims, count_nonzero=count_nonzero)
         size_before = io.file_size(src_path)
         ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads)
         records = pipeline.run(work, ctx)
@@ -183,12 +187,12 @@ def optimize(
             comparison = compare_models(
                 src_path, staged, eval_ds, metric=metric, tolerance=tolerance, threads=threads
             )
-        after = model_stats(io.load(staged, check=False), dims)
+        after = model_stats(io.load(staged, check=False), dims, count_nonzero=count_nonzero)
         size_after = io.file_size(staged)
         latency = None
         if latency_runs > 0:
             latency = bench([src_path, staged], runs=latency_runs, threads=threads, dims=dims,
-                            batch=batch, data=eval_ds, memory=False)
+                            batch=batch, data=eval_ds, memory=False, budget_s=10.0)
         return Result(
             model=work,
             passes=records,

@@ -84,8 +84,12 @@ def bench(
     batch: int | None = None,
     data: Dataset | None = None,
     memory: bool = True,
+    budget_s: float | None = None,
 ) -> BenchResult:
-    """Time each model `runs` times after `warmup`, interleaving the models run by run."""
+    """Time each model `runs` times after `warmup`, interleaving the models run by run.
+
+    With `budget_s`, timing stops early once that many seconds have gone (after 5 runs at least).
+    """
     provider_name(provider)
     if runs < 1:
         raise ValueError("runs must be at least 1")
@@ -97,7 +101,10 @@ def bench(
             run(sess, feed)
     times: list[list[float]] = [[] for _ in paths]
     order = list(range(len(paths)))
+    start = time.perf_counter()
     for r in progress(range(runs), desc="benchmarking"):
+        if budget_s is not None and r >= 5 and time.perf_counter() - start > budget_s:
+            break
         rotated = order[r % len(order) :] + order[: r % len(order)]
         for i in rotated:
             t0 = time.perf_counter()

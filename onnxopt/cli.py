@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -79,8 +80,9 @@ def _optimize_parser() -> argparse.ArgumentParser:
                    "1-top-1 agreement, or accuracy drop (needs labels)")
     p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
-    p.add_argument("--bench-runs", type=int, default=20, metavar="N",
-                   help="latency runs per model for the table (0: skip timing; default 20)")
+    p.add_argument("--bench-runs", type=int, default=50, metavar="N",
+                   help="interleaved latency runs per model for the table, within 10 s "
+                   "(0: skip timing; default 50)")
     _common(p)
     return p
 
@@ -145,7 +147,8 @@ def _pass_line(rec: Any) -> str:
     if s.skipped:
         bits.append(f"skipped={len(s.skipped)}")
     body = ", ".join(bits) if bits else ("changed" if s.modified else "no change")
-    line = f"pass {rec.name} ({rec.seconds:.2f}s): {body}"
+    line = textwrap.fill(f"pass {rec.name} ({rec.seconds:.2f}s): {body}", width=100, subsequent_indent="    ",
+                         break_long_words=False, break_on_hyphens=False)
     for note in s.notes:
         line += f"\n  note: {note}"
     return line

@@ -106,3 +106,8 @@ def test_bench_interleaves_and_reports_percentiles() -> None:
 def test_peak_memory_is_measured_in_a_child() -> None:
     res = bench([CNN], runs=2, warmup=0, memory=True)
     assert res.latencies[0].peak_mb is not None and res.latencies[0].peak_mb > 10
+
+
+def test_bench_time_budget_stops_early_after_five_runs() -> None:
+    res = bench([CNN], runs=10_000, warmup=0, memory=False, budget_s=0.0)
+    assert res.latencies[0].runs == 5

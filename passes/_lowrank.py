@@ -174,6 +174,16 @@ def _leading_eigvecs(second_moment: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return vecs[:, order], np.sqrt(vals)
 
 
+def _left_singular(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All left singular vectors of ``m`` [R, C] (square U, R×R) and R singular values, zero-padded.
+
+    Only U is needed: the right factor is never formed at full size, which for a wide matrix
+    (a 1-channel conv with a long kernel, [Cin, Cout·k] = [1, 66048]) would be C×C.
+    """
+    u, s, _ = svd(m, full_matrices=m.shape[0] > m.shape[1], lapack_driver="gesdd")
+    return u, np.concatenate([s, np.zeros(m.shape[0] - s.shape[0])])
+
+
 def tucker_factors(
     w: np.ndarray, chol_in: np.ndarray | None = None, out_moment: np.ndarray | None = None
 ) -> TuckerFactors:
@@ -182,16 +192,14 @@ def tucker_factors(
     cout, cin = w64.shape[:2]
     w_in = np.swapaxes(w64, 0, 1).reshape(cin, -1)
     target = w_in if chol_in is None else chol_in.T @ w_in
-    u, s_in, _ = svd(target, full_matrices=True, lapack_driver="gesdd")
-    s_in = np.concatenate([s_in, np.zeros(cin - s_in.shape[0])])
+    u, s_in = _left_singular(target)
     if chol_in is None:
         in_a = in_b = u
     else:
         in_a = chol_in @ u
         in_b = solve_triangular(chol_in.T, u, lower=False)
     if out_moment is None:
-        out_v, s_out, _ = svd(w64.reshape(cout, -1), full_matrices=True, lapack_driver="gesdd")
-        s_out = np.concatenate([s_out, np.zeros(cout - s_out.shape[0])])
+        out_v, s_out = _left_singular(w64.reshape(cout, -1))
     else:
         out_v, s_out = _leading_eigvecs(out_moment)
     return TuckerFactors(

@@ -45,6 +45,7 @@ from onnxopt.analysis.channel_groups import ChannelGraph, Consumer, Fixup, Group
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, UsageError
 from onnxopt.graph import constant_array, new_initializer, only_used_by, set_weight, unique_name
+from onnxopt.io import iter_graphs
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 
 __all__ = ["Channels", "remove_units", "add_to_bias"]
@@ -98,7 +99,7 @@ class Channels(Pass):
                 raise UsageError(self._blocked_message(cg, groups, 0.0))
             msg = "channels: no prunable channel group; the model is unchanged"
             logger.warning(msg)
-            stats.notes.append(msg + " (" + _blockers(groups) + ")")
+            stats.notes.append(msg + " (" + (_blockers(groups) if groups else _no_groups_reason(model)) + ")")
             return stats
         means = _channel_stats(cg, candidates, model, ctx) if (
             ctx.calib is not None and (self.compensate or self.importance == "activation")) else {}
@@ -196,7 +197,8 @@ class Channels(Pass):
 
     def _blocked_message(self, cg: ChannelGraph, groups: list[Group], reached: float) -> str:
         return (f"channels.macs={self.macs}: cannot be met, at most {reached:.1%} of MACs can be removed "
-                f"with these settings; blocked by {_blockers(groups, self.exclude)}")
+                f"with these settings; blocked by "
+                f"{_blockers(groups, self.exclude) if groups else _no_groups_reason(cg.model)}")
 
 
 def _report(stats: PassStats, cg: ChannelGraph, candidates: list[Group], plan: dict[int, list[int]],
@@ -289,6 +291,15 @@ def _channel_stats(cg: ChannelGraph, groups: list[Group], model: ir.Model, ctx: 
             acc[1] = acc[1] + np.abs(a).sum(1)
             acc[2] = int(acc[2]) + a.shape[1]
     return {n: (np.asarray(s) / max(1, c), np.asarray(a) / max(1, c)) for n, (s, a, c) in sums.items()}
+
+
+def _no_groups_reason(model: ir.Model) -> str:
+    """Why the channel graph has no group at all: no layer in the main graph, or layers only in subgraphs."""
+    nested = sum(1 for g in iter_graphs(model.graph) if g is not model.graph
+                 for n in g if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"))
+    if nested:
+        return f"{nested} Conv/Gemm/MatMul nodes are inside If/Loop/Scan bodies, which are not pruned"
+    return "no Conv, Gemm or MatMul with a constant weight starts a channel space in the main graph"
 
 
 def _blockers(groups: list[Group], exclude: list[str] | None = None) -> str:

@@ -5,7 +5,8 @@ Rewrite cases (the weight is a float constant initializer used by this node only
 1. ``Gemm`` (``transA=0``) and ``MatMul`` with a constant 2-D right operand compute ``y = x W (+ c)``
    with ``W`` [K, N] (for Gemm ``W = alpha·B`` or ``alpha·Bᵀ``). A truncated SVD ``W ≈ A B``,
    ``A = U_r √S_r`` [K, r], ``B = √S_r V_rᵀ`` [r, N], becomes two Gemm / MatMul nodes; the bias ``c``
-   and ``beta`` stay on the second. MACs per row: ``K·N → r·(K + N)``.
+   and ``beta`` stay on the second (below opset 11, where Gemm needs C, a stage without one is a
+   MatMul). MACs per row: ``K·N → r·(K + N)``.
 2. ``Conv`` 1×1 (group 1), either method: the same SVD of ``W`` [Cin, Cout] as a 1×1 conv Cin→r that
    carries the strides, pads and ``auto_pad`` (a 1×1 kernel reads no neighbours, and a bias-free
    projection of a zero pad is zero) and a 1×1 conv r→Cout with the bias.
@@ -17,7 +18,8 @@ Rewrite cases (the weight is a float constant initializer used by this node only
    those of the width axis, and the bias). ``auto_pad`` carries over unchanged: along the axis where
    a stage has kernel 1 and stride 1, SAME adds no padding.
 
-Grouped and depthwise convolutions are left alone (a cross-group factor would break the grouping).
+Grouped and depthwise convolutions are left alone (a cross-group factor would break the grouping),
+and so are layers inside If/Loop/Scan bodies (listed as skipped with that reason).
 
 Rank choice: ``rank_by=ratio`` keeps ``rank_ratio`` of each full rank; ``energy`` the smallest rank
 that keeps that fraction of squared singular values (per mode for Tucker); ``macs`` starts from the
@@ -58,7 +60,7 @@ from onnxopt.analysis.stats import dim_values, macs_by_node
 from onnxopt.context import Context
 from onnxopt.errors import UsageError
 from onnxopt.graph import new_initializer, unique_name
-from onnxopt.io import is_constant
+from onnxopt.io import is_constant, iter_graphs
 from onnxopt.progress import progress
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 
@@ -153,6 +155,14 @@ class Factorize(Pass):
                 stats.skip(node, result)
             else:
                 layers.append(result)
+        for graph in iter_graphs(model.graph):
+            if graph is model.graph:
+                continue
+            for node in graph:
+                if node.op_type in ("Conv", "Gemm", "MatMul") and node.domain in ("", "ai.onnx"):
+                    stats.skip(node, "inside an If/Loop/Scan body; only main-graph layers are factorized")
+        if not layers and not stats.skipped:
+            stats.notes.append("factorize: no Conv, Gemm or MatMul in the model; the model is unchanged")
         return layers
 
     # -------------------------------------------------------------------------- rank choice
@@ -707,7 +717,10 @@ def _apply(graph: ir.Graph, layer: _Layer, ranks: Ranks) -> None:
         inputs: list[ir.Value | None] = [current, w_init]
         if i == len(stages) - 1 and layer.bias() is not None:
             inputs.append(layer.bias())
-        new = ir.Node("", stage.op_type, inputs, attributes=_attributes(stage.attrs),
+        op_type, attrs = stage.op_type, stage.attrs
+        if op_type == "Gemm" and len(inputs) == 2 and graph.opset_imports.get("", 11) < 11:
+            op_type, attrs = "MatMul", {}  # Gemm's C is optional from opset 11 only; 2-D x·W is a MatMul
+        new = ir.Node("", op_type, inputs, attributes=_attributes(attrs),
                       name=unique_name(graph, f"{base}.{stage.suffix}"))
         new.metadata_props[FACTORIZED] = layer.kind
         new.outputs[0].name = unique_name(graph, f"{out.name}.{stage.suffix}")
@@ -749,7 +762,8 @@ def _micro_model(stages: list[_Stage], in_shape: list[int], dtype: np.dtype, bia
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", elem, in_shape)],
                               [helper.make_tensor_value_info("y", elem, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    # At least opset 11, where Gemm's C is optional: the timing does not depend on the opset.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 11))])
     model.ir_version = 8
     return model
 

@@ -4,7 +4,9 @@ Rewrite cases, repeated until nothing changes (so running it twice equals runnin
 
 1. ``Constant`` nodes become initializers (exporters such as Paddle's store every weight that way,
    and later passes look for initializers).
-2. Inference ``Dropout`` (mask unused, not in training mode) and ``Identity`` are removed.
+2. Inference ``Dropout`` (mask unused, not in training mode) and ``Identity`` are removed. An
+   Identity that yields a graph (or If/Loop body) output stays unless its input is made in that
+   same graph and is no output yet: the input then takes the output's name.
    ``Conv``/``ConvTranspose`` followed by ``Add`` of a per-channel constant takes it as its bias.
 3. ``BatchNormalization`` after Conv / ConvTranspose / Gemm / 2-D MatMul with constant weights is
    folded into them. With ``s = gamma / sqrt(var + eps)``: ``W' = W * s`` on the output-channel
@@ -12,7 +14,9 @@ Rewrite cases, repeated until nothing changes (so running it twice equals runnin
 4. Nodes whose inputs are all constant are evaluated (onnx's reference evaluator) and replaced by
    initializers, as are ``Shape``/``Size`` of tensors with a static shape. A fold that would
    create a tensor larger than ``max_fold_mb``, or grow the file (a ``Cast`` of fp16 weights to
-   fp32, an ``Expand`` of a constant), is declined with the reason.
+   fp32, an ``Expand`` of a constant, a ``Slice`` of a weight that other nodes still read), is
+   declined with the reason. A weight read by several such nodes counts as freed only when all
+   of them fold (see `_within_growth`), and each fold may add at most 4 KB.
 5. Dead nodes and unused initializers are dropped; identical initializers are stored once.
 
 All rewrites are exact up to float rounding (BN folding reorders one multiply-add).
@@ -29,7 +33,6 @@ import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 from onnx_ir.passes.common import (
     DeduplicateHashedInitializersPass,
-    IdentityEliminationPass,
     LiftConstantsToInitializersPass,
     RemoveUnusedNodesPass,
 )
@@ -61,7 +64,8 @@ _NEVER_FOLD = {
     "Scan",
     "Constant",
 }
-_GROW_SLACK_BYTES = 64 * 1024
+# A fold may add this much (an Expand or Range of a few numbers); more than that is declined.
+_GROW_SLACK_BYTES = 4 * 1024
 
 
 @register_pass("fold")
@@ -92,7 +96,7 @@ class Fold(Pass):
             n = _lift_constants(model)
             counts["constants_lifted"] += n
             changed |= n > 0
-            n = _remove_identities(model)
+            n = _remove_identities(model, stats)
             counts["identity_removed"] += n
             changed |= n > 0
             infer_shapes(model)
@@ -110,6 +114,7 @@ class Fold(Pass):
             inits_before = _count_initializers(model)
             dead_before = _count_nodes(model)
             RemoveUnusedNodesPass()(model)
+            _remove_unused_subgraph_initializers(model)
             counts["dead_nodes_removed"] += dead_before - _count_nodes(model)
             changed |= _count_initializers(model) != inits_before or dead_before != _count_nodes(model)
             if self.dedup:
@@ -123,6 +128,9 @@ class Fold(Pass):
         stats.summary = {k: v for k, v in counts.items() if v} or {"nodes": nodes_before}
         stats.summary["nodes_removed"] = nodes_before - _count_nodes(model)
         stats.modified = any(counts.values())
+        if not stats.modified:
+            stats.notes.append("fold: nothing to fold (no Constant node, Identity, foldable BatchNorm or bias Add, "
+                               "constant subexpression, dead node or duplicate weight); the model is unchanged")
         # Reasons are repeated once per sweep; keep each (node, reason) once.
         seen: set[tuple[str, str]] = set()
         stats.skipped = [s for s in stats.skipped if not ((s["node"], s["reason"]) in seen
@@ -141,6 +149,16 @@ def _count_nodes(model: ir.Model) -> int:
 
 def _count_initializers(model: ir.Model) -> int:
     return sum(len(g.initializers) for g in iter_graphs(model.graph))
+
+
+def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
+    """Drop initializers of If/Loop/Scan bodies that nothing reads (onnx_ir cleans the main graph only)."""
+    for graph in iter_graphs(model.graph):
+        if graph is model.graph:
+            continue
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                del graph.initializers[name]
 
 
 # ------------------------------------------------------------------------------ 1. constants
@@ -163,7 +181,7 @@ def _is_inference_dropout(node: ir.Node) -> bool:
     return True
 
 
-def _remove_identities(model: ir.Model) -> int:
+def _remove_identities(model: ir.Model, stats: PassStats) -> int:
     converted = 0
     for graph in iter_graphs(model.graph):
         for node in list(graph):
@@ -176,9 +194,49 @@ def _remove_identities(model: ir.Model) -> int:
                 graph.insert_before(node, ident)
                 graph.remove(node, safe=True)
                 converted += 1
-    before = _count_nodes(model)
-    IdentityEliminationPass()(model)
-    return before - _count_nodes(model)
+    removed = 0
+    for graph in iter_graphs(model.graph):
+        for node in list(graph):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                continue
+            reason = _try_remove_identity(graph, node)
+            if reason:
+                stats.skip(node, reason)
+            else:
+                removed += 1
+    return removed
+
+
+def _try_remove_identity(graph: ir.Graph, node: ir.Node) -> str | None:
+    """Drop an Identity, its consumers reading its input; return the reason when it must stay.
+
+    An Identity whose output is an output of its graph can only go when its input can take the
+    output's name: the input must be made by a node of the same graph and be no graph's output or
+    input yet (subgraphs of If/Loop often end in an Identity of an outer value, or of a value that
+    is already another output).
+    """
+    if len(node.inputs) != 1 or len(node.outputs) != 1 or node.inputs[0] is None:
+        return "not a one-input Identity"
+    src, out = node.inputs[0], node.outputs[0]
+    if out.is_graph_output():
+        producer = src.producer()
+        if producer is None or producer.graph is not graph:
+            return "output is a graph output and its input comes from another scope"
+        if src.is_graph_output() or src.is_graph_input() or src.is_initializer():
+            return "output is a graph output and its input already is a graph output or input"
+        name, shape, typ = out.name, out.shape, out.type
+        out.replace_all_uses_with(src, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        src.name = name
+        src.shape, src.type = shape if shape is not None else src.shape, typ if typ is not None else src.type
+        return None
+    if src.shape is None and out.shape is not None:
+        src.shape = out.shape
+    if src.type is None:
+        src.type = out.type
+    out.replace_all_uses_with(src)
+    graph.remove(node, safe=True)
+    return None
 
 
 # ------------------------------------------------------------------------------ 3. bias Add, BatchNorm
@@ -411,46 +469,138 @@ def _predicted_elems(node: ir.Node) -> int | None:
 
 
 def _fold_constants(model: ir.Model, stats: PassStats, max_bytes: int) -> int:
+    """Fold constant subexpressions graph by graph, one level of each chain per round, to the end."""
     folded = 0
     opset = model.opset_imports.get("", 17)
     for graph in iter_graphs(model.graph):
-        for node in list(graph):
-            if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD:
-                continue
-            if any(o.is_graph_output() for o in node.outputs):
-                continue
-            if node.op_type in ("Shape", "Size"):
-                array = _fold_shape_node(node)
-                if array is None:
-                    continue
-                arrays = [array]
-            else:
-                if not node.inputs or not all(v is None or is_constant(v) for v in node.inputs):
-                    continue
-                if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-                       for attr in node.attributes.values()):
-                    continue
-                reason = _size_guard(node, max_bytes)
-                if reason:
-                    stats.skip(node, reason)
-                    continue
-                try:
-                    arrays = _evaluate(node, opset)
-                except Exception as exc:  # an op the reference evaluator lacks: leave the node
-                    stats.skip(node, f"cannot evaluate {node.op_type}: {str(exc).splitlines()[0][:120]}")
-                    continue
-                out_bytes = sum(a.nbytes for a in arrays)
-                if out_bytes > max_bytes:
-                    stats.skip(node, f"folded tensor would be {out_bytes / 2**20:.1f} MB (> max_fold_mb)")
-                    continue
-                freed = sum(int(v.const_value.nbytes) for v in {id(v): v for v in node.inputs if v is not None}.values()
-                            if len(v.uses()) == 1 and not v.is_graph_output())
-                if out_bytes > freed + _GROW_SLACK_BYTES:
-                    stats.skip(node, f"folding would grow the model by {(out_bytes - freed) / 2**20:.2f} MB")
-                    continue
-            _replace_with_initializers(graph, node, arrays)
-            folded += 1
+        while (n := _fold_round(graph, opset, stats, max_bytes)) > 0:
+            folded += n
     return folded
+
+
+def _fold_round(graph: ir.Graph, opset: int, stats: PassStats, max_bytes: int) -> int:
+    """Fold every node of `graph` whose inputs are constant now; growth is decided for all of them at once."""
+    folded = 0
+    pending: list[_Candidate] = []
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD:
+            continue
+        if any(o.is_graph_output() for o in node.outputs):
+            continue
+        if node.op_type in ("Shape", "Size"):
+            array = _fold_shape_node(node)
+            if array is not None:
+                _replace_with_initializers(graph, node, [array])
+                folded += 1
+            continue
+        candidate = _try_candidate(node, opset, max_bytes, stats)
+        if candidate is not None:
+            pending.append(candidate)
+    for cand in _within_growth(pending, stats):
+        arrays = cand.arrays
+        if arrays is None:
+            try:
+                arrays = _evaluate(cand.node, opset)
+            except Exception as exc:  # an op the reference evaluator lacks: leave the node
+                stats.skip(cand.node, f"cannot evaluate {cand.node.op_type}: {str(exc).splitlines()[0][:120]}")
+                continue
+        _replace_with_initializers(graph, cand.node, arrays)
+        folded += 1
+    return folded
+
+
+class _Candidate:
+    """A node whose inputs are all constant, with the bytes its outputs will take."""
+
+    def __init__(self, node: ir.Node, out_bytes: int, arrays: list[np.ndarray] | None) -> None:
+        self.node, self.out_bytes, self.arrays = node, out_bytes, arrays
+
+
+def _try_candidate(node: ir.Node, opset: int, max_bytes: int, stats: PassStats) -> _Candidate | None:
+    if not node.inputs or not all(v is None or is_constant(v) for v in node.inputs):
+        return None
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+        return None
+    reason = _size_guard(node, max_bytes)
+    if reason:
+        stats.skip(node, reason)
+        return None
+    arrays = None
+    out_bytes = _declared_bytes(node)
+    if out_bytes is None:  # shapes unknown: evaluate now to learn the size
+        try:
+            arrays = _evaluate(node, opset)
+        except Exception as exc:  # an op the reference evaluator lacks: leave the node
+            stats.skip(node, f"cannot evaluate {node.op_type}: {str(exc).splitlines()[0][:120]}")
+            return None
+        out_bytes = sum(a.nbytes for a in arrays)
+    if out_bytes > max_bytes:
+        stats.skip(node, f"folded tensor would be {out_bytes / 2**20:.1f} MB (> max_fold_mb)")
+        return None
+    return _Candidate(node, out_bytes, arrays)
+
+
+def _declared_bytes(node: ir.Node) -> int | None:
+    total = 0
+    for out in node.outputs:
+        dims = _static_dims(out)
+        if dims is None or out.dtype is None:
+            return None
+        total += math.prod(dims) * int(out.dtype.itemsize)
+    return total
+
+
+def _within_growth(pending: list[_Candidate], stats: PassStats) -> list[_Candidate]:
+    """The candidates whose folding does not grow the model, decided per group of shared weights.
+
+    Candidates that read the same constant (larger than ``_GROW_SLACK_BYTES``; small shared
+    constants such as Slice axes do not join groups) fold or stay together: a weight is freed only
+    when every node reading it folds. A group is folded when its outputs take at most its freed
+    inputs plus ``_GROW_SLACK_BYTES`` per node. LSTM exports that slice one weight into gate pieces
+    and concatenate them fold (the pieces cover the weight); Slices of a weight that a MatMul still
+    reads do not. The same graph gives the same decision, so folding again changes nothing.
+    """
+    parent = list(range(len(pending)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_reader: dict[int, int] = {}
+    for i, cand in enumerate(pending):
+        for v in _const_inputs(cand.node):
+            if int(v.const_value.nbytes) > _GROW_SLACK_BYTES:
+                j = first_reader.setdefault(id(v), i)
+                parent[find(i)] = find(j)
+    groups: dict[int, list[_Candidate]] = {}
+    for i, cand in enumerate(pending):
+        groups.setdefault(find(i), []).append(cand)
+    accepted = []
+    for members in groups.values():
+        growth = _group_growth(members)
+        if growth <= _GROW_SLACK_BYTES * len(members):
+            accepted.extend(members)
+            continue
+        shared = f" (with {len(members) - 1} other nodes reading the same weights)" if len(members) > 1 else ""
+        for cand in members:
+            stats.skip(cand.node, f"folding would grow the model by {growth / 2**20:.2f} MB{shared}")
+    kept = {id(c) for c in accepted}
+    return [c for c in pending if id(c) in kept]
+
+
+def _const_inputs(node: ir.Node) -> list[ir.Value]:
+    return list({id(v): v for v in node.inputs if v is not None}.values())
+
+
+def _group_growth(members: list[_Candidate]) -> int:
+    """Bytes the group's outputs add minus the bytes of inputs that only the group reads."""
+    ids = {id(c.node) for c in members}
+    inputs = {id(v): v for c in members for v in _const_inputs(c.node)}
+    freed = sum(int(v.const_value.nbytes) for v in inputs.values()
+                if not v.is_graph_output() and all(id(u.node) in ids for u in v.uses()))
+    return sum(c.out_bytes for c in members) - freed
 
 
 def _size_guard(node: ir.Node, max_bytes: int) -> str | None:
@@ -484,6 +634,8 @@ def _replace_with_initializers(graph: ir.Graph, node: ir.Node, arrays: list[np.n
         dtype = out.dtype
         if dtype is not None and array.dtype != dtype.numpy():
             array = array.astype(dtype.numpy())
+        if not array.flags.c_contiguous:  # a folded Transpose is a strided view
+            array = array.copy(order="C")
         init = ir.Value(name=out.name, shape=ir.Shape(array.shape),
                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                         const_value=ir.tensor(array, name=out.name))

@@ -260,3 +260,36 @@ def test_calibration_means_compensate_a_removed_head(tmp_path) -> None:
     feed = {"input": x}
     np.testing.assert_allclose(run_ort(model, feed)[0], run_ort(reference, feed)[0], rtol=RTOL, atol=1e-4)
 
+
+
+# ------------------------------------------------------------------------------ regressions from real models
+def test_layers_only_inside_subgraphs_are_named_in_the_note() -> None:
+    # Silero VAD keeps every layer inside an If branch: the note must say so, not blame round_to.
+    w1 = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                                helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                                helper.make_node("MatMul", ["r", "w1"], ["t"], name="mm2")], "then", [],
+                               [helper.make_tensor_value_info("t", F32, [2, 8])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
+                               [helper.make_tensor_value_info("e", F32, [2, 8])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
+    proto = make_model(nodes, [("x", F32, [2, 8]), ("cond", onnx.TensorProto.BOOL, [])], [("y", F32, [2, 8])],
+                       {"w1": w1})
+    model = ir.from_proto(proto)
+    stats = make_pass("channels", {"ratio": 0.5}).call(model, Context())
+    assert not stats.modified
+    assert "2 Conv/Gemm/MatMul nodes are inside If/Loop/Scan bodies" in stats.notes[0]
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+def test_macs_target_blocked_by_subgraphs_says_so() -> None:
+    w1 = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["t"], name="mm1")], "then", [],
+                               [helper.make_tensor_value_info("t", F32, [2, 8])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
+                               [helper.make_tensor_value_info("e", F32, [2, 8])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
+    proto = make_model(nodes, [("x", F32, [2, 8]), ("cond", onnx.TensorProto.BOOL, [])], [("y", F32, [2, 8])],
+                       {"w1": w1})
+    with pytest.raises(UsageError, match="inside If/Loop/Scan bodies"):
+        make_pass("channels", {"macs": 0.5}).call(ir.from_proto(proto), Context())

@@ -348,3 +348,58 @@ def test_verify_speed_keeps_only_faster_layers() -> None:
         assert row["speed_ratio"] is not None and row["speed_ratio"] <= 0.95
     timed = [s for s in stats.skipped if "ONNX Runtime" in s["reason"]]
     assert len(stats.layers) + len(timed) + sum("would keep" in s["reason"] for s in stats.skipped) == 2
+
+
+# ------------------------------------------------------------------------------ regressions from real models
+def test_one_channel_conv_with_a_long_kernel_decomposes() -> None:
+    # A 1-channel conv (an STFT basis, [Cout, 1, k]) unfolds to a [1, Cout·k] matrix: only its left
+    # singular vectors may be formed, a full right factor of 48000² would not fit in memory.
+    w = RNG.normal(size=(4, 1, 12000)).astype(np.float32)
+    proto = _conv_model(w, (12000,), bias=False)
+    model, stats = _factorize(proto, rank_by="ratio", rank_ratio=0.5, round_to=1, min_saving=-1.0)
+    assert stats.modified
+    x = RNG.normal(size=(1, 1, 12000)).astype(np.float32)
+    assert run_ort(model, {"x": x})[0].shape == (1, 4, 1)
+
+
+def _if_matmul_model() -> onnx.ModelProto:
+    w = RNG.normal(size=(8, 8)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"], name="mm_then")], "then", [],
+                               [helper.make_tensor_value_info("t", F32, [2, 8])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
+                               [helper.make_tensor_value_info("e", F32, [2, 8])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
+    return make_model(nodes, [("x", F32, [2, 8]), ("cond", onnx.TensorProto.BOOL, [])], [("y", F32, [2, 8])],
+                      {"w": w})
+
+
+def test_layers_inside_subgraphs_are_listed_as_skipped() -> None:
+    model, stats = _factorize(_if_matmul_model(), rank_by="ratio", rank_ratio=0.25, min_saving=-1.0)
+    assert not stats.modified
+    assert [s["node"] for s in stats.skipped] == ["mm_then"]
+    assert "If/Loop/Scan" in stats.skipped[0]["reason"]
+
+
+def test_no_layer_at_all_is_a_note() -> None:
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [("x", F32, [2])], [("y", F32, [2])])
+    _, stats = _factorize(proto)
+    assert not stats.modified and not stats.skipped
+    assert "no Conv, Gemm or MatMul" in stats.notes[0]
+
+
+@pytest.mark.parametrize("opset", [9, 10, 11])
+def test_gemm_chain_is_valid_at_old_opsets(opset: int) -> None:
+    # Before opset 11 Gemm requires C: the stage without a bias must not be a two-input Gemm.
+    inits = {"w": RNG.normal(size=(24, 16)).astype(np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "w"] + ([] if opset >= 11 else ["c"]), ["y"], name="gemm")]
+    if opset < 11:
+        inits["c"] = RNG.normal(size=16).astype(np.float32)
+    proto = make_model(nodes, [("x", F32, ["N", 24])], [("y", F32, ["N", 16])], inits, opset=opset)
+    model, stats = _factorize(proto, rank_by="ratio", rank_ratio=1.0, min_saving=-1.0)
+    assert stats.modified
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    if opset < 11:
+        assert all(len(n.input) == 3 for n in out.graph.node if n.op_type == "Gemm")
+    feed = {"x": RNG.normal(size=(4, 24)).astype(np.float32)}
+    _close(run_ort(proto, feed)[0], run_ort(model, feed)[0])

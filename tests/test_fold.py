@@ -295,3 +295,155 @@ def test_transformer_fixture_folds_exactly_for_other_batch_and_seq() -> None:
     for batch, seq in ((1, 8), (3, 5), (2, 16)):
         x = RNG.uniform(0, 1, (batch, seq, 8)).astype(np.float32)
         assert_same_outputs(proto, model, {"input": x}, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ regressions from real models
+def _if_model(then_nodes: list[onnx.NodeProto], else_nodes: list[onnx.NodeProto], outs: list[str],
+              then_inits: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """x [2, 3] -> r = Relu(x); If(cond) with both branches reading r from the outer scope."""
+    def branch(name: str, nodes: list[onnx.NodeProto], suffix: str, inits: dict[str, np.ndarray]) -> onnx.GraphProto:
+        outputs = [helper.make_tensor_value_info(o + suffix, F32, [2, 3]) for o in outs]
+        return helper.make_graph(nodes, name, [], outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    then_g = branch("then", then_nodes, "_t", then_inits or {})
+    else_g = branch("else", else_nodes, "_e", {})
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("If", ["cond"], [f"{o}_out" for o in outs], name="if", then_branch=then_g, else_branch=else_g),
+    ]
+    return make_model(nodes, [("x", F32, [2, 3]), ("cond", TensorProto.BOOL, [])],
+                      [(f"{o}_out", F32, [2, 3]) for o in outs])
+
+
+def _if_feeds() -> list[dict[str, np.ndarray]]:
+    x = RNG.normal(0, 1, (2, 3)).astype(np.float32)
+    return [{"x": x, "cond": np.array(c)} for c in (True, False)]
+
+
+def test_identity_of_an_outer_value_ending_a_subgraph_stays() -> None:
+    # Both branches end in Identity(r) of the outer Relu: r cannot become either branch's output.
+    proto = _if_model([helper.make_node("Identity", ["r"], ["a_t"], name="it")],
+                      [helper.make_node("Identity", ["r"], ["a_e"], name="ie")], ["a"])
+    model, stats = _fold(proto)
+    assert sorted(s["node"] for s in stats.skipped if "another scope" in s["reason"]) == ["ie", "it"]
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    for feeds in _if_feeds():
+        assert_same_outputs(proto, out, feeds, rtol=0, atol=0)
+
+
+def test_identity_in_a_subgraph_is_removed_when_its_input_is_local() -> None:
+    # then: n = Neg(r); o1 = Identity(n); o2 = Identity(n): the first Identity goes (n takes its
+    # name), the second stays because n is then already a branch output.
+    then_nodes = [helper.make_node("Neg", ["r"], ["n"], name="neg"),
+                  helper.make_node("Identity", ["n"], ["a_t"], name="i1"),
+                  helper.make_node("Identity", ["n"], ["b_t"], name="i2")]
+    else_nodes = [helper.make_node("Abs", ["r"], ["a_e"], name="abs"), helper.make_node("Neg", ["r"], ["b_e"])]
+    proto = _if_model(then_nodes, else_nodes, ["a", "b"])
+    model, stats = _fold(proto)
+    then_g = next(n for n in model.graph if n.op_type == "If").attributes["then_branch"].value
+    assert [n.op_type for n in then_g] == ["Neg", "Identity"]
+    assert [v.name for v in then_g.outputs] == ["a_t", "b_t"]
+    assert stats.summary["identity_removed"] == 1
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    for feeds in _if_feeds():
+        assert_same_outputs(proto, out, feeds, rtol=0, atol=0)
+
+
+def test_unused_subgraph_initializers_are_dropped() -> None:
+    then_nodes = [helper.make_node("Add", ["r", "one"], ["a_t"], name="add")]
+    else_nodes = [helper.make_node("Neg", ["r"], ["a_e"], name="neg")]
+    proto = _if_model(then_nodes, else_nodes, ["a"],
+                      then_inits={"one": np.ones((2, 3), np.float32), "unused": np.zeros(7, np.float32)})
+    model, _ = _fold(proto)
+    then_g = next(n for n in model.graph if n.op_type == "If").attributes["then_branch"].value
+    assert sorted(then_g.initializers) == ["one"]
+    for feeds in _if_feeds():
+        assert_same_outputs(proto, ir.to_proto(model), feeds, rtol=0, atol=0)
+
+
+def test_folded_transpose_is_stored_contiguous_and_deduplicated() -> None:
+    # Transpose(w) folds to a strided view; hashing it for deduplication needs contiguous data.
+    w = RNG.normal(0, 1, (3, 4)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="t", perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["a"], name="mm1"),
+             helper.make_node("MatMul", ["x", "wt2"], ["b"], name="mm2"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    proto = make_model(nodes, [("x", F32, [2, 4])], [("y", F32, [2, 3])], {"w": w, "wt2": np.ascontiguousarray(w.T)})
+    model, stats = _fold(proto)
+    assert "Transpose" not in _ops(model)
+    assert stats.summary["initializers_deduplicated"] == 1
+    assert_same_outputs(proto, ir.to_proto(model), {"x": RNG.normal(0, 1, (2, 4)).astype(np.float32)})
+
+
+def test_declared_output_shapes_survive_shape_inference() -> None:
+    # Inference would refine y's symbolic middle dim to 1; the model's interface must not change.
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(4, np.float32))),
+             helper.make_node("Add", ["x", "c"], ["y"], name="add")]
+    proto = make_model(nodes, [("x", F32, [1, 1, 4])], [("y", F32, [1, "n", 4])])
+    model, stats = _fold(proto)
+    assert stats.modified
+    assert list(model.graph.outputs[0].shape) == [1, ir.SymbolicDim("n"), 4]
+
+
+def test_nothing_to_fold_says_so() -> None:
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [("x", F32, [2])], [("y", F32, [2])])
+    model, stats = _fold(proto)
+    assert not stats.modified
+    assert stats.notes and "nothing to fold" in stats.notes[0]
+
+
+def test_many_small_folds_cannot_add_up_to_a_bigger_model() -> None:
+    # Six overlapping Slices of a weight that a MatMul still reads: folding them would add 192 KB
+    # (32 KB each, so a per-node allowance of 64 KB would let all of them through).
+    w = RNG.normal(size=(256, 64)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y0"], name="mm")]
+    inits: dict[str, np.ndarray] = {"w": w, "axes": np.array([0], np.int64)}
+    outs = ["y0"]
+    for k in range(6):
+        inits[f"s{k}"], inits[f"e{k}"] = np.array([16 * k], np.int64), np.array([16 * k + 128], np.int64)
+        nodes += [helper.make_node("Slice", ["w", f"s{k}", f"e{k}", "axes"], [f"w{k}"], name=f"slice{k}"),
+                  helper.make_node("MatMul", ["x2", f"w{k}"], [f"y{k + 1}"], name=f"mm{k}")]
+        outs.append(f"y{k + 1}")
+    nodes.append(helper.make_node("Sum", outs, ["y"], name="sum"))
+    proto = make_model(nodes, [("x", F32, [2, 256]), ("x2", F32, [2, 128])], [("y", F32, [2, 64])], inits)
+    model, stats = _fold(proto)
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    assert weight_bytes <= sum(a.nbytes for a in inits.values()) + 4 * 1024
+    assert _ops(model).count("Slice") == 6
+    assert sum("grow" in s["reason"] for s in stats.skipped) == 6
+    assert not _fold(ir.to_proto(model))[1].modified  # idempotent: the same decision again
+    feed = {"x": RNG.normal(size=(2, 256)).astype(np.float32), "x2": RNG.normal(size=(2, 128)).astype(np.float32)}
+    assert_same_outputs(proto, model, feed)
+
+
+def test_slices_that_together_cover_a_weight_fold() -> None:
+    # LSTM exports reorder gates by slicing one weight into pieces and concatenating them: once every
+    # piece folds the weight is freed, so the fold is taken although each piece alone would grow.
+    w = RNG.normal(size=(256, 64)).astype(np.float32)
+    inits: dict[str, np.ndarray] = {"w": w, "axes": np.array([0], np.int64)}
+    nodes, parts = [], []
+    for k, (a, b) in enumerate([(0, 64), (128, 256), (64, 128)]):
+        inits[f"s{k}"], inits[f"e{k}"] = np.array([a], np.int64), np.array([b], np.int64)
+        nodes.append(helper.make_node("Slice", ["w", f"s{k}", f"e{k}", "axes"], [f"p{k}"], name=f"slice{k}"))
+        parts.append(f"p{k}")
+    nodes += [helper.make_node("Concat", parts, ["wr"], name="concat", axis=0),
+              helper.make_node("MatMul", ["x", "wr"], ["y"], name="mm")]
+    proto = make_model(nodes, [("x", F32, [2, 256])], [("y", F32, [2, 64])], inits)
+    model, stats = _fold(proto)
+    assert _ops(model) == ["MatMul"]
+    assert sum(v.const_value.nbytes for v in model.graph.initializers.values()) == w.nbytes
+    assert not _fold(ir.to_proto(model))[1].modified
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(2, 256)).astype(np.float32)}, rtol=0, atol=0)
+
+
+def test_constant_chain_deeper_than_the_sweeps_folds_in_one_run() -> None:
+    # Silero's padding sizes are computed by a chain of a dozen small ops; one run must fold it all.
+    nodes = [helper.make_node("Add", [f"c{k}", "one"], [f"c{k + 1}"], name=f"add{k}") for k in range(12)]
+    nodes.append(helper.make_node("Mul", ["x", "c12"], ["y"], name="mul"))
+    proto = make_model(nodes, [("x", F32, [3])], [("y", F32, [3])],
+                       {"c0": np.zeros(3, np.float32), "one": np.ones(3, np.float32)})
+    model, stats = _fold(proto)
+    assert _ops(model) == ["Mul"] and stats.summary["nodes_folded"] == 12
+    assert not _fold(ir.to_proto(model))[1].modified
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=3).astype(np.float32)}, rtol=0, atol=0)

@@ -64,8 +64,10 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, *, origin: st
 
 def set_weight(value: ir.Value, array: np.ndarray) -> None:
     """Replace an initializer's data (and shape) in place, keeping its name."""
-    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
-    value.shape = ir.Shape(array.shape)
+    # np.ascontiguousarray would turn a 0-d array into shape (1,): copy only when needed.
+    data = array if array.flags.c_contiguous else array.copy(order="C")
+    value.const_value = ir.tensor(data, name=value.name)
+    value.shape = ir.Shape(data.shape)
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

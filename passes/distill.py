@@ -172,6 +172,12 @@ class Distill(Pass):
         if self.logits:
             self._fit_logits(model, teacher, units, transfer, ctx.threads, stats)
         stats.modified = bool(stats.layers)
+        if not units:
+            stats.notes.append("nothing to refit: no Conv/Gemm/MatMul with a constant weight in the main graph "
+                               "(layers inside If/Loop bodies and other operators are left as they are)")
+        elif not stats.modified:
+            stats.notes.append("no layer changed: each already matched its teacher, or its refit did not lower "
+                               "the held-out error (see skipped)")
         stats.summary = _summary(stats.layers, len(units), transfer.num_samples, self.holdout, len(transfer))
         return stats
 

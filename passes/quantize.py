@@ -152,6 +152,10 @@ class Quantize(Pass):
         if self.mode == "static":
             counts = self._static(model, ctx, stats)
         elif self.mode == "dynamic":
+            opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+            if opset < _DYNAMIC_OPSET and not _try_opset_upgrade(model, stats):
+                raise ModelError(f"mode=dynamic needs opset {_DYNAMIC_OPSET} (DynamicQuantizeLinear); this model has "
+                                 f"opset {opset} and onnx's version converter could not upgrade it")
             counts = apply_dynamic(model.graph, stats, exclude=self.exclude, per_channel=self.per_channel)
         else:
             hessians = self._weight_only_hessians(model, ctx) if self.gptq else None
@@ -349,6 +353,9 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
 def _has_foldable(model: ir.Model) -> bool:
     """Whether `fold` has work in a MatMul model (checked cheaply, so big models skip its weight scan)."""
     return any(n.op_type in _FOLDABLE for n in model.graph.all_nodes())
+
+
+_DYNAMIC_OPSET = 11
 
 
 def _try_opset_upgrade(model: ir.Model, stats: PassStats) -> bool:

@@ -601,3 +601,20 @@ def test_weight_only_gptq_int4_lowers_the_error() -> None:
     assert errors[1] < 0.8 * errors[0]
     with pytest.raises(UsageError, match="calibration"):
         make_pass("quantize", {**options, "gptq": True}).call(ir.from_proto(proto), Context())
+
+
+@pytest.mark.parametrize("opset", [9, 10])
+def test_dynamic_mode_upgrades_old_opsets_to_a_loadable_model(opset: int) -> None:
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.normal(size=(16, 32)).astype(np.float32), rng.normal(size=(32, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    proto = make_model(nodes, [("x", F32, ["n", 16])], [("y", F32, ["n", 4])], {"w1": w1, "w2": w2}, opset=opset)
+    model = ir.from_proto(proto)
+    stats = make_pass("quantize", {"mode": "dynamic"}).call(model, Context())
+    assert stats.summary.get("opset_upgraded")
+    assert model.opset_imports[""] >= 11
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    y = run_ort(model, {"x": x})[0]
+    ref = run_ort(proto, {"x": x})[0]
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.05

@@ -33,6 +33,7 @@ __all__ = [
     "weight_bytes",
     "check_output_path",
     "iter_graphs",
+    "iter_proto_graphs",
     "is_constant",
 ]
 
@@ -203,19 +204,25 @@ def _write(model: ir.Model, path: Path, external: bool) -> None:
     onnx.save(proto, str(path))
 
 
-def _drop_value_info(proto: onnx.ModelProto) -> None:
-    """Intermediate shapes are our own inference's by-product: ONNX Runtime infers them again, and
-    in a small quantized model they are a tenth of the file."""
-    graphs = [proto.graph]
-    while graphs:
-        g = graphs.pop()
-        del g.value_info[:]
+def iter_proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A protobuf graph and every subgraph below it, without recursion."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
         for node in g.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
+                    stack.append(attr.g)
                 elif attr.type == onnx.AttributeProto.GRAPHS:
-                    graphs.extend(attr.graphs)
+                    stack.extend(attr.graphs)
+
+
+def _drop_value_info(proto: onnx.ModelProto) -> None:
+    """Intermediate shapes are our own inference's by-product: ONNX Runtime infers them again, and
+    in a small quantized model they are a tenth of the file."""
+    for g in iter_proto_graphs(proto.graph):
+        del g.value_info[:]
 
 
 def save(
@@ -265,9 +272,7 @@ def file_size(path: str | os.PathLike[str]) -> int:
     total = p.stat().st_size
     proto = onnx.load(str(p), load_external_data=False)
     seen: set[str] = set()
-    graphs = [proto.graph]
-    while graphs:
-        g = graphs.pop()
+    for g in iter_proto_graphs(proto.graph):
         for init in g.initializer:
             if init.data_location == onnx.TensorProto.EXTERNAL:
                 for entry in init.external_data:
@@ -276,10 +281,4 @@ def file_size(path: str | os.PathLike[str]) -> int:
                         f = p.parent / entry.value
                         if f.is_file():
                             total += f.stat().st_size
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    graphs.extend(attr.graphs)
     return total

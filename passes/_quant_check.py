@@ -20,7 +20,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxopt.io import temp_model_file
+from onnxopt.io import iter_proto_graphs, temp_model_file
 from onnxopt.runtime import session
 
 __all__ = ["FusionReport", "INTEGER_KERNELS", "FLOAT_COMPUTE", "fusion_report", "fusion_report_file"]
@@ -79,13 +79,7 @@ def fusion_report_file(path: str | os.PathLike[str], *, threads: int | None = 1)
         out = tmpdir / "optimized.onnx"
         session(path, threads=threads, optimized_model_path=str(out))
         proto = onnx.load(str(out), load_external_data=False)
-        counts: Counter[str] = Counter()
-        graphs = [proto.graph]
-        while graphs:
-            g = graphs.pop()
-            for node in g.node:
-                counts[node.op_type] += 1
-                graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+        counts = Counter(node.op_type for g in iter_proto_graphs(proto.graph) for node in g.node)
         return FusionReport(dict(counts))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from helpers import F32, I64, MODELS, make_model
@@ -111,3 +112,16 @@ def test_peak_memory_is_measured_in_a_child() -> None:
 def test_bench_time_budget_stops_early_after_five_runs() -> None:
     res = bench([CNN], runs=10_000, warmup=0, memory=False, budget_s=0.0)
     assert res.latencies[0].runs == 5
+
+
+def test_macs_inside_if_branches_are_counted() -> None:
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("MatMul", ["x", "w"], [f"{name}_y"], name=f"{name}.mm")], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", F32, [2, 3])])
+
+    w = np.ones((4, 3), np.float32)
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch("a"), else_branch=branch("b"))]
+    proto = make_model(nodes, [("x", F32, [2, 4]), ("c", onnx.TensorProto.BOOL, [])], [("y", F32, [2, 3])],
+                       {"w": w}, opset=13)
+    stats = model_stats(ir.from_proto(proto))
+    assert stats.macs == 2 * (2 * 3 * 4)  # both branches, each 2x4 @ 4x3

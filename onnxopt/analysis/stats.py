@@ -117,12 +117,15 @@ def node_macs(node: ir.Node, dims: dict[str, int]) -> int | None:
 
 
 def macs_by_node(model: ir.Model, dims: dict[str, int] | None = None) -> dict[str, int | None]:
+    """MACs of every arithmetic node, subgraph bodies included (an If branch counts as if taken)."""
     dims = dims or {}
     result: dict[str, int | None] = {}
-    for i, node in enumerate(model.graph):
-        m = node_macs(node, dims)
-        if m != 0:
-            result[node.name or f"{node.op_type}_{i}"] = m
+    for graph in iter_graphs(model.graph):
+        for i, node in enumerate(graph):
+            m = node_macs(node, dims)
+            if m != 0:
+                key = node.name or f"{graph.name or 'graph'}.{node.op_type}_{i}"
+                result[key if key not in result else f"{key}#{i}"] = m
     return result
 
 

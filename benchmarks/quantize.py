@@ -7,11 +7,16 @@ kernels / float compute ops left in ONNX Runtime's optimized graph, output agree
 relative L2) and accuracy with labels, and latency (interleaved runs on one thread, so load from
 other processes hits every model alike; ratio to fp32 and ours over ORT's).
 
+With ``--mode dynamic`` (no calibration data): fp32, ours (``quantize`` with ``mode=dynamic``:
+DynamicQuantizeLinear + MatMulInteger / ConvInteger), ``quantize_dynamic(weight_type=QInt8)`` on the file
+as given, and the same after ``quant_pre_process``.
+
 Run from the repository root::
 
     python -m benchmarks.quantize                      # digits CNN, transformer, ResNet-18 224x224
     python -m benchmarks.quantize --models cnn --runs 200
     python -m benchmarks.quantize --models ppocr_cls,ppocr_det,ppocr_rec --fallback 0.05
+    python -m benchmarks.quantize --mode dynamic --models cnn,resnet18 --extra exclude=Conv
 
 The PP-OCR cases use the models shipped by ``rapidocr-onnxruntime`` (``pip install --no-deps
 rapidocr-onnxruntime``) on synthetic text crops (lines of scikit-learn's handwritten digits).
@@ -177,7 +182,15 @@ def _ort_static(src: Path, out: Path, calib: Dataset) -> None:
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def _ort_prep(src: Path, out: Path, calib: Dataset) -> None:
+def _ort_dynamic(src: Path, out: Path, calib: Dataset | None = None) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _inside(out.parent):
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
+
+
+def _prep(src: Path, out: Path) -> Path:
+    """ONNX Runtime's ``quant_pre_process`` of `src`, written next to `out`."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prep = out.with_name(out.stem + "_prep.onnx")
@@ -186,14 +199,41 @@ def _ort_prep(src: Path, out: Path, calib: Dataset) -> None:
             quant_pre_process(str(src), str(prep))
         except Exception:  # its symbolic shape inference gives up on some graphs; the documented fallback
             quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
-    _ort_static(prep, out, calib)
+    return prep
 
 
-def _ours(src: Path, out: Path, calib: Dataset, options: dict[str, object] | None = None,
+def _ort_prep(src: Path, out: Path, calib: Dataset) -> None:
+    _ort_static(_prep(src, out), out, calib)
+
+
+def _ort_prep_dynamic(src: Path, out: Path, calib: Dataset | None = None) -> None:
+    _ort_dynamic(_prep(src, out), out)
+
+
+def _ours(src: Path, out: Path, calib: Dataset | None, options: dict[str, object] | None = None,
           tolerance: float | None = None) -> None:
+    if (options or {}).get("mode") == "dynamic":
+        calib = None  # dynamic mode needs no data: run it without any
     result = onnxopt.optimize(src, passes=[("quantize", options or {})], calib=calib, validate=False, output=out,
                               tolerance=tolerance)
     result.save(out)
+
+
+def _makers(mode: str, fallback: float | None,
+            extra: dict[str, object] | None) -> list[tuple[str, Callable[[Path, Path, Dataset], None]]]:
+    """(label, quantizer) of every variant of `mode`; ours first."""
+    base: dict[str, object] = {"mode": "dynamic", "dynamic_conv": True} if mode == "dynamic" else {}
+    suffix = " dynamic" if mode == "dynamic" else ""
+    makers: list[tuple[str, Callable[[Path, Path, Dataset], None]]] = [
+        (f"onnxopt{suffix}", lambda s, o, c: _ours(s, o, c, base))]
+    if extra:
+        label = f"onnxopt{suffix} " + " ".join(f"{k}={v}" for k, v in extra.items())
+        makers.append((label, lambda s, o, c: _ours(s, o, c, {**base, **extra})))
+    if fallback is not None and mode == "static":
+        makers.append(("onnxopt auto", lambda s, o, c: _ours(s, o, c, {"fallback": "auto"}, fallback)))
+    if mode == "dynamic":
+        return makers + [("ort dynamic", _ort_dynamic), ("ort+prep dynamic", _ort_prep_dynamic)]
+    return makers + [("ort", _ort_static), ("ort+prep", _ort_prep)]
 
 
 def _timed(fn: Callable[[Path, Path, Dataset], None], src: Path, out: Path, calib: Dataset) -> float:
@@ -216,15 +256,9 @@ def _parse_options(text: str) -> dict[str, object]:
 
 
 def run_case(name: str, tmp: Path, runs: int, fallback: float | None,
-             extra: dict[str, object] | None = None) -> list[dict[str, object]]:
+             extra: dict[str, object] | None = None, mode: str = "static") -> list[dict[str, object]]:
     src, calib, evald = CASES[name](tmp)
-    makers: list[tuple[str, Callable[[Path, Path, Dataset], None]]] = [("onnxopt", _ours)]
-    if extra:
-        label = "onnxopt " + " ".join(f"{k}={v}" for k, v in extra.items())
-        makers.append((label, lambda s, o, c: _ours(s, o, c, extra)))
-    if fallback is not None:
-        makers.append(("onnxopt auto", lambda s, o, c: _ours(s, o, c, {"fallback": "auto"}, fallback)))
-    makers += [("ort", _ort_static), ("ort+prep", _ort_prep)]
+    makers = _makers(mode, fallback, extra)
     variants: dict[str, tuple[Path, float]] = {"fp32": (src, 0.0)}
     broken: dict[str, str] = {}
     for label, fn in makers:
@@ -248,7 +282,7 @@ def run_case(name: str, tmp: Path, runs: int, fallback: float | None,
             "float_left": fused.float_compute, "top1_agree": out.top1, "rel_l2": out.rel_l2, "cosine": out.cosine,
             "accuracy": cmp.accuracy_b, "median_ms": ms.median_ms, "latency_x": ratio,
         })
-    ours = next(r for r in rows if r["variant"] == "onnxopt")
+    ours = next(r for r in rows if r["variant"] == makers[0][0])
     for r in rows:
         r["ours_speedup"] = float(r["median_ms"]) / float(ours["median_ms"])
     for label, problem in broken.items():
@@ -281,7 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--extra", default="", help="also run quantize with these options, e.g. "
                         "calibrate=percentile,bias_correction=true")
     parser.add_argument("--fallback", type=float, default=None,
-                        help="also run quantize fallback=auto with this tolerance (relative L2)")
+                        help="also run quantize fallback=auto with this tolerance (relative L2; static mode)")
+    parser.add_argument("--mode", choices=("static", "dynamic"), default="static",
+                        help="static: against quantize_static; dynamic: against quantize_dynamic")
     args = parser.parse_args(argv)
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     rows: list[dict[str, object]] = []
@@ -289,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             if name not in CASES:
                 parser.error(f"unknown model {name} (choose from {', '.join(CASES)})")
-            rows.extend(run_case(name, Path(tmpdir), args.runs, args.fallback, _parse_options(args.extra)))
+            rows.extend(run_case(name, Path(tmpdir), args.runs, args.fallback, _parse_options(args.extra),
+                                 args.mode))
             print_table([r for r in rows if r["model"] == name])
     print("\nlatency_x: median latency / fp32 (one thread, interleaved); ours_speedup: variant's median / ours")
     print_table(rows)

@@ -7,7 +7,23 @@ Dynamic (MatMul ``x @ W`` and Gemm ``x @ W(^T) + C`` with a constant float weigh
 
 ``W_q = round(W / s_w)`` int8 with ``s_w = max|W[:, n]| / 127`` per output column (or one scale), so
 ``y = s_x s_w Σ_k (x_q - z_x) W_q ≈ x @ W``. ONNX Runtime fuses the chain into
-``DynamicQuantizeMatMul``. One DynamicQuantizeLinear serves every MatMul reading the same ``x``.
+``DynamicQuantizeMatMul``.
+
+Dynamic Conv (1-D, 2-D or 3-D, any stride / pads / dilation / group, constant float weight ``[M, C/g, k...]``
+and optional constant bias ``[M]``)::
+
+    x -> DynamicQuantizeLinear -> (x_q uint8, s_x, z_x)
+    y = Cast(ConvInteger(x_q, W_q, z_x, 0), float) * (s_x * s_w[1, M, 1...]) [+ B[1, M, 1...]]
+
+with the Conv's attributes on ConvInteger and ``W_q = round(W / s_w)`` int8, ``s_w[m] = max|W[m]| / 127``
+per output channel (or one scale). ONNX Runtime's ConvInteger accepts only a scalar weight zero point;
+symmetric weights have zero point 0 in every channel, so one scalar 0 serves and the per-channel
+scales live in the float Mul after the integer convolution. ConvInteger pads ``x_q`` with ``z_x``,
+the code of 0.0, so padding stays exact. ONNX Runtime runs ConvInteger as is (no fused kernel), and
+its generic CPU kernel is several times slower than its float Conv: the pass says so in a note, and
+``exclude=Conv`` keeps Convs float. ConvTranspose has no integer form here and stays float.
+
+One DynamicQuantizeLinear serves every MatMul, Gemm and Conv reading the same ``x``.
 
 Weight-only (MatMul with a 2-D constant ``[K, N]`` weight, or Gemm with transA=0, alpha=beta=1 and a
 ``[N]`` bias, which becomes MatMulNBits' bias input) -> ``com.microsoft.MatMulNBits``: for each
@@ -87,8 +103,8 @@ def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassS
     nodes = []
     for node in graph:
         if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
-            if node.op_type in ("Conv", "ConvTranspose"):
-                stats.skip(node, "this mode quantizes MatMul/Gemm only; Conv stays float (use mode=static)")
+            if node.op_type in ("Conv", "ConvTranspose") and node.domain in ("", "ai.onnx"):
+                stats.skip(node, _float_conv_reason(node.op_type, ops))
             continue
         if matches_any(node, exclude):
             stats.skip(node, "excluded by the exclude option")
@@ -101,6 +117,12 @@ def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassS
     return nodes
 
 
+def _float_conv_reason(op: str, ops: set[str]) -> str:
+    if op == "ConvTranspose" and "Conv" in ops:
+        return "ConvTranspose has no integer form with a float output (no ConvTransposeInteger); use mode=static"
+    return f"this mode quantizes {'/'.join(sorted(ops))} only; {op} stays float (use mode=static)"
+
+
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     if value.uses() or value.is_graph_output() or value.is_graph_input():
         return
@@ -109,20 +131,60 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 # ------------------------------------------------------------------------------ dynamic
-def apply_dynamic(graph: ir.Graph, stats: PassStats, *, exclude: Iterable[str], per_channel: bool) -> dict[str, int]:
+def apply_dynamic(graph: ir.Graph, stats: PassStats, *, exclude: Iterable[str], per_channel: bool,
+                  conv: bool = False) -> dict[str, int]:
     taken = all_names(graph)
     dql: dict[str, ir.Node] = {}
-    done = 0
-    nodes = _candidates(graph, {"MatMul", "Gemm"}, list(exclude), stats)
+    done: dict[str, int] = {}
+    nodes = _candidates(graph, {"MatMul", "Gemm", "Conv"}, list(exclude), stats)
+    if not conv:
+        for node in (n for n in nodes if n.op_type == "Conv"):
+            stats.skip(node, "dynamic Conv is off: ONNX Runtime's ConvInteger runs several times slower than a float "
+                       "Conv (dynamic_conv=true quantizes it for size)")
+        nodes = [n for n in nodes if n.op_type != "Conv"]
     for node in progress(nodes, desc="quantizing (dynamic)"):
-        reason = _try_dynamic(graph, node, dql, taken, per_channel)
+        try_ = _try_dynamic_conv if node.op_type == "Conv" else _try_dynamic
+        reason = try_(graph, node, dql, taken, per_channel)
         if reason:
             stats.skip(node, reason)
             continue
-        done += 1
+        done[node.op_type] = done.get(node.op_type, 0) + 1
         stats.layers.append({"node": node.name or node.op_type, "op": node.op_type, "per_channel": per_channel})
     stats.summary.update({"mode": "dynamic", "per_channel": per_channel})
-    return {"quantized_nodes": done, "dynamic_quantize_inputs": len(dql)}
+    if done.get("Conv"):
+        stats.notes.append(f"{done['Conv']} Conv became ConvInteger, which ONNX Runtime's CPU kernel runs several "
+                           "times slower than a float Conv: exclude=Conv keeps them float when speed matters")
+    return {"quantized_nodes": sum(done.values()), "quantized_convs": done.get("Conv", 0),
+            "dynamic_quantize_inputs": len(dql)}
+
+
+def _dynamic_input(graph: ir.Graph, node: ir.Node, dql: dict[str, ir.Node], taken: set[str]) -> ir.Node:
+    """The DynamicQuantizeLinear of `node`'s first input: made before `node`, or the one already made."""
+    x = node.inputs[0]
+    if x.name not in dql:
+        q = _new_node(graph, "DynamicQuantizeLinear", [x], x.name, taken, outputs=3)
+        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
+        q.outputs[0].shape = x.shape
+        q.outputs[1].type, q.outputs[1].shape = ir.TensorType(_FLOAT), ir.Shape([])
+        q.outputs[2].type, q.outputs[2].shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([])
+        graph.insert_before(node, q)
+        dql[x.name] = q
+    return dql[x.name]
+
+
+def _rescale(graph: ir.Graph, node: ir.Node, integer: ir.Node, q: ir.Node, w_scale: ir.Value,
+             bias: ir.Value | None, base: str, taken: set[str]) -> None:
+    """``Cast(integer, float) * (s_x * w_scale) [+ bias]`` in place of `node` (under its output's name)."""
+    cast = _new_node(graph, "Cast", [integer.outputs[0]], base, taken, attrs=[ir.AttrInt64("to", _FLOAT.value)])
+    scale = _new_node(graph, "Mul", [q.outputs[1], w_scale], f"{base}_scale", taken)
+    out = _new_node(graph, "Mul", [cast.outputs[0], scale.outputs[0]], base, taken)
+    new_nodes = [integer, cast, scale, out]
+    last = out
+    if bias is not None:
+        last = _new_node(graph, "Add", [out.outputs[0], bias], f"{base}_bias", taken)
+        new_nodes.append(last)
+    graph.insert_before(node, new_nodes)
+    _take_over(graph, node, last.outputs[0])
 
 
 def _try_dynamic(
@@ -135,36 +197,70 @@ def _try_dynamic(
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     if bias is not None and not is_constant(bias):
         return "Gemm bias is not constant"
-    x = node.inputs[0]
     w_value = node.inputs[1]
     base = node.name or w_value.name
     s_w = weight_scales(w, 1 if per_channel else None)
     w_q = quantize_array(w, s_w.reshape(1, -1) if per_channel else s_w, 0, np.dtype(np.int8))
     del w
-    if x.name not in dql:
-        q = _new_node(graph, "DynamicQuantizeLinear", [x], x.name, taken, outputs=3)
-        q.outputs[0].type = ir.TensorType(ir.DataType.UINT8)
-        q.outputs[0].shape = x.shape
-        q.outputs[1].type, q.outputs[1].shape = ir.TensorType(_FLOAT), ir.Shape([])
-        q.outputs[2].type, q.outputs[2].shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([])
-        graph.insert_before(node, q)
-        dql[x.name] = q
-    q = dql[x.name]
+    q = _dynamic_input(graph, node, dql, taken)
     wq_value = _init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
     wz_value = _init(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken)
     ws_value = _init(graph, f"{w_value.name}_scale", s_w, taken)
     mmi = _new_node(graph, "MatMulInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken)
-    cast = _new_node(graph, "Cast", [mmi.outputs[0]], base, taken, attrs=[ir.AttrInt64("to", _FLOAT.value)])
-    scale = _new_node(graph, "Mul", [q.outputs[1], ws_value], f"{base}_scale", taken)
-    out = _new_node(graph, "Mul", [cast.outputs[0], scale.outputs[0]], base, taken)
-    new_nodes = [mmi, cast, scale, out]
-    last = out
-    if bias is not None:
-        last = _new_node(graph, "Add", [out.outputs[0], bias], f"{base}_bias", taken)
-        new_nodes.append(last)
-    graph.insert_before(node, new_nodes)
-    _take_over(graph, node, last.outputs[0])
+    _rescale(graph, node, mmi, q, ws_value, bias, base, taken)
     _drop_if_unused(graph, w_value)
+    return None
+
+
+def _conv_weight(node: ir.Node) -> tuple[np.ndarray, ir.Value | None] | str:
+    """The Conv's float32 weight ``[M, C/g, k...]`` and its bias value (None without one), or why not."""
+    w_value = node.inputs[1] if len(node.inputs) > 1 else None
+    if not is_constant(w_value):
+        return "weight is not a constant initializer"
+    if w_value.dtype != _FLOAT or w_value.shape is None or not 3 <= len(w_value.shape) <= 5:
+        return "weight is not a float32 constant of rank 3 to 5 (1-D to 3-D Conv)"
+    if any(a.is_ref() for a in node.attributes.values()):
+        return "Conv attribute refers to a function attribute"
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    m = w_value.shape[0]
+    if bias is not None and (not is_constant(bias) or bias.dtype != _FLOAT or bias.shape is None
+                             or list(bias.shape) != [m]):
+        return f"Conv bias is not a float32 constant of shape [{m}]"
+    return np.asarray(w_value.const_value.numpy(), dtype=np.float32), bias
+
+
+def _try_dynamic_conv(
+    graph: ir.Graph, node: ir.Node, dql: dict[str, ir.Node], taken: set[str], per_channel: bool
+) -> str | None:
+    got = _conv_weight(node)
+    if isinstance(got, str):
+        return got
+    w, bias = got
+    x = node.inputs[0]
+    if x.shape is not None and len(x.shape) != w.ndim:
+        return f"input rank {len(x.shape)} does not match the weight rank {w.ndim}"
+    w_value = node.inputs[1]
+    base = node.name or w_value.name
+    channel_shape = (1, w.shape[0]) + (1,) * (w.ndim - 2)  # broadcasts over [N, M, spatial...]
+    s_w = weight_scales(w, 0 if per_channel else None)
+    w_q = quantize_array(w, s_w.reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else s_w, 0, np.dtype(np.int8))
+    del w
+    q = _dynamic_input(graph, node, dql, taken)
+    wq_value = _init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
+    wz_value = _init(graph, f"{w_value.name}_zero_point", np.zeros((), np.int8), taken)
+    ws_value = _init(graph, f"{w_value.name}_scale", s_w.reshape(channel_shape) if per_channel else s_w, taken)
+    attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+    conv = _new_node(graph, "ConvInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken,
+                     attrs=attrs)
+    conv.outputs[0].type, conv.outputs[0].shape = ir.TensorType(ir.DataType.INT32), node.outputs[0].shape
+    b_value = None
+    if bias is not None:
+        b = np.asarray(bias.const_value.numpy(), dtype=np.float32).reshape(channel_shape)
+        b_value = _init(graph, f"{bias.name}_channels", b, taken, origin=bias.name)
+    _rescale(graph, node, conv, q, ws_value, b_value, base, taken)
+    _drop_if_unused(graph, w_value)
+    if bias is not None:
+        _drop_if_unused(graph, bias)
     return None
 
 

@@ -618,3 +618,146 @@ def test_dynamic_mode_upgrades_old_opsets_to_a_loadable_model(opset: int) -> Non
     y = run_ort(model, {"x": x})[0]
     ref = run_ort(proto, {"x": x})[0]
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.05
+
+
+# ------------------------------------------------------------------------------ dynamic Conv (ConvInteger)
+def _dynamic_quantize_numpy(x: np.ndarray) -> np.ndarray:
+    """DynamicQuantizeLinear then dequantization, as the ONNX spec defines it, in numpy."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = np.float32((hi - lo) / 255) if hi > lo else np.float32(1.0)
+    zp = np.clip(np.rint(-lo / scale), 0, 255)
+    q = np.clip(np.rint(x / scale) + zp, 0, 255)
+    return ((q - zp) * scale).astype(np.float32)
+
+
+def _conv_integer_parts(model: ir.Model, name: str) -> tuple[ir.Node, np.ndarray, np.ndarray]:
+    """The ConvInteger that replaced Conv `name`, its int8 weight and its weight scales (shape [M])."""
+    conv = next(n for n in model.graph if n.op_type == "ConvInteger" and n.name.startswith(name))
+    mul = next(u.node for u in conv.outputs[0].uses()).outputs[0].uses()[0].node  # Cast -> Mul(., s_x * s_w)
+    scale_mul = mul.inputs[1].producer()
+    return conv, _const(conv.inputs[1]), _const(scale_mul.inputs[1]).reshape(-1)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "attrs", "bias"),
+    [
+        ([2, 4, 9, 9], [6, 4, 3, 3], {"pads": [1, 1, 1, 1]}, True),
+        ([2, 4, 11, 10], [6, 4, 3, 3], {"strides": [2, 2], "pads": [0, 1, 2, 1], "dilations": [2, 1]}, True),
+        ([1, 4, 8, 8], [6, 2, 3, 3], {"group": 2, "pads": [1, 1, 1, 1]}, False),
+        ([2, 6, 7, 7], [6, 1, 3, 3], {"group": 6, "strides": [2, 2], "auto_pad": "SAME_UPPER"}, True),
+        ([2, 4, 20], [6, 4, 5], {"strides": [2], "pads": [2, 2], "dilations": [2]}, True),
+        ([1, 3, 5, 6, 6], [4, 3, 3, 3, 3], {"pads": [1, 1, 1, 1, 1, 1]}, True),
+    ],
+    ids=["pads", "stride-dilation-asym-pads", "group2", "depthwise-same", "conv1d", "conv3d"],
+)
+def test_dynamic_conv_integer_parity(x_shape: list[int], w_shape: list[int], attrs: dict, bias: bool) -> None:
+    w, b = _w(*w_shape), _w(w_shape[0])
+    nodes = [helper.make_node("Conv", ["x", "w", "b"] if bias else ["x", "w"], ["y"], name="conv", **attrs)]
+    inits = {"w": w, "b": b} if bias else {"w": w}
+    proto = make_model(nodes, [("x", F32, x_shape)], [("y", F32, None)], inits)  # output shape inferred
+    out_shape = [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim]
+    model, stats = _quantize(proto, {"mode": "dynamic", "dynamic_conv": True})
+    _check(model)
+    ops = [n.op_type for n in model.graph]
+    assert "Conv" not in ops and ops.count("ConvInteger") == 1 and ops.count("DynamicQuantizeLinear") == 1
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    assert stats.summary["quantized_convs"] == 1 and stats.summary["float_compute_left"] == 0
+    conv, w_q, s_w = _conv_integer_parts(model, "conv")
+    assert w_q.dtype == np.int8 and w_q.shape == w.shape and np.abs(w_q).max() == 127
+    assert _const(conv.inputs[3]).shape == () and int(_const(conv.inputs[3])) == 0
+    assert conv.inputs[1].metadata_props.get("onnxopt.origin") == "w"
+    np.testing.assert_allclose(s_w, np.abs(w).reshape(w.shape[0], -1).max(axis=1) / 127, rtol=1e-6)
+    kept = {a.name: list(a.value) if isinstance(a.value, tuple) else a.value for a in conv.attributes.values()}
+    assert kept == attrs
+    x = (RNG.standard_normal(x_shape) * 2 + 0.3).astype(np.float32)
+    got = run_ort(model, {"x": x})[0]
+    assert got.shape == tuple(out_shape) == run_ort(proto, {"x": x})[0].shape
+    # the integer path equals a float Conv of the dequantized input and weight (to float rounding)
+    w_deq = w_q.astype(np.float32) * s_w.reshape((-1,) + (1,) * (w.ndim - 1))
+    deq_proto = make_model(nodes, [("x", F32, x_shape)], [("y", F32, out_shape)], {**inits, "w": w_deq})
+    expected = run_ort(deq_proto, {"x": _dynamic_quantize_numpy(x)})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    # and it stays within 2 % (relative L2) of the float Conv
+    assert _rel_l2(run_ort(proto, {"x": x})[0], got) < 0.02
+
+
+def test_dynamic_conv_per_tensor_and_shared_input() -> None:
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2"], ["b"], name="conv2"),
+             helper.make_node("Concat", ["a", "b"], ["y"], name="cat", axis=1)]
+    w1 = _w(4, 3, 3, 3)
+    w1[0] *= 20  # one channel with a much larger range: one scale for all flattens the others
+    proto = make_model(nodes, [("x", F32, ["n", 3, 6, 6])], [("y", F32, ["n", 8, 6, 6])],
+                       {"w1": w1, "b1": _w(4), "w2": _w(4, 3, 1, 1)})
+    x = RNG.standard_normal((3, 3, 6, 6)).astype(np.float32)
+    ref = run_ort(proto, {"x": x})[0]
+    errors = {}
+    for per_channel in (True, False):
+        model, stats = _quantize(proto, {"mode": "dynamic", "dynamic_conv": True, "per_channel": per_channel})
+        _check(model)
+        assert stats.summary["dynamic_quantize_inputs"] == 1
+        assert [n.op_type for n in model.graph].count("DynamicQuantizeLinear") == 1
+        assert stats.summary["quantized_convs"] == 2
+        _, _, s_w = _conv_integer_parts(model, "conv1")
+        assert s_w.shape == ((4,) if per_channel else (1,))
+        errors[per_channel] = _rel_l2(ref[:, 1:4], run_ort(model, {"x": x})[0][:, 1:4])
+        count = len(model.graph)
+        again = make_pass("quantize", {"mode": "dynamic", "dynamic_conv": True}).call(model, Context())  # idempotent
+        assert not again.modified and len(model.graph) == count
+    assert errors[True] < 0.02 and errors[True] < errors[False] / 3
+
+
+def test_dynamic_conv_on_digits_cnn_accuracy_size_and_report(tmp_path) -> None:
+    from onnxopt.passes.fold import fold_model
+
+    x, labels = digits_eval()
+    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
+    folded = ir.from_proto(proto)
+    fold_model(folded)
+    n_conv = [n.op_type for n in folded.graph].count("Conv")
+    model = folded.clone()
+    stats = make_pass("quantize", {"mode": "dynamic", "dynamic_conv": True}).call(model, Context())
+    _check(model)
+    assert [n.op_type for n in model.graph].count("ConvInteger") == n_conv
+    assert stats.summary["quantized_convs"] == n_conv
+    assert [row["op"] for row in stats.layers].count("Conv") == n_conv
+    assert stats.summary["float_compute_left"] == 0
+    assert stats.summary["ort_ops"].get("ConvInteger", 0) == n_conv
+    assert any("exclude=Conv" in note for note in stats.notes)
+    assert accuracy(model, x, labels) >= accuracy(proto, x, labels) - 0.01
+    # saved weights are int8 and the file shrinks
+    integer = [n for n in model.graph if n.op_type in ("ConvInteger", "MatMulInteger")]
+    assert all(n.inputs[1].dtype == ir.DataType.INT8 for n in integer)
+    float_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT)
+    assert float_bytes < 0.05 * stats.summary["weight_bytes_before"]  # biases and scales only
+    fp32_path, int8_path = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnxopt.save(folded, fp32_path)
+    onnxopt.save(model, int8_path)
+    assert int8_path.stat().st_size < 0.4 * fp32_path.stat().st_size
+
+
+def test_dynamic_conv_exclude_and_declined_convs() -> None:
+    model, stats = _quantize(_conv_family(), {"mode": "dynamic", "dynamic_conv": True, "exclude": ["conv2"]})
+    _check(model)
+    assert _node(model, "conv2").op_type == "Conv" and _const(_node(model, "conv2").inputs[1]).dtype == np.float32
+    assert stats.summary["quantized_convs"] == 2
+    assert {s["node"] for s in stats.skipped if "exclude" in s["reason"]} == {"conv2"}
+    model, stats = _quantize(_conv_family(), {"mode": "dynamic", "dynamic_conv": True, "exclude": ["Conv"]})
+    assert [n.op_type for n in model.graph].count("Conv") == 3 and stats.summary["quantized_convs"] == 0
+    assert stats.summary["quantized_nodes"] == 1  # the Gemm
+    # a weight that is a graph input, and a ConvTranspose: left float, each with a reason
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv_input_weight"),
+             helper.make_node("ConvTranspose", ["c", "wt"], ["y"], name="deconv")]
+    proto = make_model(nodes, [("x", F32, [1, 2, 5, 5]), ("w", F32, [3, 2, 3, 3])], [("y", F32, [1, 2, 5, 5])],
+                       {"wt": _w(3, 2, 3, 3)})
+    model, stats = _quantize(proto, {"mode": "dynamic", "dynamic_conv": True})
+    assert [n.op_type for n in model.graph] == ["Conv", "ConvTranspose"]
+    reasons = {s["node"]: s["reason"] for s in stats.skipped}
+    assert "constant" in reasons["conv_input_weight"] and "ConvTranspose" in reasons["deconv"]
+    assert stats.summary["quantized_convs"] == 0 and not stats.modified
+
+
+def test_dynamic_conv_is_off_by_default_and_says_why() -> None:
+    model, stats = _quantize(_conv_family(), {"mode": "dynamic"})
+    assert not any(n.op_type == "ConvInteger" for n in model.graph)
+    assert any("dynamic_conv=true" in s["reason"] for s in stats.skipped)

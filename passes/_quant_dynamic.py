@@ -47,7 +47,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, record_origin, unique_name
+from onnxopt.graph import all_names, record_origin, take_over_output, unique_name
 from onnxopt.io import is_constant
 from onnxopt.progress import progress
 from onnxopt.registry import PassStats, matches_any
@@ -184,7 +184,7 @@ def _rescale(graph: ir.Graph, node: ir.Node, integer: ir.Node, q: ir.Node, w_sca
         last = _new_node(graph, "Add", [out.outputs[0], bias], f"{base}_bias", taken)
         new_nodes.append(last)
     graph.insert_before(node, new_nodes)
-    _take_over(graph, node, last.outputs[0])
+    take_over_output(graph, node, last.outputs[0])
 
 
 def _try_dynamic(
@@ -264,15 +264,6 @@ def _try_dynamic_conv(
     return None
 
 
-def _take_over(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
-    old = node.outputs[0]
-    name, shape, typ = old.name, old.shape, old.type
-    old.replace_all_uses_with(replacement, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    replacement.name = name
-    replacement.shape, replacement.type = shape, typ
-
-
 # ------------------------------------------------------------------------------ weight-only
 def pack_nbits(w: np.ndarray, bits: int, block_size: int,
                hessian: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -346,6 +337,6 @@ def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int,
     inputs = [x, b_value, s_value] + ([None, None, bias] if bias is not None else [])
     mm = _new_node(graph, "MatMulNBits", inputs, node.name or w_value.name, taken, attrs=attrs, domain=_MS)
     graph.insert_before(node, mm)
-    _take_over(graph, node, mm.outputs[0])
+    take_over_output(graph, node, mm.outputs[0])
     _drop_if_unused(graph, w_value)
     return None

@@ -189,7 +189,10 @@ class Distill(Pass):
         return path
 
     def _load_teacher(self, ctx: Context) -> ir.Model:
-        teacher = load(self._teacher_path(ctx), check=False)
+        path = self._teacher_path(ctx)
+        if not self.teacher:
+            return ctx.original_model()  # loaded once per pipeline, shapes inferred
+        teacher = load(path, check=False)
         infer_shapes(teacher)
         return teacher
 

@@ -62,7 +62,7 @@ def _optimize_parser() -> argparse.ArgumentParser:
         description="Optimize an ONNX model with a pipeline of passes, check it against the original "
         "in ONNX Runtime, and write it. Other verbs: inspect, bench, compare, passes, merge "
         "(onnxopt VERB --help).",
-        epilog="example: onnxopt models/digits_cnn.onnx --passes fold -o /tmp/cnn.onnx "
+        epilog="example: onnxopt models/digits_cnn.onnx --passes fold -o cnn.opt.onnx "
         "--data models/digits_eval.npz",
     )
     p.add_argument("model", help="the .onnx file to optimize (never modified)")

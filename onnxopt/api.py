@@ -20,7 +20,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxopt import io
+from onnxopt import io, sparse
 from onnxopt.analysis import ModelStats, model_stats
 from onnxopt.analysis.stats import NONZERO_COUNT_LIMIT
 from onnxopt.bench import BenchResult, bench
@@ -183,11 +183,11 @@ def optimize(
         io.save(work, staged, external_data=ext)
         comparison = None
         if validate:
-            check_model_file(staged)
+            check_model_file(staged, has_sparse=not ext and bool(sparse.marked_names(work)))
             comparison = compare_models(
                 src_path, staged, eval_ds, metric=metric, tolerance=tolerance, threads=threads
             )
-        after = model_stats(io.load(staged, check=False), dims, count_nonzero=count_nonzero)
+        after = model_stats(work, dims, count_nonzero=count_nonzero)
         size_after = io.file_size(staged)
         latency = None
         if latency_runs > 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from onnxopt import __version__
-from onnxopt.errors import OnnxoptError, UsageError
+from onnxopt.errors import OnnxoptError, UsageError, first_line
 
 __all__ = ["main", "Parser", "register_verb"]
 
@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        print(f"onnxopt: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        print(f"onnxopt: internal error: {type(exc).__name__}: {first_line(exc)} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_BUG
 

@@ -6,7 +6,7 @@ else raised from the package is a bug, shown with a traceback only under ``--deb
 
 from __future__ import annotations
 
-__all__ = ["OnnxoptError", "UsageError", "ModelError"]
+__all__ = ["OnnxoptError", "UsageError", "ModelError", "first_line"]
 
 
 class OnnxoptError(Exception):
@@ -19,3 +19,10 @@ class UsageError(OnnxoptError):
 
 class ModelError(OnnxoptError):
     """A model that cannot be read, is invalid, or cannot be processed as asked."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type), cut to `limit` characters:
+    what a one-line error quotes from onnx, protobuf or ONNX Runtime."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

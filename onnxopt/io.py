@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import sparse
-from onnxopt.errors import ModelError, UsageError
+from onnxopt.errors import ModelError, UsageError, first_line
 
 __all__ = [
     "load",
@@ -106,7 +106,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
-        raise ModelError(f"'{p}' is not a readable ONNX model ({_first_line(exc)})") from None
+        raise ModelError(f"'{p}' is not a readable ONNX model ({first_line(exc)})") from None
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
         raise ModelError(f"'{p}' is not an ONNX model (no graph, IR version or opset)")
     try:
@@ -114,14 +114,14 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
         sparse.densify(proto)
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise ModelError(f"'{p}' could not be read as ONNX: {_first_line(exc)}") from None
+        raise ModelError(f"'{p}' could not be read as ONNX: {first_line(exc)}") from None
     _set_base_dir(model, p.parent)
     _check_external_data(model, p.parent)
     if check:
         try:
             onnx.checker.check_model(str(p))
         except Exception as exc:
-            raise ModelError(f"'{p}' fails the ONNX checker: {_first_line(exc)}") from None
+            raise ModelError(f"'{p}' fails the ONNX checker: {first_line(exc)}") from None
     return model
 
 
@@ -131,11 +131,6 @@ def _set_base_dir(model: ir.Model, base_dir: Path) -> None:
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
                 tensor.base_dir = str(base_dir)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def weight_bytes(model: ir.Model) -> int:

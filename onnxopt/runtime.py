@@ -7,6 +7,7 @@ statistics without holding every activation of every sample.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.errors import ModelError, UsageError
+from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.io import temp_model_file
 
 __all__ = ["session", "run", "run_taps", "provider_name", "tap_values"]
@@ -60,16 +61,14 @@ def session(
     except UsageError:
         raise
     except Exception as exc:
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"ONNX Runtime cannot load '{Path(path).name}': {line[:300]}") from None
+        raise ModelError(f"ONNX Runtime cannot load '{Path(path).name}': {first_line(exc)}") from None
 
 
 def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     try:
         return sess.run(None, feed)
     except Exception as exc:
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"ONNX Runtime failed to run the model: {line[:300]}") from None
+        raise ModelError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from None
 
 
 def tap_values(model: ir.Model, names: Sequence[str]) -> list[ir.Value]:
@@ -105,16 +104,15 @@ def run_taps(
         if value in outputs or value.is_graph_input() or value.const_value is not None:
             continue
         if value.type is None:
-            raise ModelError(f"tensor '{value.name}' has no known type; run shape inference first")
+            raise ModelError(f"tensor '{value.name}' has no type, even after shape inference; it cannot be tapped")
         outputs.append(value)
         added.append(value)
-    try:
-        ctx = temp_model_file(model)
-        path = ctx.__enter__()
-    finally:
-        for value in added:
-            outputs.remove(value)
-    try:
+    with contextlib.ExitStack() as stack:
+        try:  # the taps live only in the temporary copy: the model's outputs are restored at once
+            path = stack.enter_context(temp_model_file(model))
+        finally:
+            for value in added:
+                outputs.remove(value)
         sess = session(path, threads=threads)
         out_names = [o.name for o in sess.get_outputs()]
         consts = {v.name: v.const_value.numpy() for v in values if v.const_value is not None}
@@ -125,5 +123,3 @@ def run_taps(
                     result[v.name] = feed[v.name]
             result.update(consts)
             yield result
-    finally:
-        ctx.__exit__(None, None, None)

@@ -20,7 +20,7 @@ import onnx
 
 from onnxopt import sparse
 from onnxopt.data import Dataset
-from onnxopt.errors import ModelError, UsageError
+from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 
@@ -89,24 +89,27 @@ class Comparison:
         return d
 
 
-def check_model_file(path: str | os.PathLike[str]) -> None:
+def check_model_file(path: str | os.PathLike[str], *, has_sparse: bool | None = None) -> None:
     """Full ONNX checker and strict shape inference on a saved model; raises ModelError.
 
     onnx's shape inference types a sparse initializer as a sparse tensor and rejects it as a
     Conv/Gemm/MatMul input although ONNX Runtime reads it, so such a model is checked densified.
+    A caller that knows whether the file holds sparse initializers says so in `has_sparse`, which
+    spares reading the whole file once more to find out.
     """
     with tempfile.TemporaryDirectory(prefix="onnxopt-infer-") as tmp:
-        path = _densified(Path(path), Path(tmp))
+        if has_sparse is not False:
+            path = _densified(Path(path), Path(tmp))
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as exc:
-            raise ModelError(f"the optimized model fails the ONNX checker: {_line(exc)}") from None
+            raise ModelError(f"the optimized model fails the ONNX checker: {first_line(exc)}") from None
         try:
             onnx.shape_inference.infer_shapes_path(
                 str(path), str(Path(tmp) / "inferred.onnx"), check_type=True, strict_mode=True, data_prop=True
             )
         except Exception as exc:
-            raise ModelError(f"the optimized model fails strict shape inference: {_line(exc)}") from None
+            raise ModelError(f"the optimized model fails strict shape inference: {first_line(exc)}") from None
 
 
 def _densified(path: Path, tmp: Path) -> Path:
@@ -117,11 +120,6 @@ def _densified(path: Path, tmp: Path) -> Path:
     dense = tmp / "dense.onnx"
     onnx.save(proto, str(dense))
     return dense
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def looks_like_scores(arr: np.ndarray) -> bool:

@@ -39,6 +39,7 @@ from onnx_ir.passes.common import (
 
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
+from onnxopt.errors import UsageError, first_line
 from onnxopt.graph import new_initializer, only_used_by, set_weight, take_over_output
 from onnxopt.io import is_constant, iter_graphs
 from onnxopt.registry import Pass, PassStats, option, register_pass
@@ -82,8 +83,6 @@ class Fold(Pass):
 
     def __post_init__(self) -> None:
         if not self.max_fold_mb > 0:
-            from onnxopt.errors import UsageError
-
             raise UsageError(f"fold.max_fold_mb must be positive, got {self.max_fold_mb}")
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
@@ -117,14 +116,13 @@ class Fold(Pass):
             _remove_unused_subgraph_initializers(model)
             counts["dead_nodes_removed"] += dead_before - _count_nodes(model)
             changed |= _count_initializers(model) != inits_before or dead_before != _count_nodes(model)
-            if self.dedup:
-                before = _count_initializers(model)
-                DeduplicateHashedInitializersPass()(model)
-                RemoveUnusedNodesPass()(model)
-                counts["initializers_deduplicated"] += before - _count_initializers(model)
-                changed |= before != _count_initializers(model)
             if not changed:
                 break
+        if self.dedup:  # once, after folding: hashing reads every weight
+            before = _count_initializers(model)
+            DeduplicateHashedInitializersPass()(model)
+            RemoveUnusedNodesPass()(model)
+            counts["initializers_deduplicated"] += before - _count_initializers(model)
         stats.summary = {k: v for k, v in counts.items() if v} or {"nodes": nodes_before}
         stats.summary["nodes_removed"] = nodes_before - _count_nodes(model)
         stats.modified = any(counts.values())
@@ -182,7 +180,6 @@ def _is_inference_dropout(node: ir.Node) -> bool:
 
 
 def _remove_identities(model: ir.Model, stats: PassStats) -> int:
-    converted = 0
     for graph in iter_graphs(model.graph):
         for node in list(graph):
             if _is_inference_dropout(node):
@@ -193,7 +190,6 @@ def _remove_identities(model: ir.Model, stats: PassStats) -> int:
                 ident.outputs[0].type = node.outputs[0].type
                 graph.insert_before(node, ident)
                 graph.remove(node, safe=True)
-                converted += 1
     removed = 0
     for graph in iter_graphs(model.graph):
         for node in list(graph):
@@ -394,7 +390,7 @@ def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
         new_b = b * scale + shift
     else:
         new_b = shift
-    weight.const_value = ir.tensor(new_w.astype(w.dtype), name=weight.name)
+    set_weight(weight, new_w.astype(w.dtype))
     bias_np = new_b.astype(w.dtype)
     if src.op_type == "MatMul":
         bias_init = new_initializer(graph, f"{bn.name or bn.outputs[0].name}.folded_bias", bias_np)
@@ -403,7 +399,7 @@ def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
         take_over_output(graph, bn, add.outputs[0])
         return None
     if bias_value is not None:
-        bias_value.const_value = ir.tensor(bias_np, name=bias_value.name)
+        set_weight(bias_value, bias_np)
     else:
         bias_value = new_initializer(graph, f"{src.name or weight.name}.bias", bias_np)
         src.resize_inputs(3)
@@ -437,17 +433,6 @@ def _fold_shape_node(node: ir.Node) -> np.ndarray | None:
     start = max(0, min(rank, start + rank if start < 0 else start))
     end = max(0, min(rank, end + rank if end < 0 else end))
     return np.asarray(dims[start:end], dtype=np.int64)
-
-
-def _declared_elems(node: ir.Node) -> int | None:
-    """Element count the node will produce, when its output shape is static."""
-    total = 0
-    for out in node.outputs:
-        dims = _static_dims(out)
-        if dims is None:
-            return None
-        total += math.prod(dims)
-    return total
 
 
 def _predicted_elems(node: ir.Node) -> int | None:
@@ -502,7 +487,7 @@ def _fold_round(graph: ir.Graph, opset: int, stats: PassStats, max_bytes: int) -
             try:
                 arrays = _evaluate(cand.node, opset)
             except Exception as exc:  # an op the reference evaluator lacks: leave the node
-                stats.skip(cand.node, f"cannot evaluate {cand.node.op_type}: {str(exc).splitlines()[0][:120]}")
+                stats.skip(cand.node, f"cannot evaluate {cand.node.op_type}: {first_line(exc, 120)}")
                 continue
         _replace_with_initializers(graph, cand.node, arrays)
         folded += 1
@@ -521,17 +506,16 @@ def _try_candidate(node: ir.Node, opset: int, max_bytes: int, stats: PassStats) 
         return None
     if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
         return None
-    reason = _size_guard(node, max_bytes)
-    if reason:
-        stats.skip(node, reason)
-        return None
     arrays = None
     out_bytes = _declared_bytes(node)
+    if out_bytes is None and (elems := _predicted_elems(node)) is not None:
+        dtype = node.outputs[0].dtype
+        out_bytes = elems * (int(dtype.itemsize) if dtype is not None else 4)
     if out_bytes is None:  # shapes unknown: evaluate now to learn the size
         try:
             arrays = _evaluate(node, opset)
         except Exception as exc:  # an op the reference evaluator lacks: leave the node
-            stats.skip(node, f"cannot evaluate {node.op_type}: {str(exc).splitlines()[0][:120]}")
+            stats.skip(node, f"cannot evaluate {node.op_type}: {first_line(exc, 120)}")
             return None
         out_bytes = sum(a.nbytes for a in arrays)
     if out_bytes > max_bytes:
@@ -601,15 +585,6 @@ def _group_growth(members: list[_Candidate]) -> int:
     freed = sum(int(v.const_value.nbytes) for v in inputs.values()
                 if not v.is_graph_output() and all(id(u.node) in ids for u in v.uses()))
     return sum(c.out_bytes for c in members) - freed
-
-
-def _size_guard(node: ir.Node, max_bytes: int) -> str | None:
-    elems = _declared_elems(node)
-    if elems is None:
-        elems = _predicted_elems(node)
-    if elems is not None and elems * 8 > max_bytes * 8 // 1 and elems * 4 > max_bytes:
-        return f"folded tensor would hold {elems} elements (> max_fold_mb)"
-    return None
 
 
 def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray]:

@@ -78,8 +78,12 @@ def test_inspect_bench_compare_passes_verbs(tmp_path: Path, capsys) -> None:
     code, text, _ = _run(["inspect", CNN, "--json"], capsys)
     doc = json.loads(text)
     assert doc["parameters"] == 44554 and doc["macs"] > 0
-    code, text, _ = _run(["bench", CNN, CNN, "--runs", "5", "--warmup", "1", "--no-memory"], capsys)
-    assert code == 0 and "median ms" in text and "p90 ms" in text and "1.000x" in text
+    code, text, _ = _run(["bench", CNN, CNN, "--runs", "5", "--warmup", "1", "--no-memory", "--json"], capsys)
+    doc = json.loads(text)
+    assert code == 0 and [m["runs"] for m in doc["models"]] == [5, 5]
+    second = doc["models"][1]
+    assert doc["ratios"][1] == pytest.approx(second["median_ms"] / doc["models"][0]["median_ms"])
+    assert second["min_ms"] <= second["median_ms"] <= second["p90_ms"]
     code, text, _ = _run(["compare", CNN, CNN, "--data", EVAL, "--tolerance", "0"], capsys)
     assert code == 0 and "accuracy: A 99.17%  B 99.17%" in text
     code, text, _ = _run(["passes"], capsys)

@@ -101,7 +101,9 @@ def test_bench_interleaves_and_reports_percentiles() -> None:
     assert [lat.runs for lat in res.latencies] == [7, 7]
     for lat in res.latencies:
         assert lat.min_ms <= lat.median_ms <= lat.p90_ms
-    assert len(res.ratios) == 2 and res.ratios[0] == 1.0
+    a, b = res.latencies
+    assert res.ratios == pytest.approx([1.0, b.median_ms / a.median_ms])
+    assert b.throughput == pytest.approx(b.batch / (b.median_ms / 1000.0))
 
 
 def test_peak_memory_is_measured_in_a_child() -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "origin_of",
     "take_over_output",
     "constant_array",
+    "opset_version",
 ]
 
 ORIGIN = "onnxopt.origin"
@@ -47,9 +48,15 @@ def unique_name(graph: ir.Graph, base: str, taken: set[str] | None = None) -> st
     return name
 
 
-def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, *, origin: str | None = None) -> ir.Value:
-    """Register `array` as a new initializer of `graph` under a unique name derived from `base`."""
-    name = unique_name(graph, base)
+def new_initializer(
+    graph: ir.Graph, base: str, array: np.ndarray, *, origin: str | None = None, taken: set[str] | None = None
+) -> ir.Value:
+    """Register `array` as a new initializer of `graph` under a unique name derived from `base`.
+
+    A rewrite that names many values passes one running `taken` set (from `all_names`): cheaper than
+    a graph walk per name, and it also sees names of nodes built but not inserted yet.
+    """
+    name = unique_name(graph, base, taken)
     value = ir.Value(
         name=name,
         shape=ir.Shape(array.shape),
@@ -102,3 +109,10 @@ def take_over_output(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> N
         replacement.shape = shape
     if typ is not None:
         replacement.type = typ
+
+
+def opset_version(model: ir.Model | ir.Graph, default: int = 1) -> int:
+    """The version of the default ONNX domain ('' or 'ai.onnx') the model or graph imports."""
+    imports = model.opset_imports
+    version = imports.get("", imports.get("ai.onnx"))
+    return int(version) if version is not None else default

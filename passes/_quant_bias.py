@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.graph import set_weight
 from onnxopt.registry import PassStats
 
 __all__ = ["bias_targets", "input_means", "weight_shift", "apply_shift"]
@@ -97,5 +98,5 @@ def apply_shift(node: ir.Node, delta: np.ndarray, stats: PassStats) -> bool:
         stats.skip(node, "bias correction: bias shape differs or the bias is shared")
         return False
     new = np.clip(q + np.rint(delta / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    q_value.const_value = ir.tensor(new, name=q_value.name)
+    set_weight(q_value, new)
     return True

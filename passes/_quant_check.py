@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -74,15 +73,12 @@ class FusionReport:
 
 def fusion_report_file(path: str | os.PathLike[str], *, threads: int | None = 1) -> FusionReport:
     """Load the model file in ONNX Runtime, save its optimized graph, and count the ops in it."""
-    tmpdir = Path(tempfile.mkdtemp(prefix="onnxopt-fused-"))
-    try:
-        out = tmpdir / "optimized.onnx"
+    with tempfile.TemporaryDirectory(prefix="onnxopt-fused-", ignore_cleanup_errors=True) as tmpdir:
+        out = Path(tmpdir) / "optimized.onnx"
         session(path, threads=threads, optimized_model_path=str(out))
         proto = onnx.load(str(out), load_external_data=False)
-        counts = Counter(node.op_type for g in iter_proto_graphs(proto.graph) for node in g.node)
-        return FusionReport(dict(counts))
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    counts = Counter(node.op_type for g in iter_proto_graphs(proto.graph) for node in g.node)
+    return FusionReport(dict(counts))
 
 
 def fusion_report(model: ir.Model, *, threads: int | None = 1) -> FusionReport:

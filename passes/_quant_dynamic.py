@@ -47,13 +47,14 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, record_origin, take_over_output, unique_name
+from onnxopt.graph import all_names, take_over_output, unique_name
 from onnxopt.io import is_constant
 from onnxopt.progress import progress
 from onnxopt.registry import PassStats, matches_any
 
 from ._quant_calib import quantize_array, weight_scales
 from ._quant_gptq import gptq_round
+from ._quant_static import gemm_declined, new_init
 
 __all__ = ["apply_dynamic", "apply_weight_only", "pack_nbits"]
 
@@ -61,16 +62,6 @@ logger = logging.getLogger(__name__)
 
 _FLOAT = ir.DataType.FLOAT
 _MS = "com.microsoft"
-
-
-def _init(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str], origin: str | None = None) -> ir.Value:
-    name = unique_name(graph, base, taken)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    if origin:
-        record_origin(value, origin)
-    return value
 
 
 def _new_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], base: str, taken: set[str], *,
@@ -89,10 +80,8 @@ def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
     if w_value.dtype != _FLOAT or w_value.shape is None or len(w_value.shape) != 2:
         return "weight is not a 2-D float32 constant"
     if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0):
-            return "Gemm with transA=1"
-        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
-            return "Gemm with alpha or beta other than 1"
+        if reason := gemm_declined(node):
+            return reason
         trans = bool(node.attributes.get_int("transB", 0))
         w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
         return (np.ascontiguousarray(w.T) if trans else w), trans
@@ -203,9 +192,9 @@ def _try_dynamic(
     w_q = quantize_array(w, s_w.reshape(1, -1) if per_channel else s_w, 0, np.dtype(np.int8))
     del w
     q = _dynamic_input(graph, node, dql, taken)
-    wq_value = _init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
-    wz_value = _init(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken)
-    ws_value = _init(graph, f"{w_value.name}_scale", s_w, taken)
+    wq_value = new_init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
+    wz_value = new_init(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken)
+    ws_value = new_init(graph, f"{w_value.name}_scale", s_w, taken)
     mmi = _new_node(graph, "MatMulInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken)
     _rescale(graph, node, mmi, q, ws_value, bias, base, taken)
     _drop_if_unused(graph, w_value)
@@ -246,9 +235,9 @@ def _try_dynamic_conv(
     w_q = quantize_array(w, s_w.reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else s_w, 0, np.dtype(np.int8))
     del w
     q = _dynamic_input(graph, node, dql, taken)
-    wq_value = _init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
-    wz_value = _init(graph, f"{w_value.name}_zero_point", np.zeros((), np.int8), taken)
-    ws_value = _init(graph, f"{w_value.name}_scale", s_w.reshape(channel_shape) if per_channel else s_w, taken)
+    wq_value = new_init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
+    wz_value = new_init(graph, f"{w_value.name}_zero_point", np.zeros((), np.int8), taken)
+    ws_value = new_init(graph, f"{w_value.name}_scale", s_w.reshape(channel_shape) if per_channel else s_w, taken)
     attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
     conv = _new_node(graph, "ConvInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken,
                      attrs=attrs)
@@ -256,7 +245,7 @@ def _try_dynamic_conv(
     b_value = None
     if bias is not None:
         b = np.asarray(bias.const_value.numpy(), dtype=np.float32).reshape(channel_shape)
-        b_value = _init(graph, f"{bias.name}_channels", b, taken, origin=bias.name)
+        b_value = new_init(graph, f"{bias.name}_channels", b, taken, origin=bias.name)
     _rescale(graph, node, conv, q, ws_value, b_value, base, taken)
     _drop_if_unused(graph, w_value)
     if bias is not None:
@@ -330,8 +319,8 @@ def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int,
     packed, scales = pack_nbits(w, bits, block_size, h if h is not None and h.shape == (k, k) else None)
     del w
     w_value = node.inputs[1]
-    b_value = _init(graph, f"{w_value.name}_quantized", packed, taken, origin=w_value.name)
-    s_value = _init(graph, f"{w_value.name}_scale", scales.reshape(-1), taken)
+    b_value = new_init(graph, f"{w_value.name}_quantized", packed, taken, origin=w_value.name)
+    s_value = new_init(graph, f"{w_value.name}_scale", scales.reshape(-1), taken)
     attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
              ir.AttrInt64("block_size", block_size)]
     inputs = [x, b_value, s_value] + ([None, None, bias] if bias is not None else [])

@@ -70,17 +70,13 @@ class FallbackResult:
     reached: bool
 
 
-def auto_fallback(build: Builder, units: Sequence[str], others: Sequence[str], error: OutputError,
-                  tolerance: float) -> FallbackResult:
-    """Keep the fewest, most sensitive `units` in float so that `error` is within `tolerance`.
-
-    `others` are the remaining quantizable nodes, left in float while one unit is measured alone.
-    """
+def auto_fallback(build: Builder, units: Sequence[str], error: OutputError, tolerance: float) -> FallbackResult:
+    """Keep the fewest, most sensitive `units` in float so that `error` is within `tolerance`."""
     full = build(set())
     err_full = error(full)
     if err_full <= tolerance or not units:
         return FallbackResult(full, [], err_full, err_full, {}, err_full <= tolerance)
-    everything = set(units) | set(others)
+    everything = set(units)
     sensitivity = {}
     for unit in progress(list(units), desc="layer sensitivity"):
         sensitivity[unit] = error(build(everything - {unit}))

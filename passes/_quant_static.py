@@ -34,7 +34,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, record_origin, take_over_output, unique_name
+from onnxopt.graph import all_names, constant_array, new_initializer, record_origin, take_over_output, unique_name
 from onnxopt.io import is_constant
 from onnxopt.registry import PassStats, matches_any
 
@@ -45,10 +45,12 @@ __all__ = [
     "SUPPORTED_OPS",
     "StaticPlan",
     "candidate_tensors",
+    "gemm_declined",
     "plan_static",
     "apply_static",
     "matmul_add_to_gemm",
     "name_nodes",
+    "new_init",
     "quantizable_nodes",
     "weight_axis",
 ]
@@ -105,8 +107,18 @@ def _is_float_activation(value: ir.Value | None) -> bool:
     return value is not None and not is_constant(value) and value.dtype == _FLOAT and bool(value.name)
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    return np.asarray(value.const_value.numpy()) if is_constant(value) else None
+def gemm_declined(node: ir.Node) -> str | None:
+    """Why a Gemm cannot be quantized as ``x @ W + C`` (transA or alpha/beta other than 1), else None."""
+    if node.attributes.get_int("transA", 0):
+        return "Gemm with transA=1"
+    if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+        return "Gemm with alpha or beta other than 1"
+    return None
+
+
+def new_init(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str], origin: str | None = None) -> ir.Value:
+    """`onnxopt.graph.new_initializer` against a running `taken` set (positional, as the rewrites call it)."""
+    return new_initializer(graph, base, array, origin=origin, taken=taken)
 
 
 def _data_inputs(node: ir.Node) -> list[ir.Value | None]:
@@ -171,22 +183,18 @@ def _try_matmul_add_to_gemm(graph: ir.Graph, node: ir.Node) -> str | None:
     x, w_value, y = node.inputs[0], node.inputs[1], node.outputs[0]
     if x is None or x.shape is None or len(x.shape) != 2:
         return "input is not 2-D"
-    w = _const(w_value)
+    w = constant_array(w_value)
     if w is None or w.ndim != 2 or w.dtype != np.float32:
         return "weight is not a 2-D float32 constant"
     uses = list(y.uses())
     if len(uses) != 1 or y.is_graph_output() or uses[0].node.op_type != "Add":
         return "output is not used by one Add only"
     add = uses[0].node
-    b = _const(add.inputs[1 - uses[0].idx])
+    b = constant_array(add.inputs[1 - uses[0].idx])
     if b is None or b.dtype != np.float32 or b.size != w.shape[1] or b.shape[-1] != w.shape[1]:
         return "Add operand is not a constant bias of the weight's width"
-    bias = ir.Value(name=unique_name(graph, f"{add.inputs[1 - uses[0].idx].name}_gemm"),
-                    shape=ir.Shape([w.shape[1]]), type=ir.TensorType(_FLOAT),
-                    const_value=ir.tensor(b.reshape(-1).copy()))
-    bias.const_value.name = bias.name
-    graph.register_initializer(bias)
-    record_origin(bias, add.inputs[1 - uses[0].idx].name)
+    b_name = add.inputs[1 - uses[0].idx].name
+    bias = new_initializer(graph, f"{b_name}_gemm", b.reshape(-1).copy(), origin=b_name)
     gemm = ir.Node("", "Gemm", [x, w_value, bias], name=node.name or None)
     graph.insert_before(add, gemm)
     take_over_output(graph, add, gemm.outputs[0])
@@ -266,24 +274,21 @@ def _try_mark_compute(node: ir.Node, plan: StaticPlan, per_channel: bool) -> str
     x = node.inputs[0]
     if not _is_float_activation(x):
         return "first input is not a float activation"
-    if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0):
-            return "Gemm with transA=1"
-        if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
-            return "Gemm with alpha or beta other than 1"
+    if node.op_type == "Gemm" and (reason := gemm_declined(node)):
+        return reason
     w_value = node.inputs[1]
     if node.op_type == "MatMul" and _is_float_activation(w_value):
         plan.mark(x)
         plan.mark(w_value)
         plan.compute.append(node)
         return None
-    w = _const(w_value)
+    w = constant_array(w_value)
     if w is None or w.dtype != np.float32:
         return "weight is not a float32 constant initializer"
     bias_index = 2 if node.op_type != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None else None
     axis = weight_axis(node, w, per_channel)
     if bias_index is not None:
-        b = _const(node.inputs[bias_index])
+        b = constant_array(node.inputs[bias_index])
         channels = _out_channels(node, w)
         if b is None or b.dtype != np.float32 or b.shape != (channels,):
             return f"bias is not a float32 constant of shape [{channels}]"
@@ -367,7 +372,7 @@ def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
     bounds: list[float | None] = []
     for idx, attr in ((1, "min"), (2, "max")):
         if len(node.inputs) > idx and node.inputs[idx] is not None:
-            arr = _const(node.inputs[idx])
+            arr = constant_array(node.inputs[idx])
             if arr is None or arr.size != 1:
                 return None
             bounds.append(float(arr.reshape(-1)[0]))
@@ -466,19 +471,11 @@ def _fuse(graph: ir.Graph, fusion: _Fusion, name: str) -> None:
     x.shape, x.type = shape, typ
 
 
-def _scalar_init(graph: ir.Graph, base: str, array: np.ndarray, taken: set[str]) -> ir.Value:
-    name = unique_name(graph, base, taken)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str]) -> None:
     base = value.name
     uses = list(value.uses())
-    scale = _scalar_init(graph, f"{base}_scale", np.asarray(qp.scale, dtype=np.float32), taken)
-    zp = _scalar_init(graph, f"{base}_zero_point", np.asarray(qp.zero_point, dtype=qp.dtype), taken)
+    scale = new_init(graph, f"{base}_scale", np.asarray(qp.scale, dtype=np.float32), taken)
+    zp = new_init(graph, f"{base}_zero_point", np.asarray(qp.zero_point, dtype=qp.dtype), taken)
     q = ir.Node("", "QuantizeLinear", [value, scale, zp], name=unique_name(graph, f"{base}_QuantizeLinear", taken))
     q.outputs[0].name = unique_name(graph, f"{base}_quantized", taken)
     q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(qp.dtype))
@@ -500,11 +497,11 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str]) 
 
 def _dq_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zp: np.ndarray, axis: int | None,
              base: str, shape: ir.Shape | None, taken: set[str]) -> ir.Value:
-    s = _scalar_init(graph, f"{base}_scale", scale, taken)
+    s = new_init(graph, f"{base}_scale", scale, taken)
     inputs = [q_value, s]
     if zp.dtype != np.int32 or np.any(zp):
         # An int32 bias always has zero point 0, DequantizeLinear's default: store none.
-        inputs.append(_scalar_init(graph, f"{base}_zero_point", zp, taken))
+        inputs.append(new_init(graph, f"{base}_zero_point", zp, taken))
     attrs = [ir.AttrInt64("axis", axis)] if axis is not None and scale.ndim == 1 else []
     dq = ir.Node("", "DequantizeLinear", inputs, attrs,
                  name=unique_name(graph, f"{base}_DequantizeLinear", taken))
@@ -532,8 +529,7 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | Non
         q = rounded.get(w_value.name)
         if q is None or q.shape != w.shape:
             q = quantize_array(w, scales.reshape(bshape) if axis is not None else scales, 0, np.dtype(np.int8))
-        q_value = _scalar_init(graph, f"{w_value.name}_quantized", q, taken)
-        record_origin(q_value, w_value.name)
+        q_value = new_init(graph, f"{w_value.name}_quantized", q, taken, origin=w_value.name)
         dq_out = _dq_node(graph, q_value, scales, np.zeros(scales.shape, np.int8), axis, w_value.name,
                           w_value.shape, taken)
         cache[key] = (dq_out, scales)
@@ -549,8 +545,7 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node, index: int, x_scale: float, w
     b = np.asarray(b_value.const_value.numpy(), dtype=np.float32)
     scale = (np.float32(x_scale) * np.broadcast_to(w_scales, b.shape)).astype(np.float32)
     q = np.clip(np.rint(b.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    q_value = _scalar_init(graph, f"{b_value.name}_quantized", q, taken)
-    record_origin(q_value, b_value.name)
+    q_value = new_init(graph, f"{b_value.name}_quantized", q, taken, origin=b_value.name)
     dq_out = _dq_node(graph, q_value, scale, np.zeros(scale.shape, np.int32), 0, b_value.name, b_value.shape, taken)
     node.replace_input_with(index, dq_out)
     replaced.append((b_value, dq_out))

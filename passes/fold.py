@@ -40,7 +40,7 @@ from onnx_ir.passes.common import (
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
 from onnxopt.errors import UsageError, first_line
-from onnxopt.graph import new_initializer, only_used_by, set_weight, take_over_output
+from onnxopt.graph import new_initializer, only_used_by, opset_version, set_weight, take_over_output
 from onnxopt.io import is_constant, iter_graphs
 from onnxopt.registry import Pass, PassStats, option, register_pass
 
@@ -456,7 +456,7 @@ def _predicted_elems(node: ir.Node) -> int | None:
 def _fold_constants(model: ir.Model, stats: PassStats, max_bytes: int) -> int:
     """Fold constant subexpressions graph by graph, one level of each chain per round, to the end."""
     folded = 0
-    opset = model.opset_imports.get("", 17)
+    opset = opset_version(model)
     for graph in iter_graphs(model.graph):
         while (n := _fold_round(graph, opset, stats, max_bytes)) > 0:
             folded += n

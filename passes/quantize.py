@@ -50,8 +50,8 @@ from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import constant_array, only_used_by
-from onnxopt.io import iter_graphs, weight_bytes
+from onnxopt.graph import constant_array, only_used_by, opset_version
+from onnxopt.io import is_constant, iter_graphs, weight_bytes
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 
 from ._quant_bias import apply_shift, bias_targets, input_means, weight_shift
@@ -81,6 +81,7 @@ logger = logging.getLogger(__name__)
 QUANTIZED_OPS = INTEGER_KERNELS | {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _PER_CHANNEL_OPSET = 13
 _MIN_QDQ_OPSET = 10
+_DYNAMIC_OPSET = 11
 _FALLBACK_FEEDS = 8
 _FOLDABLE = frozenset({"BatchNormalization", "Constant", "Identity", "Dropout"})
 
@@ -155,7 +156,7 @@ class Quantize(Pass):
         if self.mode == "static":
             counts = self._static(model, ctx, stats)
         elif self.mode == "dynamic":
-            opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+            opset = opset_version(model)
             if opset < _DYNAMIC_OPSET and not _try_opset_upgrade(model, stats):
                 raise ModelError(f"mode=dynamic needs opset {_DYNAMIC_OPSET} (DynamicQuantizeLinear); this model has "
                                  f"opset {opset} and onnx's version converter could not upgrade it")
@@ -208,7 +209,7 @@ class Quantize(Pass):
         """``XᵀX`` of the inputs of the MatMul/Gemm nodes, for GPTQ rounding in weight-only mode."""
         ctx.require_calib("quantize gptq=true", "GPTQ rounds against the calibration inputs")
         names = sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
-                        and n.inputs[0] is not None and n.inputs[0].name and constant_array(n.inputs[1]) is not None
+                        and n.inputs[0] is not None and n.inputs[0].name and is_constant(n.inputs[1])
                         and not matches_any(n, self.exclude)})
         return accumulate_hessians(ctx.activations(model, names, desc="gptq"), names) if names else {}
 
@@ -245,8 +246,8 @@ class Quantize(Pass):
             targets.append((node, w, x.name))
         if not targets:
             return {}
-        hessians = accumulate_hessians(ctx.activations(model, sorted({t[2] for t in targets}), desc="gptq"),
-                                       sorted({t[2] for t in targets}))
+        names = sorted({t[2] for t in targets})
+        hessians = accumulate_hessians(ctx.activations(model, names, desc="gptq"), names)
         rounded = {}
         for node, w, x_name in targets:
             by_rows = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
@@ -320,7 +321,7 @@ class Quantize(Pass):
             return candidate
 
         feeds = (ctx.calib.feeds if ctx.calib is not None else [])[:_FALLBACK_FEEDS]
-        result = auto_fallback(build, units, [], OutputError(base, feeds, ctx.threads), float(ctx.tolerance))
+        result = auto_fallback(build, units, OutputError(base, feeds, ctx.threads), float(ctx.tolerance))
         exclude = self.exclude + [glob.escape(n) for n in result.float_nodes]
         counts, applied = self._apply(model, stats, ranges, per_channel, exclude, rounded)
         kept = set(result.float_nodes)
@@ -360,12 +361,9 @@ def _has_foldable(model: ir.Model) -> bool:
     return any(n.op_type in _FOLDABLE for n in model.graph.all_nodes())
 
 
-_DYNAMIC_OPSET = 11
-
-
 def _try_opset_upgrade(model: ir.Model, stats: PassStats) -> bool:
     """Make per-channel DequantizeLinear legal (opset >= 13); False when weights must stay per-tensor."""
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    opset = opset_version(model)
     if opset >= _PER_CHANNEL_OPSET:
         return True
     try:

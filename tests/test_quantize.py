@@ -11,6 +11,7 @@ from helpers import F32, MODELS, accuracy, digits_eval, make_model, run_ort
 from onnx import helper
 from onnxopt.passes._quant_calib import BINS, Range, choose_range, qparams
 from onnxopt.passes._quant_check import fusion_report
+from onnxopt.passes._quant_static import matmul_add_to_gemm
 
 import onnxopt
 from onnxopt.context import Context
@@ -761,3 +762,35 @@ def test_dynamic_conv_is_off_by_default_and_says_why() -> None:
     model, stats = _quantize(_conv_family(), {"mode": "dynamic"})
     assert not any(n.op_type == "ConvInteger" for n in model.graph)
     assert any("dynamic_conv=true" in s["reason"] for s in stats.skipped)
+
+
+def test_matmul_add_becomes_gemm_with_a_traced_bias() -> None:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="add")]
+    proto = make_model(nodes, [("x", F32, ["n", 6])], [("y", F32, ["n", 4])], {"w": _w(6, 4), "b": _w(4)})
+    feeds = [{"x": RNG.standard_normal((16, 6)).astype(np.float32)} for _ in range(4)]
+    model, stats = _quantize(proto, feeds=feeds)
+    _check(model)
+    assert stats.summary["matmul_add_to_gemm"] == 1
+    gemm = _node(model, "mm")
+    assert gemm.op_type == "Gemm" and "Add" not in [n.op_type for n in model.graph]
+    assert _const(_dq_of(gemm.inputs[2]).inputs[0]).dtype == np.int32
+    x = feeds[0]["x"]
+    assert _rel_l2(run_ort(proto, {"x": x})[0], run_ort(model, {"x": x})[0]) < 0.05
+    # the rewrite alone: exact, and the new [N] bias records the Add operand it stands for
+    rewritten = ir.from_proto(proto)
+    assert matmul_add_to_gemm(rewritten.graph, onnxopt.PassStats(), []) == 1
+    bias = _node(rewritten, "mm").inputs[2]
+    assert bias.shape == ir.Shape([4]) and bias.metadata_props.get("onnxopt.origin") == "b"
+    np.testing.assert_allclose(run_ort(rewritten, {"x": x})[0], run_ort(proto, {"x": x})[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
+@pytest.mark.parametrize(("attrs", "reason"), [({"transA": 1}, "transA=1"), ({"alpha": 2.0}, "alpha or beta")])
+def test_gemm_with_trans_a_or_alpha_is_declined(mode: str, attrs: dict, reason: str) -> None:
+    a_shape = [6, 3] if attrs.get("transA") else [3, 6]
+    node = helper.make_node("Gemm", ["a", "w"], ["y"], name="g", **attrs)
+    proto = make_model([node], [("a", F32, a_shape)], [("y", F32, [3, 4])], {"w": _w(6, 4)})
+    model, stats = _quantize(proto, {"mode": mode})
+    assert [n.op_type for n in model.graph] == ["Gemm"]
+    assert any(s["node"] == "g" and reason in s["reason"] for s in stats.skipped)

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from onnxopt.passes.fold import fold_model
-from onnxopt.passes.prune import save_model
 
 import onnxopt
 from onnxopt.bench import bench
@@ -34,6 +33,7 @@ from onnxopt.io import file_size
 from onnxopt.registry import make_pass
 from onnxopt.report import human_bytes, table
 from onnxopt.runtime import run, session
+from onnxopt.sparse import SPARSE_KEY
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CNN_EXCLUDE = ["stem.conv", "fc2"]
@@ -84,6 +84,13 @@ def _zipped(path: Path) -> int:
     return zpath.stat().st_size
 
 
+def _save_dense_and_sparse(model: ir.Model, dense: Path, sparse: Path) -> None:
+    """The pruned model written by the same writer twice: as marked (sparse), then with the mark dropped."""
+    onnxopt.save(model, sparse)
+    model.metadata_props.pop(SPARSE_KEY, None)
+    onnxopt.save(model, dense)
+
+
 def size_table(tmp: Path) -> None:
     rows = []
     dense0 = tmp / "cnn.onnx"
@@ -94,8 +101,7 @@ def size_table(tmp: Path) -> None:
     for sparsity in (0.5, 0.7, 0.8, 0.9):
         model, _ = _pruned(MODELS / "digits_cnn.onnx", {"sparsity": sparsity, "storage": "sparse"}, None)
         dense, sparse = tmp / f"d{sparsity}.onnx", tmp / f"s{sparsity}.onnx"
-        ir.save(model, dense)
-        save_model(model, sparse)
+        _save_dense_and_sparse(model, dense, sparse)
         rows.append([f"{sparsity:.0%}", human_bytes(file_size(dense)), human_bytes(sparse.stat().st_size),
                      human_bytes(_zipped(dense)), human_bytes(_zipped(sparse))])
     print("\ndigits CNN (folded, global magnitude): file size")
@@ -113,8 +119,7 @@ def resnet_table(tmp: Path, runs: int) -> None:
     make_pass("prune", {"sparsity": 0.8, "storage": "sparse"}).call(model, Context())
     zeros = tmp / "r18_zeros.onnx"
     sparse = tmp / "r18_sparse.onnx"
-    ir.save(model, zeros)
-    save_model(model, sparse)
+    _save_dense_and_sparse(model, zeros, sparse)
     feed = load_data("random:1", input_specs(model))
     res = bench([dense, zeros, sparse], runs=runs, threads=1, data=feed, memory=False)
     rows = []

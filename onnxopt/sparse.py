@@ -3,7 +3,8 @@
 The in-memory graph (onnx_ir) holds every weight dense, so `prune` only *marks* the weights to
 store sparse, in the model metadata prop ``onnxopt.sparse_initializers`` (a JSON list of names).
 `apply_sparse_storage` turns a serialized model's marked initializers into sparse tensors and
-drops the mark; `densify` does the inverse, for tools that read only dense initializers.
+drops the mark (`onnxopt.io.save` calls it when it writes a model as one file); `densify` does the
+inverse, for tools that read only dense initializers (`onnxopt.io.load` calls it).
 
 Size of one tensor with ``nnz`` nonzeros of ``b`` bytes each, stored sparse: ONNX requires INT64
 indices, and the compact form keeps one linear index per value, so ``nnz * (b + 8)`` bytes against
@@ -21,10 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,7 +37,6 @@ __all__ = [
     "mark_sparse",
     "apply_sparse_storage",
     "densify",
-    "save_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,31 +157,3 @@ def densify(proto: onnx.ModelProto) -> int:
         graph.initializer.append(numpy_helper.from_array(_dense_array(sparse), sparse.values.name))
     del graph.sparse_initializer[:]
     return count
-
-
-def _inline_external(model: ir.Model) -> None:
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.tensor(np.array(value.const_value.numpy()), name=value.name)
-
-
-def save_model(model: ir.Model, path: str | os.PathLike[str]) -> Path:
-    """Write `model` as one file (weights inline), storing marked weights sparse; atomic.
-
-    External weights are brought into memory first, as a sparse initializer cannot point into
-    another file here; use it for models below protobuf's 2 GB limit.
-    """
-    target = Path(path)
-    _inline_external(model)
-    proto = ir.to_proto(model)
-    apply_sparse_storage(proto)
-    parent = target.parent if str(target.parent) else Path(".")
-    fd, staged = tempfile.mkstemp(prefix=".onnxopt-", suffix=".onnx", dir=parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, staged)
-        os.replace(staged, target)
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)
-    return target

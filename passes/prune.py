@@ -44,11 +44,11 @@ from onnxopt.errors import UsageError
 from onnxopt.graph import set_weight
 from onnxopt.io import weight_bytes
 from onnxopt.registry import Pass, PassStats, option, register_pass
-from onnxopt.sparse import densify, mark_sparse, save_model, sparse_nbytes
+from onnxopt.sparse import mark_sparse, sparse_nbytes
 
 from ._prune_targets import Target, feature_scale, find_targets
 
-__all__ = ["Prune", "parse_pattern", "save_model", "densify"]
+__all__ = ["Prune", "parse_pattern"]
 
 logger = logging.getLogger(__name__)
 

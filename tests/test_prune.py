@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 from onnxopt.passes.fold import fold_model
-from onnxopt.passes.prune import densify, save_model
 
 import onnxopt
 from onnxopt.cli import main
@@ -24,6 +23,7 @@ from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
 from onnxopt.errors import UsageError
 from onnxopt.registry import make_pass
+from onnxopt.sparse import densify
 
 RNG = np.random.default_rng(0)
 
@@ -136,7 +136,7 @@ def test_float16_weights_keep_their_dtype_and_store_sparse(tmp_path: Path) -> No
     pruned = _weights(m)["W"]
     assert pruned.dtype == np.float16 and np.count_nonzero(pruned) == round(0.1 * w.size)
     assert stats.layers[0]["storage"] == "sparse"
-    path = save_model(m, tmp_path / "fp16.onnx")
+    path = onnxopt.save(m, tmp_path / "fp16.onnx")
     assert len(onnx.load(str(path)).graph.sparse_initializer) == 1
     x = RNG.standard_normal((2, 32)).astype(np.float16)
     np.testing.assert_array_equal(run_ort(path, {"x": x})[0], run_ort(m, {"x": x})[0])
@@ -320,7 +320,7 @@ def test_sparse_storage_same_outputs_and_smaller_file(tmp_path: Path, sparsity: 
     dense_path = tmp_path / "dense.onnx"
     sparse_path = tmp_path / "sparse.onnx"
     ir.save(m, dense_path)
-    save_model(m, sparse_path)
+    onnxopt.save(m, sparse_path)
     proto = onnx.load(str(sparse_path))
     assert len(proto.graph.sparse_initializer) > 0
     assert all(p.key != "onnxopt.sparse_initializers" for p in proto.metadata_props)
@@ -338,7 +338,7 @@ def test_sparse_storage_same_outputs_and_smaller_file(tmp_path: Path, sparsity: 
 
 def test_sparse_storage_only_where_smaller_and_auto_threshold(tmp_path: Path) -> None:
     m = _pruned_cnn({"sparsity": 0.5, "scope": "layer", "storage": "sparse"})
-    path = save_model(m, tmp_path / "half.onnx")
+    path = onnxopt.save(m, tmp_path / "half.onnx")
     assert len(onnx.load(str(path)).graph.sparse_initializer) == 0
     m = ir.from_proto(_mixed_model())
     stats = _prune(m, {"sparsity": 0.5, "scope": "layer", "storage": "auto"})

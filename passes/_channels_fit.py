@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxopt.analysis.channel_groups import ChannelGraph, Consumer
 from onnxopt.context import Context
-from onnxopt.graph import constant_array, new_initializer, only_used_by, set_weight
+from onnxopt.graph import constant_array
 from onnxopt.runtime import run_taps
 
 __all__ = ["refit_consumer"]
@@ -108,7 +108,7 @@ def _patches(node: ir.Node, x: np.ndarray, kh: int, kw: int) -> np.ndarray:
 
 def _write(graph: ir.Graph, node: ir.Node, c: Consumer, weight: np.ndarray, intercept: np.ndarray,
            comp: np.ndarray | None) -> None:
-    from onnxopt.passes.channels import add_to_bias
+    from onnxopt.passes.channels import _replace_param, add_to_bias
 
     old = constant_array(node.inputs[1])
     dtype = old.dtype
@@ -119,21 +119,16 @@ def _write(graph: ir.Graph, node: ir.Node, c: Consumer, weight: np.ndarray, inte
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
     else:
         new_w = weight
-    _set_input(graph, node, 1, new_w.astype(dtype))
+    _replace_param(graph, node, 1, new_w.astype(dtype))
     if c.kind == "matmul":
         add_to_bias(graph, node, (intercept - (comp if comp is not None else 0.0)).astype(dtype))
         return
     if c.kind == "gemm":
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        _set_input(graph, node, 2, intercept.astype(dtype).reshape(constant_array(node.inputs[2]).shape))
+        # a Gemm's C may be one broadcast scalar: the refit bias has one entry per output
+        old_c = constant_array(node.inputs[2])
+        shape = old_c.shape if old_c.size == intercept.size else intercept.shape
+        _replace_param(graph, node, 2, intercept.astype(dtype).reshape(shape))
     else:
         add_to_bias(graph, node, intercept.astype(dtype))
-
-
-def _set_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
-    value = node.inputs[index]
-    if only_used_by(value, node):
-        set_weight(value, array)
-    else:
-        node.replace_input_with(index, new_initializer(graph, value.name, array, origin=value.name))

@@ -7,6 +7,7 @@ outputs of order 1-10; lossy settings are checked by accuracy on the held-out di
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,7 +29,8 @@ from onnxopt.registry import make_pass
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _folded(name: str) -> ir.Model:
+def _folded(name: str | Path) -> ir.Model:
+    """A fixture model by name (or any model by absolute path), with BatchNorm folded."""
     model = onnxopt.load(MODELS / name)
     fold_model(model)
     return model
@@ -170,22 +172,16 @@ def _producer_counts(model: ir.Model) -> dict[str, int]:
 
 
 def test_round_to_and_min_channels(resnet_tiny) -> None:
-    before = _producer_counts(_folded_path(resnet_tiny))
-    model = _folded_path(resnet_tiny)
+    before = _producer_counts(_folded(resnet_tiny))
+    model = _folded(resnet_tiny)
     make_pass("channels", {"ratio": 0.6, "round_to": 8}).call(model, Context())
     after = _producer_counts(model)
     assert any(after[k] < before[k] for k in before)
     assert all(after[k] % 8 == 0 for k in after)
-    model = _folded_path(resnet_tiny)
+    model = _folded(resnet_tiny)
     make_pass("channels", {"ratio": 0.9, "min_channels": 6}).call(model, Context())
     after = _producer_counts(model)
     assert all(after[k] >= 6 for k in after) and any(after[k] < before[k] for k in before)
-
-
-def _folded_path(path) -> ir.Model:
-    model = onnxopt.load(path)
-    fold_model(model)
-    return model
 
 
 def test_exclude_leaves_matching_groups_alone() -> None:
@@ -209,6 +205,28 @@ def test_bn_importance_removes_the_smallest_scale() -> None:
                                                                          "fc*"]}).call(model, Context())
     left = constant_array(_node(model, "branch_a.bn").inputs[1])
     assert left.size == 16 - 1 and 1e-6 not in left and set(np.round(left, 6)) <= set(np.round(keep, 6))
+
+
+def test_activation_importance_removes_the_silent_channel() -> None:
+    # fc1's unit 2 has the largest filter, but a bias that keeps its ReLU output at zero: filter norms
+    # keep it, mean |activation| at fc2's input removes it.
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(8, 4)).astype(np.float32)
+    w1[:, 2] *= 10
+    b1 = np.array([0, 0, -1000, 0], np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2")]
+    proto = make_model(nodes, [("x", F32, [2, 8])], [("y", F32, [2, 3])],
+                       {"w1": w1, "b1": b1, "w2": rng.normal(size=(4, 3)).astype(np.float32)})
+    kept_bias = {}
+    for importance in ("l2", "activation"):
+        model = ir.from_proto(proto)
+        calib = load_data("random:8", input_specs(model))
+        make_pass("channels", {"ratio": 0.25, "importance": importance}).call(model, Context(calib=calib))
+        kept_bias[importance] = constant_array(_node(model, "fc1").inputs[2])
+    assert kept_bias["l2"].size == kept_bias["activation"].size == 3
+    assert -1000 in kept_bias["l2"] and -1000 not in kept_bias["activation"]
 
 
 def test_macs_target_is_met_on_the_counted_model() -> None:
@@ -261,21 +279,23 @@ def test_calibration_means_compensate_a_removed_head(tmp_path) -> None:
     np.testing.assert_allclose(run_ort(model, feed)[0], run_ort(reference, feed)[0], rtol=RTOL, atol=1e-4)
 
 
-
 # ------------------------------------------------------------------------------ regressions from real models
-def test_layers_only_inside_subgraphs_are_named_in_the_note() -> None:
-    # Silero VAD keeps every layer inside an If branch: the note must say so, not blame round_to.
+def _layers_in_if_branch(then_nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """`y = If(cond, then: then_nodes -> t, else: -x)` over `x: [2, 8]`, with an 8x8 weight `w1`."""
     w1 = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
-    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-                                helper.make_node("Relu", ["h"], ["r"], name="relu"),
-                                helper.make_node("MatMul", ["r", "w1"], ["t"], name="mm2")], "then", [],
-                               [helper.make_tensor_value_info("t", F32, [2, 8])])
+    then_g = helper.make_graph(then_nodes, "then", [], [helper.make_tensor_value_info("t", F32, [2, 8])])
     else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
                                [helper.make_tensor_value_info("e", F32, [2, 8])])
     nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
-    proto = make_model(nodes, [("x", F32, [2, 8]), ("cond", onnx.TensorProto.BOOL, [])], [("y", F32, [2, 8])],
-                       {"w1": w1})
-    model = ir.from_proto(proto)
+    return make_model(nodes, [("x", F32, [2, 8]), ("cond", onnx.TensorProto.BOOL, [])], [("y", F32, [2, 8])],
+                      {"w1": w1})
+
+
+def test_layers_only_inside_subgraphs_are_named_in_the_note() -> None:
+    # Silero VAD keeps every layer inside an If branch: the note must say so, not blame round_to.
+    model = ir.from_proto(_layers_in_if_branch([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                                                helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                                                helper.make_node("MatMul", ["r", "w1"], ["t"], name="mm2")]))
     stats = make_pass("channels", {"ratio": 0.5}).call(model, Context())
     assert not stats.modified
     assert "2 Conv/Gemm/MatMul nodes are inside If/Loop/Scan bodies" in stats.notes[0]
@@ -283,13 +303,31 @@ def test_layers_only_inside_subgraphs_are_named_in_the_note() -> None:
 
 
 def test_macs_target_blocked_by_subgraphs_says_so() -> None:
-    w1 = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
-    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["t"], name="mm1")], "then", [],
-                               [helper.make_tensor_value_info("t", F32, [2, 8])])
-    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="neg")], "else", [],
-                               [helper.make_tensor_value_info("e", F32, [2, 8])])
-    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
-    proto = make_model(nodes, [("x", F32, [2, 8]), ("cond", onnx.TensorProto.BOOL, [])], [("y", F32, [2, 8])],
-                       {"w1": w1})
+    proto = _layers_in_if_branch([helper.make_node("MatMul", ["x", "w1"], ["t"], name="mm1")])
     with pytest.raises(UsageError, match="inside If/Loop/Scan bodies"):
         make_pass("channels", {"macs": 0.5}).call(ir.from_proto(proto), Context())
+
+
+def test_reconstruct_refits_a_gemm_with_a_scalar_c() -> None:
+    # Gemm's C may be one broadcast scalar: the refit bias (one per output) used to be reshaped to C's
+    # shape and crashed; now C becomes the per-output bias. fc1's last 8 columns are zero, so the cut
+    # loses nothing and the refit must reproduce the model up to its ridge term.
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(8, 16)).astype(np.float32)
+    w1[:, 8:] = 0
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Gemm", ["r", "w2", "c2"], ["y"], name="fc2")]
+    proto = make_model(nodes, [("x", F32, [2, 8])], [("y", F32, [2, 4])],
+                       {"w1": w1, "w2": rng.normal(size=(16, 4)).astype(np.float32), "c2": np.array(0.5, np.float32)})
+    model = ir.from_proto(proto)
+    calib = load_data("random:64", input_specs(model))
+    options = {"ratio": 0.5, "reconstruct": True, "compensate": False}
+    stats = make_pass("channels", options).call(model, Context(calib=calib))
+    assert stats.summary["reconstructed_consumers"] == 1
+    fc2 = _node(model, "fc2")
+    assert constant_array(fc2.inputs[1]).shape == (8, 4)
+    np.testing.assert_allclose(constant_array(fc2.inputs[2]), np.full(4, 0.5), atol=1e-2)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    feed = {"x": rng.normal(size=(2, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(model, feed)[0], run_ort(proto, feed)[0], atol=1e-2)

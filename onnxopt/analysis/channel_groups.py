@@ -33,6 +33,7 @@ constant. Bias compensation folds this constant into the consumers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -352,6 +353,31 @@ def build_channel_graph(model: ir.Model, dims: dict[str, int] | None = None) -> 
 # A rule returns None when it handled the node, or the reason its tracked inputs must be pinned.
 
 
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    """Input `index` of `node`, or None when it is absent or left empty."""
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _on_tracked_input(rule: Callable[[ChannelGraph, ir.Node, Space], str | None]
+                      ) -> Callable[[ChannelGraph, ir.Node], str | None]:
+    """A rule over the space of the node's first input; nothing to do when that input is untracked."""
+
+    @functools.wraps(rule)
+    def wrapped(cg: ChannelGraph, node: ir.Node) -> str | None:
+        x = cg.space_of(node.inputs[0])
+        return None if x is None else rule(cg, node, x)
+
+    return wrapped
+
+
+def _axes_operand(node: ir.Node) -> tuple[list[int] | None, str | None]:
+    """Axes from input 1 (newer opsets) or the ``axes`` attribute; the reason when the input is not constant."""
+    if _input(node, 1) is not None:
+        axes = _ints(node.inputs[1])
+        return axes, None if axes is not None else "axes are not constant"
+    return node.attributes.get_ints("axes", None), None
+
+
 def _const_weight(node: ir.Node, index: int) -> np.ndarray | None:
     if len(node.inputs) <= index:
         return None
@@ -366,11 +392,11 @@ def _rule_conv(cg: ChannelGraph, node: ir.Node) -> str | None:
     x = cg.space_of(node.inputs[0])
     if w is None:
         return "weight is not a constant float initializer"
-    if len(node.inputs) > 2 and node.inputs[2] is not None and _const_weight(node, 2) is None:
+    bias = _const_weight(node, 2)
+    if _input(node, 2) is not None and bias is None:
         return "bias is not a constant"
     group = node.attributes.get_int("group", 1)
     cout = w.shape[0]
-    bias = _const_weight(node, 2) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     consts = bias.astype(np.float64) if bias is not None else np.zeros(cout)
     if x is not None and x.axis != 1:
         return "input channels are not on axis 1"
@@ -408,10 +434,10 @@ def _rule_conv_transpose(cg: ChannelGraph, node: ir.Node) -> str | None:
         return "grouped ConvTranspose is not handled"
     if x is not None and x.axis != 1:
         return "input channels are not on axis 1"
-    if len(node.inputs) > 2 and node.inputs[2] is not None and _const_weight(node, 2) is None:
+    bias = _const_weight(node, 2)
+    if _input(node, 2) is not None and bias is None:
         return "bias is not a constant"
-    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-    bias = _const_weight(node, 2) if has_bias else None
+    has_bias = bias is not None
     cout = w.shape[1]
     out = cg.new_space(node.outputs[0], 1, cout, bias.astype(np.float64) if bias is not None else np.zeros(cout))
     cg.producers.append(Producer(node, out, 1, 1, 2 if has_bias else None))
@@ -438,7 +464,7 @@ def _rule_gemm(cg: ChannelGraph, node: ir.Node) -> str | None:
     n_out = w.shape[0] if trans_b else w.shape[1]
     consts = np.zeros(n_out)
     bias_index = None
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
+    if _input(node, 2) is not None:
         c = _const_weight(node, 2)
         if c is None:
             return "C is not a constant"
@@ -504,17 +530,14 @@ def _matmul_activations(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_unary(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_unary(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
         return f"its second output ({node.outputs[1].name}) is used"
     fn = _UNARY.get(node.op_type)
     consts = cg.consts(x)
     if node.op_type == "Clip":
-        lo = constant_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        hi = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        lo, hi = constant_array(_input(node, 1)), constant_array(_input(node, 2))
         consts = np.clip(consts, -np.inf if lo is None else float(lo), np.inf if hi is None else float(hi))
     elif fn is not None:
         with np.errstate(all="ignore"):
@@ -534,10 +557,10 @@ def _rule_unary(cg: ChannelGraph, node: ir.Node) -> str | None:
 
 
 def _check_resize(node: ir.Node, x: Space) -> str | None:
-    if node.op_type == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None:
+    if node.op_type == "Resize" and _input(node, 3) is not None:
         return "Resize by explicit sizes"
     index = 2 if node.op_type == "Resize" else 1
-    if len(node.inputs) <= index or node.inputs[index] is None:
+    if _input(node, index) is None:
         return None if node.op_type == "Resize" else "scales not given"
     scales = constant_array(node.inputs[index])
     if scales is None:
@@ -552,7 +575,7 @@ def _check_pad(node: ir.Node, x: Space) -> str | None:
     if pads is None:
         return "pads are not constant"
     rank = len(pads) // 2
-    axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(rank))
+    axes = _ints(node.inputs[3]) if _input(node, 3) is not None else list(range(rank))
     for k, ax in enumerate(axes):
         ax = ax % (_rank(node.inputs[0]) or rank)
         if ax == x.axis and (pads[k] or pads[k + rank]):
@@ -560,10 +583,8 @@ def _check_pad(node: ir.Node, x: Space) -> str | None:
     return None
 
 
-def _rule_softmax(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_softmax(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank = _rank(node.inputs[0])
     if rank is None:
         return "rank unknown"
@@ -574,10 +595,8 @@ def _rule_softmax(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_batchnorm(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_batchnorm(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     if x.axis != 1:
         return "channel is not on axis 1"
     params = [_const_weight(node, i) for i in range(1, 5)]
@@ -592,10 +611,8 @@ def _rule_batchnorm(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_instancenorm(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_instancenorm(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     if x.axis != 1 or _const_weight(node, 1) is None or _const_weight(node, 2) is None:
         return "channel not on axis 1 or parameters not constant"
     cg.follow(x, node.outputs[0], 1, _const_weight(node, 2).astype(np.float64))
@@ -604,10 +621,8 @@ def _rule_instancenorm(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_layernorm(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_layernorm(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank = _rank(node.inputs[0])
     if rank is None:
         return "rank unknown"
@@ -723,10 +738,8 @@ def _rule_concat(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_split(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_split(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank = _rank(node.inputs[0])
     if rank is None:
         return "rank unknown"
@@ -735,7 +748,7 @@ def _rule_split(cg: ChannelGraph, node: ir.Node) -> str | None:
         for out in node.outputs:
             cg.follow(x, out, x.axis)
         return None
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
+    if _input(node, 1) is not None:
         split = _ints(node.inputs[1])
         if split is None:
             return "split sizes are not constant"
@@ -758,16 +771,12 @@ def _rule_split(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_slice(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_slice(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank = _rank(node.inputs[0])
     starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
-    axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
-    steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
-    if rank is None or starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] is not None
-                                                         and axes is None):
+    axes, steps = _ints(_input(node, 3)), _ints(_input(node, 4))
+    if rank is None or starts is None or ends is None or (_input(node, 3) is not None and axes is None):
         return "slice bounds are not constant"
     axes = [a % rank for a in (axes if axes is not None else range(len(starts)))]
     if x.axis not in axes:
@@ -786,10 +795,8 @@ def _rule_slice(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_transpose(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_transpose(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank = _rank(node.inputs[0])
     perm = node.attributes.get_ints("perm", None)
     if perm is None:
@@ -800,19 +807,14 @@ def _rule_transpose(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_squeeze(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_squeeze(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank_in, rank_out = _rank(node.inputs[0]), _rank(node.outputs[0])
     if rank_in is None or rank_out is None:
         return "rank unknown"
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = _ints(node.inputs[1])
-        if axes is None:
-            return "axes are not constant"
-    else:
-        axes = node.attributes.get_ints("axes", None)
+    axes, reason = _axes_operand(node)
+    if reason:
+        return reason
     if axes is None:
         return "axes not given"
     if node.op_type == "Squeeze":
@@ -830,10 +832,8 @@ def _rule_squeeze(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_flatten(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_flatten(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     dims = _dims(node.inputs[0])
     if dims is None:
         return "input shape unknown"
@@ -855,10 +855,8 @@ def _merge_block(cg: ChannelGraph, x: Space, out_value: ir.Value, axis: int, blo
     return None
 
 
-def _rule_reshape(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_reshape(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     shape = _ints(node.inputs[1])
     din, dout = _dims(node.inputs[0]), _dims(node.outputs[0])
     if shape is None or din is None or dout is None:
@@ -907,19 +905,14 @@ def _reshape_kind(rin: list[int], rout: list[int]) -> tuple[str | None, int]:
     return None, 0
 
 
-def _rule_reduce(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_reduce(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank = _rank(node.inputs[0])
     if rank is None:
         return "rank unknown"
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = _ints(node.inputs[1])
-        if axes is None:
-            return "axes are not constant"
-    else:
-        axes = node.attributes.get_ints("axes", None)
+    axes, reason = _axes_operand(node)
+    if reason:
+        return reason
     axes = list(range(rank)) if not axes else [a % rank for a in axes]
     if x.axis in axes:
         return "reduces over the channel axis"
@@ -930,10 +923,8 @@ def _rule_reduce(cg: ChannelGraph, node: ir.Node) -> str | None:
     return None
 
 
-def _rule_shape(cg: ChannelGraph, node: ir.Node) -> str | None:
-    x = cg.space_of(node.inputs[0])
-    if x is None:
-        return None
+@_on_tracked_input
+def _rule_shape(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
     rank = _rank(node.inputs[0])
     if rank is None:
         return "reads the shape of a tracked tensor"

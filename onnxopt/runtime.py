@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.io import temp_model_file
 
-__all__ = ["session", "run", "run_taps", "provider_name", "tap_values"]
+__all__ = ["session", "run", "run_outputs", "run_taps", "TapSession", "provider_name", "tap_values"]
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -65,8 +65,15 @@ def session(
 
 
 def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return run_outputs(sess, feed, None)
+
+
+def run_outputs(
+    sess: ort.InferenceSession, feed: dict[str, np.ndarray], names: Sequence[str] | None
+) -> list[np.ndarray]:
+    """`sess.run` for the outputs `names` (None: all), with failures as one-line ModelErrors."""
     try:
-        return sess.run(None, feed)
+        return sess.run(None if names is None else list(names), feed)
     except Exception as exc:
         raise ModelError(f"ONNX Runtime failed to run the model: {first_line(exc)}") from None
 
@@ -85,6 +92,70 @@ def tap_values(model: ir.Model, names: Sequence[str]) -> list[ir.Value]:
     return [by_name[n] for n in names]
 
 
+class TapSession:
+    """One ONNX Runtime session on a temporary copy of `model` whose outputs also include the
+    tensors `names`: build it once, then `run(feed, names)` per feed. ORT computes only what the
+    requested outputs need, so a session tapping many tensors serves callers that want one at a time.
+    The model itself is left as it was (its outputs are restored once the copy is written).
+    """
+
+    def __init__(self, model: ir.Model, names: Sequence[str], *, threads: int | None = None) -> None:
+        values = tap_values(model, names)
+        if any(v.type is None for v in values):
+            from onnxopt.analysis.stats import infer_shapes
+
+            infer_shapes(model)
+        outputs = model.graph.outputs
+        added = []
+        for value in values:
+            if value in outputs or value.is_graph_input() or value.const_value is not None:
+                continue
+            if value.type is None:
+                raise ModelError(f"tensor '{value.name}' has no type, even after shape inference; it cannot be tapped")
+            outputs.append(value)
+            added.append(value)
+        self._stack = contextlib.ExitStack()
+        try:
+            path = self._stack.enter_context(temp_model_file(model))
+        finally:
+            for value in added:
+                outputs.remove(value)
+        try:
+            self._sess = session(path, threads=threads)
+        except BaseException:
+            self._stack.close()
+            raise
+        self._outputs = [o.name for o in self._sess.get_outputs()]
+        self._inputs = {v.name for v in values if v.is_graph_input()}
+        self._consts = {v.name: v.const_value.numpy() for v in values if v.const_value is not None}
+
+    def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The tapped tensors (all of them, plus the model outputs, or just `names`) for one feed."""
+        if names is None:
+            result = dict(zip(self._outputs, run_outputs(self._sess, feed, None)))
+            result.update({n: feed[n] for n in self._inputs})
+            result.update(self._consts)
+            return result
+        wanted = [n for n in names if n not in self._inputs and n not in self._consts]
+        result = dict(zip(wanted, run_outputs(self._sess, feed, wanted))) if wanted else {}
+        for n in names:
+            if n in self._inputs:
+                result[n] = feed[n]
+            elif n in self._consts:
+                result[n] = self._consts[n]
+        return result
+
+    def close(self) -> None:
+        self._sess = None
+        self._stack.close()
+
+    def __enter__(self) -> TapSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def run_taps(
     model: ir.Model,
     names: Sequence[str],
@@ -93,33 +164,6 @@ def run_taps(
     threads: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each feed, the values of the tensors `names` (plus the model outputs) as a dict."""
-    values = tap_values(model, names)
-    if any(v.type is None for v in values):
-        from onnxopt.analysis.stats import infer_shapes
-
-        infer_shapes(model)
-    outputs = model.graph.outputs
-    added = []
-    for value in values:
-        if value in outputs or value.is_graph_input() or value.const_value is not None:
-            continue
-        if value.type is None:
-            raise ModelError(f"tensor '{value.name}' has no type, even after shape inference; it cannot be tapped")
-        outputs.append(value)
-        added.append(value)
-    with contextlib.ExitStack() as stack:
-        try:  # the taps live only in the temporary copy: the model's outputs are restored at once
-            path = stack.enter_context(temp_model_file(model))
-        finally:
-            for value in added:
-                outputs.remove(value)
-        sess = session(path, threads=threads)
-        out_names = [o.name for o in sess.get_outputs()]
-        consts = {v.name: v.const_value.numpy() for v in values if v.const_value is not None}
+    with TapSession(model, names, threads=threads) as taps:
         for feed in feeds:
-            result = dict(zip(out_names, run(sess, feed)))
-            for v in values:
-                if v.is_graph_input():
-                    result[v.name] = feed[v.name]
-            result.update(consts)
-            yield result
+            yield taps.run(feed)

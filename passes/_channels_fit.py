@@ -19,7 +19,7 @@ import onnx_ir as ir
 from onnxopt.analysis.channel_groups import ChannelGraph, Consumer
 from onnxopt.context import Context
 from onnxopt.graph import constant_array
-from onnxopt.runtime import run_taps
+from onnxopt.runtime import TapSession
 
 __all__ = ["refit_consumer"]
 
@@ -29,7 +29,7 @@ _MAX_FEATURES = 4096
 _ROWS_PER_FEED = 4096
 
 
-def refit_consumer(model: ir.Model, c: Consumer, snapshot: ir.Model, cg: ChannelGraph,
+def refit_consumer(model: ir.Model, c: Consumer, teacher: TapSession, cg: ChannelGraph,
                    masks: dict[int, np.ndarray], ctx: Context, comp: np.ndarray | None) -> str | None:
     """Refit `c.node`'s weight and bias; return the reason when it declines."""
     node = c.node
@@ -43,8 +43,8 @@ def refit_consumer(model: ir.Model, c: Consumer, snapshot: ir.Model, cg: Channel
     out_mask = masks[out_space.index] if out_space is not None else None
     ata = aty = None
     rng = np.random.default_rng(0)
-    teacher = run_taps(snapshot, [y_name], ctx.calib.feeds, threads=ctx.threads)
-    for t, s in zip(teacher, ctx.activations(model, [x_name], desc="channels: reconstruct")):
+    targets = (teacher.run(feed, [y_name]) for feed in ctx.calib.feeds)
+    for t, s in zip(targets, ctx.activations(model, [x_name], desc="channels: reconstruct")):
         rows, target = _rows(node, c, np.asarray(s[x_name], np.float64), np.asarray(t[y_name], np.float64), rng)
         if out_mask is not None:
             target = target[:, out_mask]

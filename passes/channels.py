@@ -47,6 +47,7 @@ from onnxopt.errors import ModelError, UsageError
 from onnxopt.graph import constant_array, new_initializer, only_used_by, set_weight, unique_name
 from onnxopt.io import iter_graphs
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
+from onnxopt.runtime import TapSession
 
 __all__ = ["Channels", "remove_units", "add_to_bias"]
 
@@ -110,11 +111,17 @@ class Channels(Pass):
             stats.notes.append("channels: nothing to remove at these settings; the model is unchanged")
             return stats
         removed = {e for g in candidates for u in plan.get(id(g), []) for e in g.units[u]}
-        snapshot = _snapshot(model) if self.reconstruct else None
+        # Reconstruction targets come from the model before surgery: one session tapping every
+        # consumer's output, built now, serves each refit (ORT computes only the output asked for).
+        teacher = _teacher_taps(model, cg, ctx) if self.reconstruct else None
         macs_before = cg.total_macs()
-        masks, comp_applied = remove_units(model, cg, removed, means=means, compensate=self.compensate)
-        if self.reconstruct and snapshot is not None:
-            _refit_consumers(model, cg, masks, comp_applied, snapshot, ctx, stats)
+        try:
+            masks, comp_applied = remove_units(model, cg, removed, means=means, compensate=self.compensate)
+            if teacher is not None:
+                _refit_consumers(model, cg, masks, comp_applied, teacher, ctx, stats)
+        finally:
+            if teacher is not None:
+                teacher.close()
         infer_shapes(model)
         _report(stats, cg, candidates, plan, masks, macs_before, len(comp_applied))
         return stats
@@ -537,13 +544,14 @@ def _try_fixup(graph: ir.Graph, fx: Fixup, masks: dict[int, np.ndarray]) -> str 
     return None
 
 
-def _snapshot(model: ir.Model) -> ir.Model:
-    """An independent copy of the model before surgery (the reconstruction target)."""
-    return ir.from_proto(ir.to_proto(model))
+def _teacher_taps(model: ir.Model, cg: ChannelGraph, ctx: Context) -> TapSession:
+    """A session on the model before surgery that taps every consumer's output."""
+    names = sorted({c.node.outputs[0].name for c in cg.consumers if c.node.outputs and c.node.outputs[0].name})
+    return TapSession(model, names, threads=ctx.threads)
 
 
 def _refit_consumers(model: ir.Model, cg: ChannelGraph, masks: dict[int, np.ndarray],
-                     comp: dict[int, np.ndarray], snapshot: ir.Model, ctx: Context, stats: PassStats) -> None:
+                     comp: dict[int, np.ndarray], teacher: TapSession, ctx: Context, stats: PassStats) -> None:
     from onnxopt.passes._channels_fit import refit_consumer
 
     order = {id(n): k for k, n in enumerate(model.graph)}
@@ -555,7 +563,7 @@ def _refit_consumers(model: ir.Model, cg: ChannelGraph, masks: dict[int, np.ndar
         if id(c.node) in seen:
             continue
         seen.add(id(c.node))
-        reason = refit_consumer(model, c, snapshot, cg, masks, ctx, comp.get(id(c.node)))
+        reason = refit_consumer(model, c, teacher, cg, masks, ctx, comp.get(id(c.node)))
         if reason:
             stats.skip(c.node, f"not reconstructed: {reason}")
         else:

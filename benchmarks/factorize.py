@@ -167,6 +167,8 @@ def transformer(work: Path) -> None:
                                                    "rank": r["ranks"][0]})
             row[tag] = (alone[r["node"]], r["est_rel_error"], in_model[outs[r["node"]]])
         diff = res.validation.outputs[0]
+        if not summary:
+            summary.append(["original", res.before.parameters, res.before.macs, "-", "-", res.validation.accuracy_a])
         summary.append([tag, res.after.parameters, res.after.macs, diff.rel_l2, diff.top1, res.validation.accuracy_b])
     rows = [[name, v["shape"], v["rank"], *v.get("plain", ("-",) * 3), *v.get("data-aware", ("-",) * 3)]
             for name, v in per_layer.items()]

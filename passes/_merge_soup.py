@@ -142,8 +142,7 @@ def average_weights(base: ir.Model, others: Sequence[dict[str, ir.Value]], weigh
             acc = np.zeros(tuple(value.const_value.shape), dtype=np.float64)
             for w, v in zip(weights, tensors):
                 acc += w * np.asarray(v.const_value.numpy(), dtype=np.float64)
-            dtype = value.const_value.numpy().dtype
-            set_weight(value, acc.astype(dtype))
+            set_weight(value, acc.astype(value.const_value.dtype.numpy()))
             changed += 1
             continue
         first = np.asarray(value.const_value.numpy())

@@ -58,8 +58,17 @@ from onnx import helper
 from onnxopt.analysis import infer_shapes
 from onnxopt.analysis.stats import dim_values, macs_by_node
 from onnxopt.context import Context
+from onnxopt.data import Dataset
 from onnxopt.errors import UsageError
-from onnxopt.graph import new_initializer, unique_name
+from onnxopt.graph import (
+    all_names,
+    constant_array,
+    new_initializer,
+    only_used_by,
+    opset_version,
+    take_over_output,
+    unique_name,
+)
 from onnxopt.io import is_constant, iter_graphs
 from onnxopt.progress import progress
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
@@ -610,8 +619,7 @@ def _try_layer(node: ir.Node, method: str, dims: dict[str, int]) -> _Layer | str
     if not is_constant(weight_value):
         return "weight is not a constant initializer"
     assert weight_value is not None
-    users = {id(u.node) for u in weight_value.uses()}
-    if users != {id(node)} or weight_value.is_graph_output():
+    if not only_used_by(weight_value, node):
         return "weight is shared with other nodes"
     w = np.asarray(weight_value.const_value.numpy())
     if not np.issubdtype(w.dtype, np.floating):
@@ -711,30 +719,27 @@ def _apply(graph: ir.Graph, layer: _Layer, ranks: Ranks) -> None:
     current = node.inputs[0]
     stages = layer.stages(ranks)
     created: list[ir.Node] = []
+    taken = all_names(graph)  # one walk of the graph per layer; the set also sees nodes not inserted yet
     for i, stage in enumerate(stages):
         array = np.ascontiguousarray(stage.weight, dtype=layer.dtype)
-        w_init = new_initializer(graph, f"{weight.name}.{stage.suffix}", array, origin=weight.name)
+        w_init = new_initializer(graph, f"{weight.name}.{stage.suffix}", array, origin=weight.name, taken=taken)
         inputs: list[ir.Value | None] = [current, w_init]
         if i == len(stages) - 1 and layer.bias() is not None:
             inputs.append(layer.bias())
         op_type, attrs = stage.op_type, stage.attrs
-        if op_type == "Gemm" and len(inputs) == 2 and graph.opset_imports.get("", 11) < 11:
+        if op_type == "Gemm" and len(inputs) == 2 and opset_version(graph, 11) < 11:
             op_type, attrs = "MatMul", {}  # Gemm's C is optional from opset 11 only; 2-D x·W is a MatMul
         new = ir.Node("", op_type, inputs, attributes=_attributes(attrs),
-                      name=unique_name(graph, f"{base}.{stage.suffix}"))
+                      name=unique_name(graph, f"{base}.{stage.suffix}", taken))
         new.metadata_props[FACTORIZED] = layer.kind
-        new.outputs[0].name = unique_name(graph, f"{out.name}.{stage.suffix}")
+        new.outputs[0].name = unique_name(graph, f"{out.name}.{stage.suffix}", taken)
         new.outputs[0].type = out.type
         created.append(new)
         current = new.outputs[0]
     logger.debug("factorize %s: %s at ranks %s", base, layer.kind, ranks)
     graph.insert_before(node, created)
-    name, shape, typ = out.name, out.shape, out.type
-    out.replace_all_uses_with(current, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    last = created[-1]
-    last.name = node.name
-    current.name, current.shape, current.type = name, shape, typ
+    take_over_output(graph, node, current)
+    created[-1].name = node.name
     if not weight.uses() and weight.name in graph.initializers:
         del graph.initializers[weight.name]
 
@@ -774,23 +779,25 @@ def _try_time(layer: _Layer, ranks: Ranks, opset: int, threads: int, runs: int) 
 
     if layer.in_shape is None:
         return "input shape unknown, cannot time the layer"
-    bias_value = layer.bias()
-    bias = np.asarray(bias_value.const_value.numpy()) if is_constant(bias_value) else None
+    bias = constant_array(layer.bias())
     stages = [dataclasses.replace(s, weight=np.ascontiguousarray(s.weight, dtype=layer.dtype))
               for s in layer.stages(ranks)]
+    # Both micro models read the same "x": one feed, so bench need not load each model back for one.
+    x = np.random.default_rng(0).standard_normal(layer.in_shape).astype(layer.dtype)
+    feed = Dataset([{"x": x}], [None], "random:1")
     with tempfile.TemporaryDirectory(prefix="onnxopt-factorize-") as tmp:
         paths = []
         for tag, chain in (("orig", [layer.original_stage()]), ("lowrank", stages)):
             path = Path(tmp) / f"{tag}.onnx"
             onnx.save(_micro_model(chain, layer.in_shape, layer.dtype, bias, opset), str(path))
             paths.append(path)
-        result = bench(paths, runs=runs, warmup=3, threads=threads, memory=False)
+        result = bench(paths, runs=runs, warmup=3, threads=threads, memory=False, data=feed)
     return result.ratios[1]
 
 
 def _keep_faster(chosen: list[tuple[_Layer, Ranks]], model: ir.Model, ctx: Context, runs: int, limit: float,
                  stats: PassStats) -> list[tuple[_Layer, Ranks]]:
-    opset = model.opset_imports.get("", 17)
+    opset = opset_version(model, 17)
     threads = ctx.threads or 1
     kept = []
     for layer, ranks in progress(chosen, desc="factorize: timing layers"):

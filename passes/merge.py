@@ -59,8 +59,8 @@ from onnxopt.passes._merge_soup import average_weights, pair_weights
 
 from onnxopt import __version__, io
 from onnxopt.cli import Parser, register_verb
-from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import all_names, unique_name
+from onnxopt.errors import ModelError, UsageError, first_line
+from onnxopt.graph import all_names, new_initializer, opset_version, unique_name
 
 __all__ = ["merge", "merge_models", "MergeReport", "COMBINE_MODES", "ENSEMBLE_MODES"]
 
@@ -193,7 +193,7 @@ def _source_of(model: Any) -> str:
 
 
 def _default_opset(model: ir.Model) -> int | None:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    return opset_version(model, None)
 
 
 def _try_convert(model: ir.Model, target: int) -> tuple[ir.Model | None, str]:
@@ -204,8 +204,7 @@ def _try_convert(model: ir.Model, target: int) -> tuple[ir.Model | None, str]:
         proto = version_converter.convert_version(_inlined_proto(model), target)
         onnx.checker.check_model(proto)
     except Exception as exc:  # the converter raises RuntimeError and friends
-        text = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
-        return None, text
+        return None, first_line(exc, 200)
     return ir.from_proto(proto), ""
 
 
@@ -410,11 +409,7 @@ class _Builder:
         return node.outputs[0]
 
     def const(self, base: str, array: np.ndarray) -> ir.Value:
-        name = unique_name(self.graph, base, self.taken)
-        typ = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=typ, const_value=ir.tensor(array, name=name))
-        self.graph.register_initializer(value)
-        return value
+        return new_initializer(self.graph, base, array, taken=self.taken)
 
     def reduce_max(self, x: ir.Value, axis: int, base: str) -> ir.Value:
         if self.opset >= 18:
@@ -653,8 +648,7 @@ def _check(model: ir.Model) -> None:
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as exc:
-            line = (str(exc).strip() or type(exc).__name__).splitlines()[0][:300]
-            raise ModelError(f"the merged model fails the ONNX checker: {line}") from None
+            raise ModelError(f"the merged model fails the ONNX checker: {first_line(exc)}") from None
         session(path)
 
 

@@ -387,14 +387,16 @@ def test_no_layer_at_all_is_a_note() -> None:
     assert "no Conv, Gemm or MatMul" in stats.notes[0]
 
 
-@pytest.mark.parametrize("opset", [9, 10, 11])
-def test_gemm_chain_is_valid_at_old_opsets(opset: int) -> None:
-    # Before opset 11 Gemm requires C: the stage without a bias must not be a two-input Gemm.
+@pytest.mark.parametrize(("opset", "domain"), [(9, ""), (10, ""), (11, ""), (9, "ai.onnx")])
+def test_gemm_chain_is_valid_at_old_opsets(opset: int, domain: str) -> None:
+    # Before opset 11 Gemm requires C: the stage without a bias must not be a two-input Gemm,
+    # also when the model names its default domain by the alias "ai.onnx".
     inits = {"w": RNG.normal(size=(24, 16)).astype(np.float32)}
     nodes = [helper.make_node("Gemm", ["x", "w"] + ([] if opset >= 11 else ["c"]), ["y"], name="gemm")]
     if opset < 11:
         inits["c"] = RNG.normal(size=16).astype(np.float32)
     proto = make_model(nodes, [("x", F32, ["N", 24])], [("y", F32, ["N", 16])], inits, opset=opset)
+    proto.opset_import[0].domain = domain
     model, stats = _factorize(proto, rank_by="ratio", rank_ratio=1.0, min_saving=-1.0)
     assert stats.modified
     out = ir.to_proto(model)

@@ -111,8 +111,9 @@ def take_over_output(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> N
         replacement.type = typ
 
 
-def opset_version(model: ir.Model | ir.Graph, default: int = 1) -> int:
-    """The version of the default ONNX domain ('' or 'ai.onnx') the model or graph imports."""
+def opset_version(model: ir.Model | ir.Graph, default: int | None = 1) -> int | None:
+    """The version of the default ONNX domain the model or graph imports, under '' or its alias
+    'ai.onnx' (onnx_ir keeps them as separate keys), else `default`."""
     imports = model.opset_imports
     version = imports.get("", imports.get("ai.onnx"))
     return int(version) if version is not None else default

@@ -44,7 +44,7 @@ from onnxopt.analysis import infer_shapes
 from onnxopt.analysis.channel_groups import ChannelGraph, Consumer, Fixup, Group, build_channel_graph
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import constant_array, new_initializer, only_used_by, set_weight, unique_name
+from onnxopt.graph import constant_array, new_initializer, only_used_by, opset_version, set_weight, unique_name
 from onnxopt.io import iter_graphs
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 from onnxopt.runtime import TapSession
@@ -529,7 +529,7 @@ def _try_fixup(graph: ir.Graph, fx: Fixup, masks: dict[int, np.ndarray]) -> str 
         sizes = np.asarray(kept, dtype=np.int64)
         if len(node.inputs) > 1 and node.inputs[1] is not None:
             _replace_param(graph, node, 1, sizes)
-        elif "split" in node.attributes or graph.opset_imports.get("", 17) < 13:
+        elif "split" in node.attributes or opset_version(graph, 17) < 13:
             node.attributes["split"] = ir.AttrInt64s("split", [int(s) for s in sizes])
         else:
             node.resize_inputs(2)

@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis.stats import infer_shapes, node_macs
-from onnxopt.graph import constant_array
+from onnxopt.graph import constant_array, opset_version
 
 __all__ = ["Space", "Producer", "Consumer", "ParamSlice", "Fixup", "Group", "ChannelGraph", "build_channel_graph"]
 
@@ -202,7 +202,7 @@ class ChannelGraph:
         self.slices: list[ParamSlice] = []
         self.fixups: list[Fixup] = []
         self.mac_nodes: list[tuple[ir.Node, int, Space | None, Space | None]] = []
-        self.opset = model.opset_imports.get("", 17)
+        self.opset = opset_version(model, 17)
 
     # ------------------------------------------------------------------ union-find and spaces
     def find(self, e: int) -> int:

@@ -26,6 +26,7 @@ from onnxopt.graph import constant_array, new_initializer, only_used_by, set_wei
 from onnxopt.io import is_constant
 
 from ._distill_math import conv_features
+from ._lowrank import explicit_pads
 
 __all__ = ["Param", "Linear", "linear_of", "LINEAR_OPS"]
 
@@ -251,21 +252,12 @@ def _conv_geometry(node: ir.Node, weight_shape: tuple[int, ...], x: ir.Value) ->
         dims = list(x.shape.dims[2:]) if x.shape is not None else []
         if len(dims) != nd or not all(isinstance(d, int) for d in dims):
             return (), f"auto_pad {auto_pad} with unknown input size"
-        pads = _same_pads(dims, kernel, strides, dilations, auto_pad == "SAME_UPPER")
+        per_axis = [explicit_pads(auto_pad, (0, 0), size, k, st, d)
+                    for size, k, st, d in zip(dims, kernel, strides, dilations)]
+        pads = tuple(b for b, _ in per_axis) + tuple(e for _, e in per_axis)
     elif auto_pad == "VALID":
         pads = (0,) * (2 * nd)
     return (kernel, strides, dilations, pads), None
-
-
-def _same_pads(dims: list[int], kernel: tuple, strides: tuple, dilations: tuple, upper: bool) -> tuple[int, ...]:
-    begin, end = [], []
-    for size, k, s, d in zip(dims, kernel, strides, dilations):
-        out = -(-size // s)
-        total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
-        small, big = total // 2, total - total // 2
-        begin.append(small if upper else big)
-        end.append(big if upper else small)
-    return tuple(begin + end)
 
 
 def _matmul_bias(node: ir.Node) -> tuple[ir.Node | None, ir.Value | None]:

@@ -443,3 +443,26 @@ def test_runtime_session_accepts_the_distilled_file(tmp_path: Path) -> None:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": _mlp_eval()[0][:4]})[0].shape == (4, 10)
     assert TensorProto.INT8 in {i.data_type for i in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_refit_of_a_conv_with_auto_pad(tmp_path: Path, auto_pad: str) -> None:
+    # A stride-2 conv with SAME padding: the refit must pad its input rows as ORT does.
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", auto_pad=auto_pad, strides=[2, 2])]
+    proto = make_model(nodes, [("x", F32, ["n", 3, 7, 7])], [("y", F32, ["n", 6, 4, 4])], {"w": w})
+    teacher = tmp_path / "teacher.onnx"
+    onnx.save(proto, str(teacher))
+    student = ir.from_proto(proto)
+    noisy = w + rng.normal(0, 0.2, w.shape).astype(np.float32)
+    set_weight(student.graph.initializers["w"], noisy)
+    feeds = [{"x": rng.normal(size=(8, 3, 7, 7)).astype(np.float32)} for _ in range(4)]
+    calib = load_data(feeds, input_specs(student))
+    x = rng.normal(size=(4, 3, 7, 7)).astype(np.float32)
+    before = np.abs(run_ort(student, {"x": x})[0] - run_ort(proto, {"x": x})[0]).max()
+    stats = make_pass("distill", {"holdout": 0.0}).call(student, Context(original_path=teacher, calib=calib))
+    after = np.abs(run_ort(student, {"x": x})[0] - run_ort(proto, {"x": x})[0]).max()
+    # Ridge pulls towards the current weights, so the fit is close, not exact; a wrong padding of the
+    # border rows would leave an error of the order of the noise.
+    assert stats.modified and after < before / 20

@@ -61,7 +61,7 @@ from onnxopt.graph import origin_of
 from onnxopt.io import load
 from onnxopt.progress import progress
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
-from onnxopt.runtime import run_taps
+from onnxopt.runtime import TapSession, run_taps
 
 from . import _distill_math as dm
 from ._distill_layers import Linear, linear_of
@@ -165,12 +165,15 @@ class Distill(Pass):
         units = self._units(model, teacher_values, stats)
         waves = _waves(model, units)
         weights = _TeacherWeights(self._teacher_path(ctx))
-        for k, wave in enumerate(waves):
-            _accumulate(model, teacher, wave, transfer, self.holdout, ctx.threads, f"distill {k + 1}/{len(waves)}")
-            for unit in wave:
-                self._refit(model.graph, unit, stats, weights)
-        if self.logits:
-            self._fit_logits(model, teacher, units, transfer, ctx.threads, stats)
+        # The teacher does not change: one session tapping every paired tensor serves all waves.
+        with TapSession(teacher, sorted({u.teacher for u in units}), threads=ctx.threads) as teacher_taps:
+            for k, wave in enumerate(waves):
+                _accumulate(model, teacher_taps, wave, transfer, self.holdout, ctx.threads,
+                            f"distill {k + 1}/{len(waves)}")
+                for unit in wave:
+                    self._refit(model.graph, unit, stats, weights)
+            if self.logits:
+                self._fit_logits(model, teacher_taps, units, transfer, ctx.threads, stats)
         stats.modified = bool(stats.layers)
         if not units:
             stats.notes.append("nothing to refit: no Conv/Gemm/MatMul with a constant weight in the main graph "
@@ -253,7 +256,7 @@ class Distill(Pass):
                          row["rel_err_after"])
 
     def _fit_logits(
-        self, model: ir.Model, teacher: ir.Model, units: list[_Unit], transfer: Dataset, threads: int | None,
+        self, model: ir.Model, teacher: TapSession, units: list[_Unit], transfer: Dataset, threads: int | None,
         stats: PassStats,
     ) -> None:
         head = _head(model, units)
@@ -394,16 +397,15 @@ def _waves(model: ir.Model, units: list[_Unit]) -> list[list[_Unit]]:
 
 # ---------------------------------------------------------------------- streaming
 def _paired_runs(
-    student: ir.Model, teacher: ir.Model, names_s: list[str], names_t: list[str], feeds: Dataset,
+    student: ir.Model, teacher: TapSession, names_s: list[str], names_t: list[str], feeds: Dataset,
     threads: int | None, desc: str,
 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     s_runs = run_taps(student, names_s, feeds, threads=threads)
-    t_runs = run_taps(teacher, names_t, feeds, threads=threads)
+    t_runs = (teacher.run(feed, names_t) for feed in feeds)
     try:
         yield from progress(zip(s_runs, t_runs), desc=desc, total=len(feeds))
     finally:
         s_runs.close()
-        t_runs.close()
 
 
 def _held_out(index: int, share: float) -> bool:
@@ -411,7 +413,7 @@ def _held_out(index: int, share: float) -> bool:
     return int((index + 1) * share) > int(index * share)
 
 
-def _accumulate(student: ir.Model, teacher: ir.Model, wave: list[_Unit], feeds: Dataset, holdout: float,
+def _accumulate(student: ir.Model, teacher: TapSession, wave: list[_Unit], feeds: Dataset, holdout: float,
                 threads: int | None, desc: str) -> None:
     names_s = sorted({u.first.x.name for u in wave})
     names_t = sorted({u.teacher for u in wave})

@@ -57,11 +57,12 @@ def new_initializer(
     a graph walk per name, and it also sees names of nodes built but not inserted yet.
     """
     name = unique_name(graph, base, taken)
+    data = _contiguous(array)
     value = ir.Value(
         name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
+        shape=ir.Shape(data.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(data.dtype)),
+        const_value=ir.tensor(data, name=name),
     )
     graph.register_initializer(value)
     if origin:
@@ -69,10 +70,14 @@ def new_initializer(
     return value
 
 
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous array of the same shape (np.ascontiguousarray would make a 0-d array 1-d)."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
 def set_weight(value: ir.Value, array: np.ndarray) -> None:
     """Replace an initializer's data (and shape) in place, keeping its name."""
-    # np.ascontiguousarray would turn a 0-d array into shape (1,): copy only when needed.
-    data = array if array.flags.c_contiguous else array.copy(order="C")
+    data = _contiguous(array)
     value.const_value = ir.tensor(data, name=value.name)
     value.shape = ir.Shape(data.shape)
 

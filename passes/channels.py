@@ -507,7 +507,7 @@ def _replace_param(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray
     if only_used_by(value, node):
         set_weight(value, array)
         return
-    new = new_initializer(graph, value.name, np.ascontiguousarray(array), origin=value.name)
+    new = new_initializer(graph, value.name, array, origin=value.name)
     node.replace_input_with(index, new)
 
 

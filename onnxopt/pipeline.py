@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, OnnxoptError, UsageError

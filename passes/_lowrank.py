@@ -26,7 +26,6 @@ import dataclasses
 import math
 
 import numpy as np
-from scipy.linalg import cholesky, eigh, solve_triangular, svd
 
 __all__ = [
     "MatrixFactors",
@@ -82,7 +81,7 @@ def whitener(second_moment: np.ndarray, damping: float) -> np.ndarray:
     sym = 0.5 * (second_moment + second_moment.T)
     for attempt in range(6):
         try:
-            return cholesky(sym + (jitter * 10**attempt) * np.eye(dim), lower=True)
+            return np.linalg.cholesky(sym + (jitter * 10**attempt) * np.eye(dim))
         except np.linalg.LinAlgError:
             continue
     return np.diag(np.sqrt(np.maximum(np.diag(sym), 0.0) + jitter))
@@ -124,9 +123,9 @@ def matrix_factors(w: np.ndarray, chol: np.ndarray | None = None) -> MatrixFacto
     """Truncatable SVD of ``W`` [K, N], whitened by ``chol`` (``L``, [K, K]) when given."""
     w64 = np.asarray(w, dtype=np.float64)
     target = w64 if chol is None else chol.T @ w64
-    u, s, vt = svd(target, full_matrices=False, lapack_driver="gesdd")
+    u, s, vt = np.linalg.svd(target, full_matrices=False)
     if chol is not None:
-        u = solve_triangular(chol.T, u, lower=False)
+        u = np.linalg.solve(chol.T, u)
     return MatrixFactors(u=u, s=s, vt=vt, cumulative=_cumulative_energy(s))
 
 
@@ -168,7 +167,7 @@ class TuckerFactors:
 
 
 def _leading_eigvecs(second_moment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    vals, vecs = eigh(0.5 * (second_moment + second_moment.T))
+    vals, vecs = np.linalg.eigh(0.5 * (second_moment + second_moment.T))
     order = np.argsort(vals)[::-1]
     vals = np.maximum(vals[order], 0.0)
     return vecs[:, order], np.sqrt(vals)
@@ -180,7 +179,7 @@ def _left_singular(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Only U is needed: the right factor is never formed at full size, which for a wide matrix
     (a 1-channel conv with a long kernel, [Cin, Cout·k] = [1, 66048]) would be C×C.
     """
-    u, s, _ = svd(m, full_matrices=m.shape[0] > m.shape[1], lapack_driver="gesdd")
+    u, s, _ = np.linalg.svd(m, full_matrices=m.shape[0] > m.shape[1])
     return u, np.concatenate([s, np.zeros(m.shape[0] - s.shape[0])])
 
 
@@ -197,7 +196,7 @@ def tucker_factors(
         in_a = in_b = u
     else:
         in_a = chol_in @ u
-        in_b = solve_triangular(chol_in.T, u, lower=False)
+        in_b = np.linalg.solve(chol_in.T, u)
     if out_moment is None:
         out_v, s_out = _left_singular(w64.reshape(cout, -1))
     else:

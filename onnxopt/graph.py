@@ -1,4 +1,10 @@
-"""Small graph-surgery helpers every pass needs, over onnx_ir's use-def links.
+"""Small graph helpers every pass needs, over onnx_ir's use-def links.
+
+What more than one pass asks of a graph lives here, once: which domain is ONNX's own
+(`is_default_domain`, `is_onnx_op`), which values are constants (`is_constant`, `constant_array`: an
+initializer that is not also an overridable graph input), the graph and its subgraphs
+(`iter_graphs`), the default opset and raising it (`opset_version`, `upgrade_opset`), names, new
+initializers and rewiring.
 
 Contract kept here: a new tensor that stands for an old one records it in the metadata prop
 ``onnxopt.origin``, so validation and distillation can pair student and teacher tensors.
@@ -6,11 +12,20 @@ Contract kept here: a new tensor that stands for an old one records it in the me
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 
 __all__ = [
     "ORIGIN",
+    "DEFAULT_DOMAINS",
+    "is_default_domain",
+    "is_onnx_op",
+    "iter_graphs",
+    "is_constant",
+    "upgrade_opset",
+    "min_ir_version",
     "all_names",
     "unique_name",
     "new_initializer",
@@ -24,6 +39,36 @@ __all__ = [
 ]
 
 ORIGIN = "onnxopt.origin"
+DEFAULT_DOMAINS = ("", "ai.onnx")
+"""The names ONNX's own operator domain goes by (onnx_ir keeps them as separate keys)."""
+
+
+def is_default_domain(domain: str | None) -> bool:
+    return (domain or "") in DEFAULT_DOMAINS
+
+
+def is_onnx_op(node: ir.Node | None, *op_types: str) -> bool:
+    """True when `node` is an operator of ONNX's own domain, and one of `op_types` when given."""
+    return node is not None and is_default_domain(node.domain) and (not op_types or node.op_type in op_types)
+
+
+def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """The graph and every subgraph below it (If/Loop/Scan bodies), without recursion."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    stack.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    stack.extend(attr.value)
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """True for an initializer that is not also a graph input (inputs can be overridden)."""
+    return value is not None and value.const_value is not None and not value.is_graph_input()
 
 
 def all_names(graph: ir.Graph) -> set[str]:
@@ -83,8 +128,8 @@ def set_weight(value: ir.Value, array: np.ndarray) -> None:
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's data when it is a constant initializer that is not a graph input."""
-    if value is None or value.const_value is None or value.is_graph_input():
+    """The value's data when it `is_constant`, else None."""
+    if not is_constant(value):
         return None
     return np.asarray(value.const_value.numpy())
 
@@ -122,3 +167,43 @@ def opset_version(model: ir.Model | ir.Graph, default: int | None = 1) -> int | 
     imports = model.opset_imports
     version = imports.get("", imports.get("ai.onnx"))
     return int(version) if version is not None else default
+
+
+def min_ir_version(opset: int) -> int:
+    """The IR version of the first onnx release that knew default-domain `opset` (at least 3)."""
+    import onnx.helper
+
+    for row in onnx.helper.VERSION_TABLE:
+        if row[2] >= opset:
+            return max(3, int(row[1]))
+    return int(onnx.helper.VERSION_TABLE[-1][1])
+
+
+def upgrade_opset(model: ir.Model, target: int) -> str | None:
+    """Raise `model`'s default-domain opset to `target` in place with onnx's version converter.
+
+    Returns None when done (or nothing to do), else the converter's reason in one line. One policy
+    for weights: the model goes to the converter as protobuf with external weights left as
+    references (never read into memory), and the converted graph takes them back as they were.
+    The IR version is raised to what `target` needs, so the model stays valid.
+    """
+    from onnx import version_converter
+
+    current = opset_version(model, None)
+    if current is None or current >= target:
+        return None
+    try:
+        proto = ir.to_proto(model)
+        converted = ir.from_proto(version_converter.convert_version(proto, target))
+    except Exception as exc:  # the converter raises RuntimeError and friends for missing adapters
+        text = str(exc).strip()
+        return text.splitlines()[0][:200] if text else type(exc).__name__
+    originals = {name: value.const_value for g in iter_graphs(model.graph) for name, value in g.initializers.items()}
+    for g in iter_graphs(converted.graph):
+        for name, value in g.initializers.items():
+            before = originals.get(name)
+            if before is not None and isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = before
+    model.graph = converted.graph
+    model.ir_version = max(model.ir_version, converted.ir_version, min_ir_version(target))
+    return None

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from onnxopt import sparse
 from onnxopt.errors import ModelError, UsageError, first_line
+from onnxopt.graph import is_constant, iter_graphs
 
 __all__ = [
     "load",
@@ -41,25 +42,6 @@ PROTOBUF_LIMIT = 2_000_000_000
 # Above this many weight bytes a temporary copy for ONNX Runtime keeps its weights external,
 # so serialization never builds one huge protobuf message in memory.
 _TEMP_EXTERNAL_BYTES = 256 * 1024 * 1024
-
-
-def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
-    """The graph and every subgraph below it (If/Loop/Scan bodies), without recursion."""
-    stack = [graph]
-    while stack:
-        g = stack.pop()
-        yield g
-        for node in g:
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    stack.append(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    stack.extend(attr.value)
-
-
-def is_constant(value: ir.Value | None) -> bool:
-    """True for an initializer that is not also a graph input (inputs can be overridden)."""
-    return value is not None and value.const_value is not None and not value.is_graph_input()
 
 
 def _external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:

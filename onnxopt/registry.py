@@ -38,6 +38,7 @@ __all__ = [
     "get_pass",
     "list_passes",
     "make_pass",
+    "run_pass",
     "option_specs",
     "matches_any",
 ]
@@ -182,6 +183,12 @@ def make_pass(name: str, options: dict[str, Any] | None = None, *, from_text: bo
         raise
     except (TypeError, ValueError) as exc:
         raise UsageError(f"pass '{name}': {exc}") from None
+
+
+def run_pass(name: str, model: ir.Model, ctx: Any = None, **options: Any) -> PassStats:
+    """Run registered pass `name` on `model` in place: how one pass uses another (a pass module
+    never imports another pass)."""
+    return make_pass(name, options).call(model, ctx)
 
 
 # ---------------------------------------------------------------- coercion of option values

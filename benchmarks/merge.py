@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnxopt.passes.merge import merge
 
 from models.digits import CNN_PATH, MLP_EVAL_PATH, MLP_PATH, load_npz
 from models.digits_seeds import FINETUNE_PATHS, SEED_PATHS
 from models.resnet import build_resnet_tiny
 from onnxopt.bench import bench
+from onnxopt.merge import merge
 from onnxopt.report import table
 from onnxopt.runtime import run, session
 

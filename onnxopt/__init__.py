@@ -8,21 +8,15 @@ from onnxopt.api import Result, optimize
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, OnnxoptError, UsageError
 from onnxopt.io import load, save
+from onnxopt.merge import merge, merge_models
 from onnxopt.pipeline import Pipeline
 from onnxopt.registry import Pass, PassStats, list_passes, option, register_pass
-
-
-def merge(models, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - documented where it lives
-    """Merge several models into one (ensembles, chain, soup): see `onnxopt.passes.merge.merge`."""
-    from onnxopt.passes.merge import merge as _merge
-
-    return _merge(models, *args, **kwargs)
-
 
 __all__ = [
     "__version__",
     "optimize",
     "merge",
+    "merge_models",
     "Result",
     "Context",
     "load",

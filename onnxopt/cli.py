@@ -1,11 +1,19 @@
-"""Command line: ``onnxopt MODEL --passes ... -o OUT`` and the verbs inspect, bench, compare,
-passes (and merge). User errors print one line and exit 2; a tolerance exceeded exits 1; anything
-else is a bug and exits 3, with a traceback only under ``--debug``.
+"""Command line: ``onnxopt MODEL --passes ... -o OUT`` (optimize, the default verb) and every other verb.
+
+`VERBS` maps each verb to ``"module:function"``; the module is imported only when its verb runs, so
+``onnxopt --version`` and ``onnxopt --help`` import no pass, no onnx and no ONNX Runtime. Adding a
+verb is one entry there plus its module, whose function takes the arguments after the verb and
+returns the exit code; it builds its parser with `Parser` and `add_shared_arguments` (``--dims``,
+``--batch``, ``--threads``, ``--debug``, ``--data``) and calls `setup_logging`.
+
+User errors print one line and exit 2; a tolerance exceeded exits 1; anything else is a bug and
+exits 3, with a traceback only under ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,8 +24,20 @@ from typing import Any, NoReturn
 
 from onnxopt import __version__
 from onnxopt.errors import OnnxoptError, UsageError, first_line
+from onnxopt.metrics import METRICS
 
-__all__ = ["main", "Parser", "register_verb"]
+__all__ = [
+    "main",
+    "VERBS",
+    "Parser",
+    "add_shared_arguments",
+    "parse_dims",
+    "setup_logging",
+    "EXIT_OK",
+    "EXIT_TOLERANCE",
+    "EXIT_USAGE",
+    "EXIT_BUG",
+]
 
 EXIT_OK, EXIT_TOLERANCE, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 
@@ -29,7 +49,8 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _dims(items: Sequence[str]) -> dict[str, int]:
+def parse_dims(items: Sequence[str]) -> dict[str, int]:
+    """``--dims NAME=N`` values as {dimension name: size}; UsageError for anything else."""
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -44,13 +65,17 @@ def _dims(items: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+def add_shared_arguments(p: argparse.ArgumentParser, *, runtime: bool = True, data: bool = True) -> None:
+    """The arguments verbs share: ``--debug`` always; ``--dims``, ``--batch`` and ``--threads`` for a verb that
+    runs models (`runtime`); ``--data`` for one that reads evaluation data (`data`)."""
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    if not runtime:
+        return
     p.add_argument("--dims", action="append", default=[], metavar="NAME=N",
                    help="value of a symbolic input dimension (repeatable; default 1)")
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="batch size for splitting a stacked .npz when the batch axis is dynamic (default 16)")
     p.add_argument("--threads", type=int, default=None, metavar="T", help="ONNX Runtime intra-op threads")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     if data:
         p.add_argument("--data", default=None, metavar="DATA",
                        help="evaluation data: a .npz, a folder of .npz feeds, or random:N")
@@ -60,8 +85,7 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="onnxopt",
         description="Optimize an ONNX model with a pipeline of passes, check it against the original "
-        "in ONNX Runtime, and write it. Other verbs: inspect, bench, compare, passes, merge "
-        "(onnxopt VERB --help).",
+        f"in ONNX Runtime, and write it. Other verbs: {', '.join(VERBS)} (onnxopt VERB --help).",
         epilog="example: onnxopt models/digits_cnn.onnx --passes fold -o cnn.opt.onnx "
         "--data models/digits_eval.npz",
     )
@@ -75,7 +99,7 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
     p.add_argument("--tolerance", type=float, default=None, metavar="X",
                    help="exit 1 when the output error exceeds X (by --metric)")
-    p.add_argument("--metric", default="rel_l2", choices=["rel_l2", "max_abs", "cosine", "top1", "accuracy"],
+    p.add_argument("--metric", default="rel_l2", choices=METRICS,
                    help="what --tolerance bounds: relative L2 error (default), max abs error, 1-cosine, "
                    "1-top-1 agreement, or accuracy drop (needs labels)")
     p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
@@ -83,13 +107,13 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-runs", type=int, default=50, metavar="N",
                    help="interleaved latency runs per model for the table, within 10 s "
                    "(0: skip timing; default 50)")
-    _common(p)
+    add_shared_arguments(p)
     return p
 
 
 def _cmd_optimize(argv: Sequence[str]) -> int:
     args = _optimize_parser().parse_args(argv)
-    _setup(args)
+    setup_logging(args)
     from onnxopt import io
     from onnxopt.api import optimize
     from onnxopt.pipeline import apply_sets, parse_passes, read_recipe
@@ -120,7 +144,7 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
         validate=not args.no_validate,
         tolerance=args.tolerance,
         metric=args.metric,
-        dims=_dims(args.dims),
+        dims=parse_dims(args.dims),
         batch=args.batch,
         latency_runs=args.bench_runs,
         threads=args.threads,
@@ -164,16 +188,16 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     p = Parser(prog="onnxopt inspect", description="Inputs, outputs, opset, op histogram, parameters, size, MACs.")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _common(p, data=False)
+    add_shared_arguments(p, data=False)
     args = p.parse_args(argv)
-    _setup(args)
+    setup_logging(args)
     from onnxopt import io
     from onnxopt.analysis import model_stats
     from onnxopt.data import input_specs
     from onnxopt.report import stats_table
 
     model = io.load(args.model)
-    dims = _dims(args.dims)
+    dims = parse_dims(args.dims)
     stats = model_stats(model, dims)
     size = io.file_size(args.model)
     outputs = [
@@ -217,9 +241,9 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    add_shared_arguments(p)
     args = p.parse_args(argv)
-    _setup(args)
+    setup_logging(args)
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be at least 1 and --warmup at least 0")
     from onnxopt import io
@@ -232,9 +256,9 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     models = [io.load(m) for m in args.models]
     data = None
     if args.data:
-        data = load_data(args.data, input_specs(models[0]), dims=_dims(args.dims), batch=args.batch)
+        data = load_data(args.data, input_specs(models[0]), dims=parse_dims(args.dims), batch=args.batch)
     res = bench(args.models, runs=args.runs, warmup=args.warmup, threads=args.threads, provider=args.provider,
-                dims=_dims(args.dims), batch=args.batch, data=data, memory=not args.no_memory)
+                dims=parse_dims(args.dims), batch=args.batch, data=data, memory=not args.no_memory)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return EXIT_OK
@@ -255,11 +279,11 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("--tolerance", type=float, default=None, help="exit 1 when exceeded (by --metric)")
-    p.add_argument("--metric", default="rel_l2", choices=["rel_l2", "max_abs", "cosine", "top1", "accuracy"])
+    p.add_argument("--metric", default="rel_l2", choices=METRICS, help="what --tolerance bounds")
     p.add_argument("--json", action="store_true")
-    _common(p)
+    add_shared_arguments(p)
     args = p.parse_args(argv)
-    _setup(args)
+    setup_logging(args)
     from onnxopt import io
     from onnxopt.api import DEFAULT_EVAL
     from onnxopt.data import input_specs, load_data
@@ -268,7 +292,7 @@ def _cmd_compare(argv: Sequence[str]) -> int:
 
     a = io.load(args.model_a)
     io.load(args.model_b)
-    data = load_data(args.data or DEFAULT_EVAL, input_specs(a), dims=_dims(args.dims), batch=args.batch)
+    data = load_data(args.data or DEFAULT_EVAL, input_specs(a), dims=parse_dims(args.dims), batch=args.batch)
     cmp = compare_models(args.model_a, args.model_b, data, metric=args.metric, tolerance=args.tolerance,
                          threads=args.threads)
     if args.json:
@@ -286,8 +310,9 @@ def _cmd_compare(argv: Sequence[str]) -> int:
 def _cmd_passes(argv: Sequence[str]) -> int:
     p = Parser(prog="onnxopt passes", description="Every registered pass with its options.")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    add_shared_arguments(p, runtime=False)
     args = p.parse_args(argv)
+    setup_logging(args)
     from onnxopt.registry import list_passes, option_specs
 
     passes = list_passes()
@@ -311,38 +336,37 @@ def _cmd_passes(argv: Sequence[str]) -> int:
     return EXIT_OK
 
 
-VERBS: dict[str, Callable[[Sequence[str]], int]] = {
-    "inspect": _cmd_inspect,
-    "bench": _cmd_bench,
-    "compare": _cmd_compare,
-    "passes": _cmd_passes,
+VERBS: dict[str, str] = {
+    "inspect": "onnxopt.cli:_cmd_inspect",
+    "bench": "onnxopt.cli:_cmd_bench",
+    "compare": "onnxopt.cli:_cmd_compare",
+    "passes": "onnxopt.cli:_cmd_passes",
+    "merge": "onnxopt.merge.verb:main",
 }
+"""Every verb besides the default (optimize): ``"module:function"``, imported when the verb runs."""
 
 
-def register_verb(name: str, handler: Callable[[Sequence[str]], int]) -> None:
-    """Add a verb (used by commands that live beside the passes, e.g. merge)."""
-    VERBS[name] = handler
+def _verb_handler(verb: str) -> Callable[[Sequence[str]], int]:
+    module, _, function = VERBS[verb].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def _setup(args: argparse.Namespace) -> None:
+def setup_logging(args: argparse.Namespace) -> None:
+    """Debug logs under ``--debug``, warnings otherwise."""
     logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def _load_verbs() -> None:
-    import onnxopt.passes  # noqa: F401  (pass modules may register verbs)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on `argv` (default: the process arguments); the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        _load_verbs()
         if argv and argv[0] in ("--version", "-V"):
             print(f"onnxopt {__version__}")
             return EXIT_OK
         if argv and argv[0] in VERBS:
-            return VERBS[argv[0]](argv[1:])
+            return _verb_handler(argv[0])(argv[1:])
         return _cmd_optimize(argv)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -365,7 +389,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the package module, so that verbs registered by pass modules are the ones seen.
-    from onnxopt.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -21,13 +21,13 @@ import onnx
 from onnxopt import sparse
 from onnxopt.data import Dataset
 from onnxopt.errors import ModelError, UsageError, first_line
+from onnxopt.metrics import METRICS
 from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 
 __all__ = ["OutputDiff", "Comparison", "compare_models", "check_model_file", "METRICS"]
 
 Metric = Literal["rel_l2", "max_abs", "cosine", "top1", "accuracy"]
-METRICS: tuple[str, ...] = ("rel_l2", "max_abs", "cosine", "top1", "accuracy")
 
 
 @dataclasses.dataclass

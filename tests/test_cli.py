@@ -15,7 +15,7 @@ import pytest
 from helpers import F32, MODELS, make_model
 from onnx import helper
 
-from onnxopt.cli import main
+from onnxopt.cli import VERBS, main
 
 CNN = MODELS / "digits_cnn.onnx"
 EVAL = MODELS / "digits_eval.npz"
@@ -88,6 +88,12 @@ def test_inspect_bench_compare_passes_verbs(tmp_path: Path, capsys) -> None:
     assert code == 0 and "accuracy: A 99.17%  B 99.17%" in text
     code, text, _ = _run(["passes"], capsys)
     assert code == 0 and "fold [exact]" in text and "max_fold_mb (float, default 64.0)" in text
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_in_the_table_runs_its_help(verb: str, capsys) -> None:
+    code, text, err = _run([verb, "--help"], capsys)
+    assert code == 0 and f"usage: onnxopt {verb}" in text and "--debug" in text, err
 
 
 def test_bench_cuda_unavailable_is_one_line(capsys) -> None:

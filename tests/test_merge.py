@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,11 @@ import onnx_ir as ir
 import pytest
 from helpers import F32, I64, MODELS, make_model, run_ort, save_model
 from onnx import helper
-from onnxopt.passes.merge import ENSEMBLE_MODES, merge, merge_models
 
 import onnxopt
 from onnxopt.cli import main
 from onnxopt.errors import ModelError, UsageError
+from onnxopt.merge import ENSEMBLE_MODES, merge, merge_models
 
 # Float rounding: the merged graph reorders no arithmetic inside a member; combining adds one
 # sum/division, so results agree to a few float32 ulps.
@@ -283,6 +285,21 @@ def test_cli_writes_merged_model(tmp_path: Path, capsys: pytest.CaptureFixture[s
     np.testing.assert_allclose(got[0], np.stack(outs), rtol=RTOL, atol=ATOL)
 
 
+def test_merge_verb_as_a_command(tmp_path: Path) -> None:
+    out = tmp_path / "vote.onnx"
+    r = subprocess.run([sys.executable, "-m", "onnxopt", "merge", *map(str, SEEDS), "-o", str(out), "--combine", "vote",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["output"] == str(out) and [m["name"] for m in report["members"]] == [p.stem for p in SEEDS]
+    x = np.load(MODELS / "digits_mlp_eval.npz")["input"][:16]
+    outs = [run_ort(p, {"input": x})[0] for p in SEEDS]
+    np.testing.assert_array_equal(run_ort(out, {"input": x})[0], _expected("vote", outs, None))
+    r = subprocess.run([sys.executable, "-m", "onnxopt", "merge", str(SEEDS[0]), "-o", str(tmp_path / "one.onnx"),
+                        "--combine", "mean"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "onnxopt: error: merge: give at least two models (got 1)"
+
+
 def test_caller_models_unchanged(members: list[onnx.ModelProto], tmp_path: Path) -> None:
     before = [m.SerializeToString() for m in members]
     irm = ir.from_proto(members[2])
@@ -297,11 +314,13 @@ def test_caller_models_unchanged(members: list[onnx.ModelProto], tmp_path: Path)
     x = np.load(MODELS / "digits_mlp_eval.npz")["input"][:4]
     want = (run_ort(SEEDS[0], {"input": x})[0] + run_ort(SEEDS[1], {"input": x})[0]) / 2
     np.testing.assert_allclose(run_ort(tmp_path / "merged.onnx", {"input": x})[0], want, rtol=RTOL, atol=ATOL)
-    # the same file as a path, converted to the other member's opset 17 with its external weights
+    # the same file as a path, converted to the other member's opset 17: its weights stay in the external file
     newer = onnx.version_converter.convert_version(onnx.load(str(SEEDS[1])), 17)
     merged = merge([str(tmp_path / "ext.onnx"), newer], combine="mean")
     assert merged.opset_imports[""] == 17
-    np.testing.assert_allclose(run_ort(merged, {"input": x})[0], want, rtol=RTOL, atol=ATOL)
+    assert isinstance(merged.graph.initializers["ext.fc1.weight"].const_value, ir.ExternalTensor)
+    onnxopt.save(merged, tmp_path / "merged17.onnx")
+    np.testing.assert_allclose(run_ort(tmp_path / "merged17.onnx", {"input": x})[0], want, rtol=RTOL, atol=ATOL)
 
 
 # ------------------------------------------------------------------ bad input

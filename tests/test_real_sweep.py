@@ -285,7 +285,7 @@ MERGES = {
 
 @pytest.mark.parametrize("case", sorted(MERGES))
 def test_merge_on_real_models_is_exact(case: str, request: pytest.FixtureRequest) -> None:
-    from onnxopt.passes.merge import merge_models
+    from onnxopt.merge import merge_models
 
     combine, ids = MERGES[case]
     paths = [_model_path(i, request) for i in ids]

@@ -1,4 +1,4 @@
-"""Weight averaging ("model soup") for `onnxopt merge --combine soup`.
+"""Weight averaging ("model soup"): ``onnxopt merge --combine soup`` and ``merge_models(..., combine="soup")``.
 
 Members must have the same architecture. The check walks the main graphs node by node, in
 order, and builds a correspondence between the members' values:
@@ -26,12 +26,13 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import __version__
 from onnxopt.errors import ModelError
-from onnxopt.graph import set_weight
-from onnxopt.io import is_constant
+from onnxopt.graph import is_constant, set_weight
+from onnxopt.merge.members import Member, ir_version
 from onnxopt.progress import progress
 
-__all__ = ["pair_weights", "average_weights"]
+__all__ = ["pair_weights", "average_weights", "soup"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,3 +152,16 @@ def average_weights(base: ir.Model, others: Sequence[dict[str, ir.Value]], weigh
                 raise ModelError(f"soup: non-float weight '{name}' differs between members; it cannot be averaged")
     logger.debug("soup averaged %d weights", changed)
     return changed
+
+
+def soup(members: list[Member], weights: list[float], opsets: dict[str, int]) -> tuple[ir.Model, int]:
+    """The first member with every paired float weight averaged over all members (opsets already
+    reconciled to `opsets`), and how many weights changed."""
+    base = members[0]
+    pairs = [pair_weights(base.model, m.model, base.name, m.name) for m in members[1:]]
+    changed = average_weights(base.model, pairs, weights)
+    base.model.opset_imports.clear()
+    base.model.opset_imports.update(opsets)
+    base.model.producer_name, base.model.producer_version = "onnxopt", __version__
+    base.model.ir_version = ir_version(members, opsets)
+    return base.model, changed

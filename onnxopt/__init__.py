@@ -1,33 +1,82 @@
-"""onnxopt: compress ONNX models with a pipeline of graph passes, checked against ONNX Runtime."""
+"""onnxopt: compress ONNX models with a pipeline of graph passes, checked against ONNX Runtime.
+
+The public names below are imported on first use (PEP 562), so ``import onnxopt`` and
+``onnxopt --version`` stay fast: onnx, onnx_ir and ONNX Runtime load when a function that needs
+them is first reached. ``onnxopt.merge`` is the merge package, callable as the `merge` function.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from onnxopt.api import Result, optimize
-from onnxopt.context import Context
-from onnxopt.errors import ModelError, OnnxoptError, UsageError
-from onnxopt.io import load, save
-from onnxopt.merge import merge, merge_models
-from onnxopt.pipeline import Pipeline
-from onnxopt.registry import Pass, PassStats, list_passes, option, register_pass
+_PUBLIC: dict[str, str] = {
+    "optimize": "onnxopt.api",
+    "Result": "onnxopt.api",
+    "merge": "onnxopt.merge",
+    "merge_models": "onnxopt.merge",
+    "Context": "onnxopt.context",
+    "load": "onnxopt.io",
+    "save": "onnxopt.io",
+    "Pipeline": "onnxopt.pipeline",
+    "Pass": "onnxopt.registry",
+    "PassStats": "onnxopt.registry",
+    "option": "onnxopt.registry",
+    "register_pass": "onnxopt.registry",
+    "list_passes": "onnxopt.registry",
+    "UsageError": "onnxopt.errors",
+    "ModelError": "onnxopt.errors",
+    "OnnxoptError": "onnxopt.errors",
+}
+"""Public name -> the module that defines it (``merge`` is the package ``onnxopt.merge`` itself)."""
 
-__all__ = [
-    "__version__",
-    "optimize",
-    "merge",
-    "merge_models",
-    "Result",
-    "Context",
-    "load",
-    "save",
-    "Pipeline",
-    "Pass",
-    "PassStats",
-    "option",
-    "register_pass",
-    "list_passes",
-    "UsageError",
-    "ModelError",
-    "OnnxoptError",
-]
+__all__ = ["__version__", *_PUBLIC]
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr__` imports these
+    from onnxopt.api import Result as Result
+    from onnxopt.api import optimize as optimize
+    from onnxopt.context import Context as Context
+    from onnxopt.errors import ModelError as ModelError
+    from onnxopt.errors import OnnxoptError as OnnxoptError
+    from onnxopt.errors import UsageError as UsageError
+    from onnxopt.io import load as load
+    from onnxopt.io import save as save
+    from onnxopt.merge import merge_models as merge_models
+    from onnxopt.pipeline import Pipeline as Pipeline
+    from onnxopt.registry import Pass as Pass
+    from onnxopt.registry import PassStats as PassStats
+    from onnxopt.registry import list_passes as list_passes
+    from onnxopt.registry import option as option
+    from onnxopt.registry import register_pass as register_pass
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, or a submodule (``onnxopt.io``, ``onnxopt.bench``...), imported on first use."""
+    module = _PUBLIC.get(name)
+    if module == f"{__name__}.{name}":
+        value = importlib.import_module(module)
+    elif module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif not name.startswith("__"):
+        value = _submodule(name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def _submodule(name: str) -> Any:
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    """The public names and the submodules imported so far."""
+    return sorted({*__all__, *(name for name in globals() if f"{__name__}.{name}" in sys.modules)})

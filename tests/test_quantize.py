@@ -9,15 +9,17 @@ import onnx_ir as ir
 import pytest
 from helpers import F32, MODELS, accuracy, digits_eval, make_model, run_ort
 from onnx import helper
-from onnxopt.passes._quant_calib import BINS, Range, choose_range, qparams
-from onnxopt.passes._quant_check import fusion_report
-from onnxopt.passes._quant_static import matmul_add_to_gemm
+from onnxopt.passes.quantize.calib import BINS, Range, choose_range, qparams
+from onnxopt.passes.quantize.check import fusion_report
+from onnxopt.passes.quantize.cle import equalize_pairs
+from onnxopt.passes.quantize.smooth import apply_smoothing, channel_absmax, smooth_targets
+from onnxopt.passes.quantize.static import matmul_add_to_gemm
 
 import onnxopt
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
 from onnxopt.errors import UsageError
-from onnxopt.registry import make_pass
+from onnxopt.registry import make_pass, run_pass
 
 RNG = np.random.default_rng(0)
 
@@ -489,13 +491,10 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(op: str) -> N
 
 # ------------------------------------------------------------------------------ cross-layer equalization
 def test_equalize_is_exact_and_balances_ranges() -> None:
-    from onnxopt.passes._quant_cle import equalize_pairs
-    from onnxopt.passes.fold import fold_model
-
     x, _ = digits_eval()
     proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
     model = ir.from_proto(proto)
-    fold_model(model)
+    run_pass("fold", model)
     stats = onnxopt.PassStats()
     pairs = equalize_pairs(model.graph, stats)
     assert pairs >= 1
@@ -550,8 +549,6 @@ def test_gptq_lowers_the_layer_output_error_on_calibration_data() -> None:
 
 # ------------------------------------------------------------------------------ SmoothQuant-style migration
 def test_smoothing_is_exact_and_flattens_channel_ranges() -> None:
-    from onnxopt.passes._quant_smooth import apply_smoothing, channel_absmax, smooth_targets
-
     d = 16
     nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1),
              helper.make_node("MatMul", ["h", "w1"], ["y1"], name="mm1"),
@@ -709,12 +706,10 @@ def test_dynamic_conv_per_tensor_and_shared_input() -> None:
 
 
 def test_dynamic_conv_on_digits_cnn_accuracy_size_and_report(tmp_path) -> None:
-    from onnxopt.passes.fold import fold_model
-
     x, labels = digits_eval()
     proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
     folded = ir.from_proto(proto)
-    fold_model(folded)
+    run_pass("fold", folded)
     n_conv = [n.op_type for n in folded.graph].count("Conv")
     model = folded.clone()
     stats = make_pass("quantize", {"mode": "dynamic", "dynamic_conv": True}).call(model, Context())

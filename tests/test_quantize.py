@@ -222,15 +222,44 @@ def test_histogram_methods_clip_an_outlier() -> None:
     assert choose_range("minmax", hist, rng, "uint8") == rng
 
 
-@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
-def test_calibration_methods_on_digits_cnn(method: str) -> None:
-    x, labels = digits_eval()
-    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
-    with np.load(MODELS / "digits_calib.npz") as d:
-        feeds = [{"input": d["input"][i : i + 32]} for i in range(0, 128, 32)]
-    model, stats = _quantize(proto, {"calibrate": method, "check_fusion": False}, feeds=feeds)
-    assert stats.summary["calibrate"] == method
-    assert accuracy(model, x, labels) >= accuracy(proto, x, labels) - 0.01
+def _input_range(proto: onnx.ModelProto, feeds: list[dict], options: dict) -> tuple[float, float, float]:
+    """(lo, hi, scale) of the uint8 range the pass chose for the input of node "mm", read back from its
+    DequantizeLinear (``scale = (hi - lo) / 255``, ``zero_point = round(-lo / scale)``)."""
+    model, _ = _quantize(proto, {"check_fusion": False, **options}, feeds=feeds)
+    dq = _dq_of(_node(model, "mm").inputs[0])
+    scale, zero_point = float(_const(dq.inputs[1])), int(_const(dq.inputs[2]))
+    return -zero_point * scale, (255 - zero_point) * scale, scale
+
+
+def test_calibration_methods_choose_their_own_ranges_on_outliers() -> None:
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((64, 16)).astype(np.float32)} for _ in range(4)]
+    feeds[0]["x"][0, 3] = 40.0  # one outlier on each side of a unit-normal bulk
+    feeds[2]["x"][5, 7] = -25.0
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [("x", F32, ["n", 16])],
+                       [("y", F32, ["n", 8])], {"w": _w(16, 8)})
+    data = np.concatenate([f["x"] for f in feeds]).ravel()
+    lo_true, hi_true = float(data.min()), float(data.max())
+    p = 99.5
+    got = {m: _input_range(proto, feeds, {"calibrate": m, "percentile": p})
+           for m in ("minmax", "percentile", "entropy", "mse")}
+    # minmax: the data's true min and max (zero point rounding moves lo by at most half a step)
+    lo, hi, scale = got["minmax"]
+    assert hi - lo == pytest.approx(hi_true - lo_true, rel=1e-6)
+    assert abs(lo - lo_true) <= scale / 2 + 1e-6
+    # percentile: clipped at numpy's percentiles of the same data, within one histogram bin and one step
+    lo, hi, scale = got["percentile"]
+    tol = (hi_true - lo_true) / BINS + scale
+    assert lo == pytest.approx(np.percentile(data, 100 - p), abs=tol)
+    assert hi == pytest.approx(np.percentile(data, p), abs=tol)
+    # entropy and mse: a range inside minmax's, narrower than it
+    for method in ("entropy", "mse"):
+        lo, hi, scale = got[method]
+        assert lo_true - scale / 2 <= lo and hi <= hi_true + scale / 2, method
+        assert hi - lo < 0.99 * (hi_true - lo_true), method
+    # and no two methods agree
+    widths = sorted(hi - lo for lo, hi, _ in got.values())
+    assert all(b > a * 1.001 for a, b in zip(widths, widths[1:])), got
 
 
 def test_digits_cnn_accuracy_size_and_fusion() -> None:

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from onnxopt.passes._quant_check import fusion_report_file
+from onnxopt.passes.quantize.check import fusion_report_file
 
 import onnxopt
 from onnxopt.bench import bench

@@ -9,15 +9,17 @@ import onnx_ir as ir
 import pytest
 from helpers import F32, MODELS, accuracy, digits_eval, make_model, run_ort
 from onnx import helper
-from onnxopt.passes._quant_calib import BINS, Range, choose_range, qparams
-from onnxopt.passes._quant_check import fusion_report
-from onnxopt.passes._quant_static import matmul_add_to_gemm
+from onnxopt.passes.quantize.calib import BINS, Range, choose_range, qparams
+from onnxopt.passes.quantize.check import fusion_report
+from onnxopt.passes.quantize.cle import equalize_pairs
+from onnxopt.passes.quantize.smooth import apply_smoothing, channel_absmax, smooth_targets
+from onnxopt.passes.quantize.static import matmul_add_to_gemm
 
 import onnxopt
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
 from onnxopt.errors import UsageError
-from onnxopt.registry import make_pass
+from onnxopt.registry import make_pass, run_pass
 
 RNG = np.random.default_rng(0)
 
@@ -220,15 +222,44 @@ def test_histogram_methods_clip_an_outlier() -> None:
     assert choose_range("minmax", hist, rng, "uint8") == rng
 
 
-@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
-def test_calibration_methods_on_digits_cnn(method: str) -> None:
-    x, labels = digits_eval()
-    proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
-    with np.load(MODELS / "digits_calib.npz") as d:
-        feeds = [{"input": d["input"][i : i + 32]} for i in range(0, 128, 32)]
-    model, stats = _quantize(proto, {"calibrate": method, "check_fusion": False}, feeds=feeds)
-    assert stats.summary["calibrate"] == method
-    assert accuracy(model, x, labels) >= accuracy(proto, x, labels) - 0.01
+def _input_range(proto: onnx.ModelProto, feeds: list[dict], options: dict) -> tuple[float, float, float]:
+    """(lo, hi, scale) of the uint8 range the pass chose for the input of node "mm", read back from its
+    DequantizeLinear (``scale = (hi - lo) / 255``, ``zero_point = round(-lo / scale)``)."""
+    model, _ = _quantize(proto, {"check_fusion": False, **options}, feeds=feeds)
+    dq = _dq_of(_node(model, "mm").inputs[0])
+    scale, zero_point = float(_const(dq.inputs[1])), int(_const(dq.inputs[2]))
+    return -zero_point * scale, (255 - zero_point) * scale, scale
+
+
+def test_calibration_methods_choose_their_own_ranges_on_outliers() -> None:
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.standard_normal((64, 16)).astype(np.float32)} for _ in range(4)]
+    feeds[0]["x"][0, 3] = 40.0  # one outlier on each side of a unit-normal bulk
+    feeds[2]["x"][5, 7] = -25.0
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [("x", F32, ["n", 16])],
+                       [("y", F32, ["n", 8])], {"w": _w(16, 8)})
+    data = np.concatenate([f["x"] for f in feeds]).ravel()
+    lo_true, hi_true = float(data.min()), float(data.max())
+    p = 99.5
+    got = {m: _input_range(proto, feeds, {"calibrate": m, "percentile": p})
+           for m in ("minmax", "percentile", "entropy", "mse")}
+    # minmax: the data's true min and max (zero point rounding moves lo by at most half a step)
+    lo, hi, scale = got["minmax"]
+    assert hi - lo == pytest.approx(hi_true - lo_true, rel=1e-6)
+    assert abs(lo - lo_true) <= scale / 2 + 1e-6
+    # percentile: clipped at numpy's percentiles of the same data, within one histogram bin and one step
+    lo, hi, scale = got["percentile"]
+    tol = (hi_true - lo_true) / BINS + scale
+    assert lo == pytest.approx(np.percentile(data, 100 - p), abs=tol)
+    assert hi == pytest.approx(np.percentile(data, p), abs=tol)
+    # entropy and mse: a range inside minmax's, narrower than it
+    for method in ("entropy", "mse"):
+        lo, hi, scale = got[method]
+        assert lo_true - scale / 2 <= lo and hi <= hi_true + scale / 2, method
+        assert hi - lo < 0.99 * (hi_true - lo_true), method
+    # and no two methods agree
+    widths = sorted(hi - lo for lo, hi, _ in got.values())
+    assert all(b > a * 1.001 for a, b in zip(widths, widths[1:])), got
 
 
 def test_digits_cnn_accuracy_size_and_fusion() -> None:
@@ -489,13 +520,10 @@ def test_bias_correction_removes_the_mean_shift_of_weight_rounding(op: str) -> N
 
 # ------------------------------------------------------------------------------ cross-layer equalization
 def test_equalize_is_exact_and_balances_ranges() -> None:
-    from onnxopt.passes._quant_cle import equalize_pairs
-    from onnxopt.passes.fold import fold_model
-
     x, _ = digits_eval()
     proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
     model = ir.from_proto(proto)
-    fold_model(model)
+    run_pass("fold", model)
     stats = onnxopt.PassStats()
     pairs = equalize_pairs(model.graph, stats)
     assert pairs >= 1
@@ -550,8 +578,6 @@ def test_gptq_lowers_the_layer_output_error_on_calibration_data() -> None:
 
 # ------------------------------------------------------------------------------ SmoothQuant-style migration
 def test_smoothing_is_exact_and_flattens_channel_ranges() -> None:
-    from onnxopt.passes._quant_smooth import apply_smoothing, channel_absmax, smooth_targets
-
     d = 16
     nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], name="ln", axis=-1),
              helper.make_node("MatMul", ["h", "w1"], ["y1"], name="mm1"),
@@ -709,12 +735,10 @@ def test_dynamic_conv_per_tensor_and_shared_input() -> None:
 
 
 def test_dynamic_conv_on_digits_cnn_accuracy_size_and_report(tmp_path) -> None:
-    from onnxopt.passes.fold import fold_model
-
     x, labels = digits_eval()
     proto = onnx.load(str(MODELS / "digits_cnn.onnx"))
     folded = ir.from_proto(proto)
-    fold_model(folded)
+    run_pass("fold", folded)
     n_conv = [n.op_type for n in folded.graph].count("Conv")
     model = folded.clone()
     stats = make_pass("quantize", {"mode": "dynamic", "dynamic_conv": True}).call(model, Context())

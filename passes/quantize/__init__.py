@@ -6,30 +6,32 @@ Modes and rewrite cases:
    of Conv, ConvTranspose, Gemm, MatMul and the data-movement and element-wise ops between them; weights
    become int8 initializers (symmetric, per channel on the op's output axis) feeding a
    DequantizeLinear, biases int32 with ``scale = scale_x * scale_w``. Relu/Clip(0, m) after a quantized
-   producer is folded into that producer's range. See `passes._quant_static` for the op table and
-   `passes._quant_calib` for the scale / zero-point math and the calibration methods.
+   producer is folded into that producer's range. See `static` for the op table (phase 1: mark),
+   `qdq` for the insertion (phase 2) and `calib` for the scale / zero-point math and the calibration
+   methods.
 2. ``dynamic`` (no data): ``x -> DynamicQuantizeLinear -> MatMulInteger(x_q, W_q) -> Cast -> Mul(x_s*w_s)``
    for MatMul and Gemm with constant weights, W int8 symmetric per output column, and the same with
    ``ConvInteger`` (the Conv's attributes, a scalar weight zero point 0, per-output-channel scales in the
-   Mul, bias added after) for 1-D to 3-D Conv (`passes._quant_dynamic`).
+   Mul, bias added after) for 1-D to 3-D Conv (`dynamic`).
 3. ``weight-only``: MatMul ``[K, N]`` weights in blocks of ``block_size`` along K, ``bits`` 4 or 8,
-   symmetric, as a ``com.microsoft.MatMulNBits`` (`passes._quant_dynamic`).
+   symmetric, as a ``com.microsoft.MatMulNBits`` (`dynamic`).
 
 Before quantizing, the pass runs what ``fold`` does (BatchNorm folding, constant folding) and shape
 inference, since unfolded BatchNorm keeps ONNX Runtime from fusing (in dynamic and weight-only modes
 only when the graph has BatchNorm/Constant/Identity/Dropout nodes, so big MatMul models are not
 scanned). Static mode rewrites ``MatMul + Add(bias)`` on 2-D inputs into Gemm (exact) so the bias
 becomes int32 and ONNX Runtime fuses QGemm; ``fallback=auto`` keeps the most sensitive nodes in float
-until ``--tolerance`` holds (`passes._quant_fallback`). Accuracy helpers, each an option:
-``equalize`` (cross-layer equalization, `passes._quant_cle`), ``smooth_alpha`` (SmoothQuant-style
-migration of activation outliers after LayerNormalization into MatMul weights,
-`passes._quant_smooth`), ``gptq`` (error-compensating rounding of Gemm/MatMul weights,
-`passes._quant_gptq`), ``bias_correction`` (the mean output shift of weight rounding added back into
-the int32 biases, `passes._quant_bias`). Models below opset 13 are upgraded
-with onnx's version converter for per-channel DequantizeLinear (``axis`` exists from 13); when that
-fails, weights fall back to per-tensor scales and the report says so. A model that already holds
+until ``--tolerance`` holds (`fallback`). Accuracy helpers, each an option: ``equalize``
+(cross-layer equalization, `cle`), ``smooth_alpha`` (SmoothQuant-style migration of activation
+outliers after LayerNormalization into MatMul weights, `smooth`), ``gptq`` (error-compensating
+rounding of Gemm/MatMul weights, `gptq`), ``bias_correction`` (the mean output shift of weight
+rounding added back into the int32 biases, `bias`). Models below opset 13 are upgraded with onnx's
+version converter for per-channel DequantizeLinear (``axis`` exists from 13); when that fails,
+weights fall back to per-tensor scales and the report says so. A model that already holds
 quantization ops is left as is. After rewriting, the model is loaded in ONNX Runtime and the integer
-kernels of its optimized graph are counted (``check_fusion``).
+kernels of its optimized graph are counted (``check_fusion``, `check`).
+
+The modules of this package are the steps; this one holds the pass and the order of the steps.
 
 The pass is lossy (``exact = False``); the pipeline's validation reports the output error.
 """
@@ -42,37 +44,36 @@ import logging
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnxopt.passes.fold import fold_model
 
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import constant_array, only_used_by, opset_version
-from onnxopt.io import is_constant, iter_graphs, weight_bytes
-from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
-
-from ._quant_bias import apply_shift, bias_targets, input_means, weight_shift
-from ._quant_calib import Range, choose_range, collect_histograms, collect_minmax, weight_scales
-from ._quant_check import INTEGER_KERNELS, fusion_report
-from ._quant_cle import equalize_pairs
-from ._quant_dynamic import apply_dynamic, apply_weight_only
-from ._quant_fallback import OutputError, auto_fallback
-from ._quant_gptq import accumulate_hessians, gptq_round
-from ._quant_smooth import apply_smoothing, channel_absmax, smooth_targets
-from ._quant_static import (
-    SUPPORTED_OPS,
-    apply_static,
-    candidate_tensors,
-    group_qparams,
-    matmul_add_to_gemm,
-    name_nodes,
-    plan_static,
-    quantizable_nodes,
-    weight_axis,
+from onnxopt.graph import (
+    constant_array,
+    is_constant,
+    is_default_domain,
+    is_onnx_op,
+    iter_graphs,
+    only_used_by,
+    opset_version,
+    upgrade_opset,
 )
+from onnxopt.io import weight_bytes
+from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
+
+from .bias import apply_shift, bias_targets, input_means, weight_shift
+from .calib import Range, choose_range, collect_histograms, collect_minmax, weight_scales
+from .check import INTEGER_KERNELS, fusion_report
+from .cle import equalize_pairs
+from .dynamic import apply_dynamic, apply_weight_only
+from .fallback import OutputError, auto_fallback
+from .gptq import accumulate_hessians, gptq_round
+from .layout import weight_axis
+from .qdq import apply_static, group_qparams
+from .smooth import apply_smoothing, channel_absmax, smooth_targets
+from .static import SUPPORTED_OPS, candidate_tensors, matmul_add_to_gemm, name_nodes, plan_static, quantizable_nodes
 
 __all__ = ["Quantize", "QUANTIZED_OPS"]
 
@@ -149,7 +150,7 @@ class Quantize(Pass):
             calib = ctx.require_calib("quantize mode=static", "or --set quantize.mode=dynamic, which needs none")
             load_data(calib, input_specs(model))
         if self.fold and (self.mode == "static" or _has_foldable(model)):
-            folded = fold_model(model)
+            folded = run_pass("fold", model)
             stats.summary["folded_batchnorm"] = folded.summary.get("batchnorm_folded", 0)
         bytes_before = weight_bytes(model)
         infer_shapes(model)
@@ -343,10 +344,10 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
     """One sentence on why a mode found nothing to quantize in `model`."""
     wanted = {"static": SUPPORTED_OPS, "dynamic": frozenset({"MatMul", "Gemm", "Conv"})}.get(
         mode, frozenset({"MatMul", "Gemm"}))
-    main = [n for n in model.graph if n.op_type in wanted and n.domain in ("", "ai.onnx")]
+    main = [n for n in model.graph if is_onnx_op(n, *wanted)]
     subgraphs = [g for g in iter_graphs(model.graph) if g is not model.graph]
     nested = [n for g in subgraphs for n in g if n.op_type in wanted]
-    foreign = sorted({n.domain for g in iter_graphs(model.graph) for n in g if n.domain not in ("", "ai.onnx")})
+    foreign = sorted({n.domain for g in iter_graphs(model.graph) for n in g if not is_default_domain(n.domain)})
     if nested and not main:
         return (f"nothing quantized: the {len(nested)} {'/'.join(sorted({n.op_type for n in nested}))} nodes are "
                 "inside If/Loop/Scan bodies, which this pass does not rewrite")
@@ -366,17 +367,14 @@ def _try_opset_upgrade(model: ir.Model, stats: PassStats) -> bool:
     opset = opset_version(model)
     if opset >= _PER_CHANNEL_OPSET:
         return True
-    try:
-        proto = onnx.version_converter.convert_version(ir.to_proto(model), _PER_CHANNEL_OPSET)
-        converted = ir.from_proto(proto)
-    except Exception as exc:  # the converter lacks adapters for some ops
-        line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    reason = upgrade_opset(model, _PER_CHANNEL_OPSET)
+    if reason is None and opset_version(model) < _PER_CHANNEL_OPSET:
+        reason = "the model imports no opset of the default domain"
+    if reason is not None:
         if opset < _MIN_QDQ_OPSET:
-            raise ModelError(f"opset {opset} has no QuantizeLinear and upgrading failed: {line}") from None
-        stats.notes.append(f"opset {opset} could not be upgraded to 13 ({line}); weights use per-tensor scales")
+            raise ModelError(f"opset {opset} has no QuantizeLinear and upgrading failed: {reason}")
+        stats.notes.append(f"opset {opset} could not be upgraded to 13 ({reason}); weights use per-tensor scales")
         return False
-    model.graph = converted.graph
-    model.ir_version = max(model.ir_version, converted.ir_version)
     infer_shapes(model)
     stats.summary["opset_upgraded"] = True
     stats.notes.append(f"opset upgraded from {opset} to {_PER_CHANNEL_OPSET} for per-channel DequantizeLinear")

@@ -33,7 +33,7 @@ stored unsigned (two 4-bit values per byte, low nibble first); the kernel's defa
 ``2^(bits-1)`` undoes the offset, so ``w' = (q - 2^(bits-1)) * s``.
 
 With calibration data and ``gptq=true``, weight-only rounding is error-compensating (GPTQ, see
-`passes._quant_gptq`) with the same blockwise scales.
+`gptq`) with the same blockwise scales.
 
 Weights are read, quantized and released one at a time, so memory holds one float weight at a time
 on top of the memory-mapped model.
@@ -47,14 +47,13 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, take_over_output, unique_name
-from onnxopt.io import is_constant
+from onnxopt.graph import all_names, is_constant, is_onnx_op, new_initializer, take_over_output, unique_name
 from onnxopt.progress import progress
 from onnxopt.registry import PassStats, matches_any
 
-from ._quant_calib import quantize_array, weight_scales
-from ._quant_gptq import gptq_round
-from ._quant_static import gemm_declined, new_init
+from .calib import quantize_array, weight_scales
+from .gptq import gptq_round
+from .layout import gemm_declined
 
 __all__ = ["apply_dynamic", "apply_weight_only", "pack_nbits"]
 
@@ -91,8 +90,8 @@ def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
 def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassStats) -> list[ir.Node]:
     nodes = []
     for node in graph:
-        if node.op_type not in ops or node.domain not in ("", "ai.onnx"):
-            if node.op_type in ("Conv", "ConvTranspose") and node.domain in ("", "ai.onnx"):
+        if not is_onnx_op(node, *ops):
+            if is_onnx_op(node, "Conv", "ConvTranspose"):
                 stats.skip(node, _float_conv_reason(node.op_type, ops))
             continue
         if matches_any(node, exclude):
@@ -192,9 +191,9 @@ def _try_dynamic(
     w_q = quantize_array(w, s_w.reshape(1, -1) if per_channel else s_w, 0, np.dtype(np.int8))
     del w
     q = _dynamic_input(graph, node, dql, taken)
-    wq_value = new_init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
-    wz_value = new_init(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken)
-    ws_value = new_init(graph, f"{w_value.name}_scale", s_w, taken)
+    wq_value = new_initializer(graph, f"{w_value.name}_quantized", w_q, origin=w_value.name, taken=taken)
+    wz_value = new_initializer(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken=taken)
+    ws_value = new_initializer(graph, f"{w_value.name}_scale", s_w, taken=taken)
     mmi = _new_node(graph, "MatMulInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken)
     _rescale(graph, node, mmi, q, ws_value, bias, base, taken)
     _drop_if_unused(graph, w_value)
@@ -235,9 +234,10 @@ def _try_dynamic_conv(
     w_q = quantize_array(w, s_w.reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else s_w, 0, np.dtype(np.int8))
     del w
     q = _dynamic_input(graph, node, dql, taken)
-    wq_value = new_init(graph, f"{w_value.name}_quantized", w_q, taken, origin=w_value.name)
-    wz_value = new_init(graph, f"{w_value.name}_zero_point", np.zeros((), np.int8), taken)
-    ws_value = new_init(graph, f"{w_value.name}_scale", s_w.reshape(channel_shape) if per_channel else s_w, taken)
+    wq_value = new_initializer(graph, f"{w_value.name}_quantized", w_q, origin=w_value.name, taken=taken)
+    wz_value = new_initializer(graph, f"{w_value.name}_zero_point", np.zeros((), np.int8), taken=taken)
+    ws_value = new_initializer(graph, f"{w_value.name}_scale", s_w.reshape(channel_shape) if per_channel else s_w,
+                               taken=taken)
     attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
     conv = _new_node(graph, "ConvInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken,
                      attrs=attrs)
@@ -245,7 +245,7 @@ def _try_dynamic_conv(
     b_value = None
     if bias is not None:
         b = np.asarray(bias.const_value.numpy(), dtype=np.float32).reshape(channel_shape)
-        b_value = new_init(graph, f"{bias.name}_channels", b, taken, origin=bias.name)
+        b_value = new_initializer(graph, f"{bias.name}_channels", b, origin=bias.name, taken=taken)
     _rescale(graph, node, conv, q, ws_value, b_value, base, taken)
     _drop_if_unused(graph, w_value)
     if bias is not None:
@@ -319,8 +319,8 @@ def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int,
     packed, scales = pack_nbits(w, bits, block_size, h if h is not None and h.shape == (k, k) else None)
     del w
     w_value = node.inputs[1]
-    b_value = new_init(graph, f"{w_value.name}_quantized", packed, taken, origin=w_value.name)
-    s_value = new_init(graph, f"{w_value.name}_scale", scales.reshape(-1), taken)
+    b_value = new_initializer(graph, f"{w_value.name}_quantized", packed, origin=w_value.name, taken=taken)
+    s_value = new_initializer(graph, f"{w_value.name}_scale", scales.reshape(-1), taken=taken)
     attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
              ir.AttrInt64("block_size", block_size)]
     inputs = [x, b_value, s_value] + ([None, None, bias] if bias is not None else [])

@@ -21,7 +21,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import constant_array, only_used_by, set_weight
+from onnxopt.graph import constant_array, is_onnx_op, only_used_by, set_weight
 from onnxopt.registry import PassStats
 
 __all__ = ["equalize_pairs"]
@@ -46,7 +46,7 @@ def _next_conv(conv: ir.Node) -> ir.Node | None:
         nxt = r_uses[0].node
     elif uses[0].idx != 0:
         return None
-    return nxt if nxt.op_type == "Conv" and nxt.domain in ("", "ai.onnx") else None
+    return nxt if is_onnx_op(nxt, "Conv") else None
 
 
 def _try_equalize(a: ir.Node, b: ir.Node) -> str | None:
@@ -88,7 +88,7 @@ def equalize_pairs(graph: ir.Graph, stats: PassStats) -> int:
     """Cross-layer equalize every eligible Conv pair of `graph`; return the number of pairs."""
     pairs = []
     for node in graph:
-        if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
+        if is_onnx_op(node, "Conv"):
             nxt = _next_conv(node)
             if nxt is not None:
                 pairs.append((node, nxt))

@@ -49,6 +49,7 @@ __all__ = [
     "vertical_patch_moments",
     "round_rank",
     "rank_steps",
+    "positions",
     "saves_enough",
     "ladder",
     "descend",
@@ -254,6 +255,16 @@ def rank_steps(full: int, round_to: int) -> list[int]:
     return sorted({min(full, r) for r in range(round_to, full + round_to, round_to)})
 
 
+def positions(shape: list[int] | None, *, conv: bool) -> int:
+    """Output positions of a conv map (N × spatial), or the rows a MatMul/Gemm sees (all but the last
+    axis); 1 when the shape is unknown (costs then count parameters)."""
+    if shape is None:
+        return 1
+    if conv:
+        return shape[0] * math.prod(shape[2:])
+    return math.prod(shape[:-1]) if len(shape) > 1 else 1
+
+
 class MatrixPlan:
     """``y = x W`` with W [K, N] over `rows` rows, factored by SVD into ``x A B`` (A [K, r], B [r, N])."""
 
@@ -300,14 +311,17 @@ class MatrixPlan:
 class SpatialPlan(MatrixPlan):
     """kh×kw conv weight [Cout, Cin, kh, kw] as kh×1 (Cin→r) then 1×kw (r→Cout): SVD of `spatial_matrix`.
 
-    `p_mid` and `p_out` are the positions of the intermediate (strided in height only) and output maps.
+    Costs count the positions of the intermediate map (strided in height only) and of the output.
     """
 
-    def __init__(self, weight: np.ndarray, p_mid: int, p_out: int) -> None:
+    def __init__(self, weight: np.ndarray, in_shape: list[int] | None, out_shape: list[int] | None) -> None:
         super().__init__(spatial_matrix(weight), 1)
         self.shape = tuple(weight.shape)
         self.cout, self.cin, self.kh, self.kw = weight.shape
-        self.p_mid, self.p_out = p_mid, p_out
+        self.p_mid = self.p_out = 1
+        if in_shape is not None and out_shape is not None:
+            n, _, h_out, w_out = out_shape
+            self.p_mid, self.p_out = n * h_out * in_shape[3], n * h_out * w_out
 
     def cost(self, ranks: Ranks) -> int:
         if not ranks:
@@ -322,13 +336,14 @@ class SpatialPlan(MatrixPlan):
 
 
 class TuckerPlan:
-    """k×k conv weight [Cout, Cin, k...] as 1×1 (Cin→r1), core (r1→r2), 1×1 (r2→Cout); positions `p_in`, `p_out`."""
+    """k×k conv weight [Cout, Cin, k...] as 1×1 (Cin→r1), core (r1→r2), 1×1 (r2→Cout)."""
 
-    def __init__(self, weight: np.ndarray, p_in: int, p_out: int) -> None:
+    def __init__(self, weight: np.ndarray, in_shape: list[int] | None, out_shape: list[int] | None) -> None:
         self.weight = weight
         self.cout, self.cin = weight.shape[:2]
         self.kk = math.prod(weight.shape[2:])
-        self.p_in, self.p_out = p_in, p_out
+        self.p_in = positions(in_shape, conv=True)
+        self.p_out = positions(out_shape, conv=True)
         self.factors: TuckerFactors | None = None
 
     def full_ranks(self) -> Ranks:

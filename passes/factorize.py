@@ -251,15 +251,6 @@ class _Stage:
     suffix: str
 
 
-def _positions(shape: list[int] | None, skip_last: bool = False) -> int:
-    """Rows a MatMul sees (all but the last axis) or positions of a conv map (N × spatial)."""
-    if shape is None:
-        return 1
-    if skip_last:
-        return math.prod(shape[:-1]) if len(shape) > 1 else 1
-    return shape[0] * math.prod(shape[2:])
-
-
 class _Layer:
     """A candidate node: its layer view, shapes, activation statistics and decomposition plan.
 
@@ -281,19 +272,10 @@ class _Layer:
         self.plan = self._plan()
 
     def _plan(self) -> lr.MatrixPlan | lr.TuckerPlan:
-        known = self.shapes_known
+        shapes = (self.in_shape, self.out_shape) if self.shapes_known else (None, None)
         if self.kind == "svd":
-            rows = _positions(self.out_shape, skip_last=self.geometry is None) if known else 1
-            return lr.MatrixPlan(self.linear.weights().T, rows)
-        if self.kind == "tucker":
-            return lr.TuckerPlan(self.raw, _positions(self.in_shape) if known else 1,
-                                 _positions(self.out_shape) if known else 1)
-        p_mid = p_out = 1
-        if known:
-            assert self.in_shape is not None and self.out_shape is not None
-            n, _, h_out, w_out = self.out_shape
-            p_mid, p_out = n * h_out * self.in_shape[3], n * h_out * w_out
-        return lr.SpatialPlan(self.raw, p_mid, p_out)
+            return lr.MatrixPlan(self.linear.weights().T, lr.positions(shapes[1], conv=self.geometry is not None))
+        return (lr.TuckerPlan if self.kind == "tucker" else lr.SpatialPlan)(self.raw, *shapes)
 
     @property
     def orig_cost(self) -> int:
@@ -467,7 +449,9 @@ def _apply(graph: ir.Graph, layer: _Layer, ranks: Ranks) -> None:
 
 
 # ------------------------------------------------------------------------------ speed check
-def _stage_nodes(stages: list[_Stage], bias: np.ndarray | None) -> tuple[list[onnx.NodeProto], list[Any]]:
+def _micro_model(stages: list[_Stage], in_shape: list[int], dtype: np.dtype, bias: np.ndarray | None,
+                 opset: int) -> onnx.ModelProto:
+    """The chain of `stages` alone, as a model from "x" (`in_shape`) to "y"."""
     nodes, inits = [], []
     current = "x"
     for i, stage in enumerate(stages):
@@ -480,12 +464,6 @@ def _stage_nodes(stages: list[_Stage], bias: np.ndarray | None) -> tuple[list[on
         attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in stage.attrs.items()}
         nodes.append(helper.make_node(stage.op_type, inputs, [out], **attrs))
         current = out
-    return nodes, inits
-
-
-def _micro_model(stages: list[_Stage], in_shape: list[int], dtype: np.dtype, bias: np.ndarray | None,
-                 opset: int) -> onnx.ModelProto:
-    nodes, inits = _stage_nodes(stages, bias)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", elem, in_shape)],
                               [helper.make_tensor_value_info("y", elem, None)], inits)

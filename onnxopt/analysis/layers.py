@@ -118,6 +118,11 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
+def _gemm_flag(node: ir.Node, name: str) -> bool:
+    """Gemm's ``transA``/``transB`` (False for other ops)."""
+    return node.op_type == "Gemm" and bool(node.attributes.get_int(name, 0))
+
+
 def _rank_of(value: ir.Value) -> int:
     """Rank of a `_weight_like` value: of the constant, or of the integer constant behind its DequantizeLinear."""
     if value.const_value is None:
@@ -150,8 +155,8 @@ def operand_axes(node: ir.Node) -> tuple[OperandAxes | None, str | None]:
             return None, "weight (input B) is not a constant initializer"
         if _rank_of(w) != 2:
             return None, "weight is not 2-D"
-        trans_b = node.attributes.get_int("transB", 0)
-        feature = 0 if node.attributes.get_int("transA", 0) else 1
+        trans_b = _gemm_flag(node, "transB")
+        feature = 0 if _gemm_flag(node, "transA") else 1
         return OperandAxes(1, 0, 1 if trans_b else 0, 0 if trans_b else 1, feature), None
     if not x_const and not w_const:
         return None, "no constant operand (activation x activation)"
@@ -427,11 +432,11 @@ class Linear:
 
     @property
     def trans_a(self) -> bool:
-        return self.op == "Gemm" and bool(self.node.attributes.get_int("transA", 0))
+        return _gemm_flag(self.node, "transA")
 
     @property
     def trans_b(self) -> bool:
-        return self.op == "Gemm" and bool(self.node.attributes.get_int("transB", 0))
+        return _gemm_flag(self.node, "transB")
 
     @property
     def alpha(self) -> float:

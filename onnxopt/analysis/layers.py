@@ -38,6 +38,14 @@ groups, pads, and ``auto_pad`` (SAME_UPPER/SAME_LOWER/VALID), resolved to explic
 input's spatial size by `ConvGeometry.explicit_pads` (`ConvGeometry.unfold` is im2col with them).
 `operand_axes` says, without reading any weight, which input of a linear op is its weight and
 which axes meet (the table passes use for per-channel and N:M work).
+
+Worked example: ``Gemm(A[8, 6], B[5, 6], C[5], transB=1, alpha=0.5, beta=2)`` is viewed with
+``weights() = 0.5 · B`` [5, 6], ``bias_values() = 2 · C``, ``features(A) = A`` and ``target(Y) = Y``;
+``write(graph, weights=R, bias=b)`` stores ``B = R / 0.5`` and ``C = b / 2`` under the same names.
+
+Limits: a MatMul whose constant is its left operand or has batch dims, and blocked (or
+non-integer) quantization, have no view (`operand_axes` still describes the MatMuls); the
+features of a ConvTranspose with ``auto_pad`` SAME or ``output_shape`` are not unfolded.
 """
 
 from __future__ import annotations

@@ -18,19 +18,28 @@ Three decompositions, each optionally *whitened* by a second-moment matrix of th
 
 `lost(r)` is the fraction of (whitened) energy a rank drops: ``Σ_{k>r} s_k² / Σ_k s_k²``; for
 Tucker-2 ``1 − kept_in·kept_out`` (the two projections treated as independent: an estimate).
+
+A *plan* (`MatrixPlan`, `TuckerPlan`, `SpatialPlan`) is one layer's decomposition with its rank
+arithmetic: the ranks on offer (`grid`, multiples of ``round_to``), the ranks for a ratio or an
+energy, and the MACs (``rows`` = output positions, or parameters when shapes are unknown),
+parameters and energy lost at any ranks; ``()`` stands for the layer unfactored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 
 import numpy as np
 
 __all__ = [
+    "Ranks",
+    "MatrixPlan",
+    "TuckerPlan",
+    "SpatialPlan",
     "MatrixFactors",
     "TuckerFactors",
-    "Moments",
     "whitener",
     "matrix_factors",
     "tucker_factors",
@@ -38,39 +47,15 @@ __all__ = [
     "spatial_weights",
     "channel_rows",
     "vertical_patch_moments",
-    "explicit_pads",
+    "round_rank",
+    "rank_steps",
+    "positions",
+    "saves_enough",
+    "ladder",
+    "descend",
 ]
 
-_CHUNK_ROWS = 16384
-
-
-@dataclasses.dataclass
-class Moments:
-    """A running second moment ``Σ xᵀx`` of row vectors, in float64."""
-
-    dim: int
-    total: np.ndarray | None = None
-    count: int = 0
-
-    def add(self, rows: np.ndarray) -> None:
-        if self.total is None:
-            self.total = np.zeros((self.dim, self.dim), dtype=np.float64)
-        for start in range(0, rows.shape[0], _CHUNK_ROWS):
-            part = np.asarray(rows[start : start + _CHUNK_ROWS], dtype=np.float64)
-            self.total += part.T @ part
-        self.count += rows.shape[0]
-
-    def add_block(self, block: np.ndarray, rows: int) -> None:
-        """Add a precomputed ``Σ xᵀx`` over `rows` vectors."""
-        if self.total is None:
-            self.total = np.zeros((self.dim, self.dim), dtype=np.float64)
-        self.total += block
-        self.count += rows
-
-    def mean(self) -> np.ndarray | None:
-        if self.total is None or self.count == 0:
-            return None
-        return self.total / self.count
+Ranks = tuple[int, ...]
 
 
 def whitener(second_moment: np.ndarray, damping: float) -> np.ndarray:
@@ -231,20 +216,6 @@ def channel_rows(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
 
 
-def explicit_pads(
-    auto_pad: str, pads: tuple[int, int], size: int, kernel: int, stride: int, dilation: int
-) -> tuple[int, int]:
-    """(begin, end) padding of one spatial axis, resolving ``auto_pad``."""
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        span = dilation * (kernel - 1) + 1
-        total = max(0, (math.ceil(size / stride) - 1) * stride + span - size)
-        small = total // 2
-        return (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-    if auto_pad == "VALID":
-        return 0, 0
-    return pads
-
-
 def vertical_patch_moments(
     x: np.ndarray, kh: int, stride: int, dilation: int, pads: tuple[int, int]
 ) -> tuple[np.ndarray, int]:
@@ -269,3 +240,207 @@ def vertical_patch_moments(
             block[:, i, :, j] = prod
             block[:, j, :, i] = prod.T
     return block.reshape(c * kh, c * kh), rows[0].shape[0]
+
+
+# ------------------------------------------------------------------------------ plans: ranks and costs
+def round_rank(value: float, full: int, round_to: int) -> int:
+    """`value` rounded up to a multiple of `round_to`, within [1, full]."""
+    rank = max(1, math.ceil(value - 1e-9))
+    rank = math.ceil(rank / round_to) * round_to
+    return max(1, min(full, rank))
+
+
+def rank_steps(full: int, round_to: int) -> list[int]:
+    """The multiples of `round_to` below `full`, and `full`."""
+    return sorted({min(full, r) for r in range(round_to, full + round_to, round_to)})
+
+
+def positions(shape: list[int] | None, *, conv: bool) -> int:
+    """Output positions of a conv map (N × spatial), or the rows a MatMul/Gemm sees (all but the last
+    axis); 1 when the shape is unknown (costs then count parameters)."""
+    if shape is None:
+        return 1
+    if conv:
+        return shape[0] * math.prod(shape[2:])
+    return math.prod(shape[:-1]) if len(shape) > 1 else 1
+
+
+class MatrixPlan:
+    """``y = x W`` with W [K, N] over `rows` rows, factored by SVD into ``x A B`` (A [K, r], B [r, N])."""
+
+    def __init__(self, matrix: np.ndarray, rows: int) -> None:
+        self.matrix = matrix
+        self.k, self.n = matrix.shape
+        self.rows = rows
+        self.factors: MatrixFactors | None = None
+
+    def full_ranks(self) -> Ranks:
+        return (min(self.k, self.n),)
+
+    def grid(self, round_to: int) -> list[Ranks]:
+        return [(r,) for r in rank_steps(self.full_ranks()[0], round_to)]
+
+    def ranks_for_ratio(self, ratio: float, round_to: int) -> Ranks:
+        full = self.full_ranks()[0]
+        return (round_rank(ratio * full, full, round_to),)
+
+    def ranks_for_energy(self, energy: float, round_to: int) -> Ranks:
+        assert self.factors is not None
+        full = self.full_ranks()[0]
+        return (round_rank(self.factors.rank_for_energy(energy), full, round_to),)
+
+    def cost(self, ranks: Ranks) -> int:
+        if not ranks:
+            return self.rows * self.k * self.n
+        return self.rows * ranks[0] * (self.k + self.n)
+
+    def params(self, ranks: Ranks) -> int:
+        return ranks[0] * (self.k + self.n)
+
+    def lost(self, ranks: Ranks) -> float:
+        assert self.factors is not None
+        return self.factors.lost(ranks[0])
+
+    def decompose(self, damping: float | None, in_moment: np.ndarray | None = None,
+                  out_moment: np.ndarray | None = None) -> None:
+        """Factor the weight, whitened by the input second moment when `damping` is given (data-aware)."""
+        chol = whitener(in_moment, damping) if damping is not None and in_moment is not None else None
+        self.factors = matrix_factors(self.matrix, chol)
+
+
+class SpatialPlan(MatrixPlan):
+    """kh×kw conv weight [Cout, Cin, kh, kw] as kh×1 (Cin→r) then 1×kw (r→Cout): SVD of `spatial_matrix`.
+
+    Costs count the positions of the intermediate map (strided in height only) and of the output.
+    """
+
+    def __init__(self, weight: np.ndarray, in_shape: list[int] | None, out_shape: list[int] | None) -> None:
+        super().__init__(spatial_matrix(weight), 1)
+        self.shape = tuple(weight.shape)
+        self.cout, self.cin, self.kh, self.kw = weight.shape
+        self.p_mid = self.p_out = 1
+        if in_shape is not None and out_shape is not None:
+            n, _, h_out, w_out = out_shape
+            self.p_mid, self.p_out = n * h_out * in_shape[3], n * h_out * w_out
+
+    def cost(self, ranks: Ranks) -> int:
+        if not ranks:
+            return self.p_out * self.cout * self.cin * self.kh * self.kw
+        return self.p_mid * ranks[0] * self.cin * self.kh + self.p_out * self.cout * ranks[0] * self.kw
+
+    def weights(self, ranks: Ranks) -> tuple[np.ndarray, np.ndarray]:
+        """The kh×1 and 1×kw conv weights at rank ``ranks[0]``."""
+        assert self.factors is not None
+        a, b = self.factors.factors(ranks[0])
+        return spatial_weights(a, b, self.shape)
+
+
+class TuckerPlan:
+    """k×k conv weight [Cout, Cin, k...] as 1×1 (Cin→r1), core (r1→r2), 1×1 (r2→Cout)."""
+
+    def __init__(self, weight: np.ndarray, in_shape: list[int] | None, out_shape: list[int] | None) -> None:
+        self.weight = weight
+        self.cout, self.cin = weight.shape[:2]
+        self.kk = math.prod(weight.shape[2:])
+        self.p_in = positions(in_shape, conv=True)
+        self.p_out = positions(out_shape, conv=True)
+        self.factors: TuckerFactors | None = None
+
+    def full_ranks(self) -> Ranks:
+        return (self.cin, self.cout)
+
+    def grid(self, round_to: int) -> list[Ranks]:
+        grid = set()
+        for r_in in rank_steps(self.cin, round_to):
+            r_out = round_rank(r_in * self.cout / self.cin, self.cout, round_to)
+            grid.add((r_in, r_out))
+        for r_out in rank_steps(self.cout, round_to):
+            r_in = round_rank(r_out * self.cin / self.cout, self.cin, round_to)
+            grid.add((r_in, r_out))
+        return sorted(grid)
+
+    def ranks_for_ratio(self, ratio: float, round_to: int) -> Ranks:
+        return (round_rank(ratio * self.cin, self.cin, round_to), round_rank(ratio * self.cout, self.cout, round_to))
+
+    def ranks_for_energy(self, energy: float, round_to: int) -> Ranks:
+        assert self.factors is not None
+        r_in = int(np.searchsorted(self.factors.in_cumulative, energy - 1e-12) + 1)
+        r_out = int(np.searchsorted(self.factors.out_cumulative, energy - 1e-12) + 1)
+        return (round_rank(r_in, self.cin, round_to), round_rank(r_out, self.cout, round_to))
+
+    def cost(self, ranks: Ranks) -> int:
+        if not ranks:
+            return self.p_out * self.cout * self.cin * self.kk
+        r_in, r_out = ranks
+        total = self.p_out * r_out * r_in * self.kk
+        if r_in < self.cin:
+            total += self.p_in * self.cin * r_in
+        if r_out < self.cout:
+            total += self.p_out * r_out * self.cout
+        return total
+
+    def params(self, ranks: Ranks) -> int:
+        r_in, r_out = ranks
+        total = r_out * r_in * self.kk
+        total += self.cin * r_in if r_in < self.cin else 0
+        total += r_out * self.cout if r_out < self.cout else 0
+        return total
+
+    def lost(self, ranks: Ranks) -> float:
+        assert self.factors is not None
+        return self.factors.lost(*ranks)
+
+    def decompose(self, damping: float | None, in_moment: np.ndarray | None = None,
+                  out_moment: np.ndarray | None = None) -> None:
+        """Tucker-2, whitened by the input and output second moments when `damping` is given (data-aware)."""
+        chol = out = None
+        if damping is not None:
+            chol = whitener(in_moment, damping) if in_moment is not None else None
+            out = out_moment
+        self.factors = tucker_factors(self.weight, chol, out)
+
+
+# ------------------------------------------------------------------------------ choosing ranks for a MAC budget
+Plan = MatrixPlan | TuckerPlan
+
+
+def saves_enough(plan: Plan, ranks: Ranks, min_saving: float) -> bool:
+    """Whether `ranks` cut the plan's cost by at least `min_saving` (a fraction of the unfactored cost)."""
+    original = plan.cost(())
+    return original > 0 and plan.cost(ranks) <= (1.0 - min_saving) * original
+
+
+def ladder(plan: Plan, round_to: int, min_saving: float) -> list[Ranks]:
+    """Rank choices that save enough, from the most expensive to the cheapest."""
+    options = [r for r in plan.grid(round_to) if saves_enough(plan, r, min_saving)]
+    return sorted(options, key=plan.cost, reverse=True)
+
+
+def _step_price(plan: Plan, ladder: list[Ranks], at: int) -> float:
+    """Energy lost per MAC saved by moving one step down `ladder` from position `at` (-1: unfactored)."""
+    cost_now = plan.cost(()) if at < 0 else plan.cost(ladder[at])
+    lost_now = 0.0 if at < 0 else plan.lost(ladder[at])
+    nxt = ladder[at + 1]
+    saved = cost_now - plan.cost(nxt)
+    return (plan.lost(nxt) - lost_now) / saved if saved > 0 else math.inf
+
+
+def descend(plans: list[Plan], ladders: list[list[Ranks]], total: float, target: float) -> tuple[list[int], float]:
+    """From `total` MACs, repeatedly take the step (one plan one rung down its ladder) that loses the
+    least energy per MAC saved, until `target` is reached or no step is left.
+
+    Returns each plan's rung (-1: left unfactored) and the MACs then left.
+    """
+    position = [-1] * len(plans)
+    heap = [(_step_price(plan, rungs, -1), i) for i, (plan, rungs) in enumerate(zip(plans, ladders)) if rungs]
+    heapq.heapify(heap)
+    current = total
+    while current > target and heap:
+        _, i = heapq.heappop(heap)
+        plan, rungs = plans[i], ladders[i]
+        before = plan.cost(()) if position[i] < 0 else plan.cost(rungs[position[i]])
+        position[i] += 1
+        current -= before - plan.cost(rungs[position[i]])
+        if position[i] + 1 < len(rungs):
+            heapq.heappush(heap, (_step_price(plan, rungs, position[i]), i))
+    return position, current

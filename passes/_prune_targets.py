@@ -4,7 +4,8 @@ A target is one constant float initializer consumed only by prunable nodes (Conv
 Gemm, MatMul) in the weight role; a weight shared by several such nodes is one target, pruned once.
 For every use we record the weight's *reduction axis* (the axis summed against the input features,
 along which N:M blocks run) and the activation tensor with its *feature axis* (for the activation
-criterion, which scales ``|W|`` by the L2 norm of the input feature each element multiplies):
+criterion, which scales ``|W|`` by the L2 norm of the input feature each element multiplies), as
+`onnxopt.analysis.layers.operand_axes` gives them for every linear op:
 
 ==============  =====================  ==================  ==============  ===================
 op              weight                 activation          reduction axis  feature axis
@@ -31,14 +32,15 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.io import is_constant, iter_graphs
+from onnxopt.analysis.layers import LINEAR_OPS, conv_geometry, operand_axes
+from onnxopt.graph import is_constant, iter_graphs
 from onnxopt.registry import PassStats, matches_any
 
 __all__ = ["PRUNABLE_OPS", "Use", "Target", "find_targets", "feature_scale"]
 
 logger = logging.getLogger(__name__)
 
-PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PRUNABLE_OPS = LINEAR_OPS
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
@@ -99,10 +101,10 @@ def find_targets(
     by_value: dict[int, Target] = {}
     for graph in iter_graphs(model.graph):
         for node in graph:
-            if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
-                continue
             use, reason = _try_weight_use(node)
             if use is None:
+                if reason is None:  # not a prunable op
+                    continue
                 stats.skip(node, reason or "no prunable weight")
                 continue
             value = node.inputs[use.index]
@@ -119,57 +121,13 @@ def find_targets(
 
 
 def _try_weight_use(node: ir.Node) -> tuple[Use | None, str | None]:
-    """The node's weight use, or the reason it has none."""
-    if node.op_type in ("Conv", "ConvTranspose"):
-        return _try_conv_use(node)
-    if node.op_type == "Gemm":
-        return _try_gemm_use(node)
-    return _try_matmul_use(node)
-
-
-def _input(node: ir.Node, i: int) -> ir.Value | None:
-    return node.inputs[i] if len(node.inputs) > i else None
-
-
-def _try_conv_use(node: ir.Node) -> tuple[Use | None, str | None]:
-    x, w = _input(node, 0), _input(node, 1)
-    if x is None or not is_constant(w):
+    """The node's weight use, or the reason it has none ((None, None): not a prunable op)."""
+    axes, reason = operand_axes(node)
+    if axes is None:
+        return None, reason
+    if not is_constant(node.inputs[axes.weight]):
         return None, "weight is not a constant initializer"
-    if w.const_value.shape is None or len(w.const_value.shape) < 3:
-        return None, "weight is not a convolution kernel of rank >= 3"
-    axis = 1 if node.op_type == "Conv" else 0
-    return Use(node, 1, axis, x, 1), None
-
-
-def _try_gemm_use(node: ir.Node) -> tuple[Use | None, str | None]:
-    a, b = _input(node, 0), _input(node, 1)
-    if a is None or not is_constant(b):
-        return None, "weight (input B) is not a constant initializer"
-    if is_constant(a):
-        return None, "both operands are constant (run fold first)"
-    if b.const_value.shape is None or len(b.const_value.shape) != 2:
-        return None, "weight is not 2-D"
-    axis = 1 if node.attributes.get_int("transB", 0) else 0
-    feature_axis = 0 if node.attributes.get_int("transA", 0) else 1
-    return Use(node, 1, axis, a, feature_axis), None
-
-
-def _try_matmul_use(node: ir.Node) -> tuple[Use | None, str | None]:
-    a, b = _input(node, 0), _input(node, 1)
-    if a is None or b is None:
-        return None, "missing operand"
-    a_const, b_const = is_constant(a), is_constant(b)
-    if a_const and b_const:
-        return None, "both operands are constant (run fold first)"
-    if not a_const and not b_const:
-        return None, "no constant operand (activation x activation)"
-    w = b if b_const else a
-    rank = len(w.const_value.shape) if w.const_value.shape is not None else 0
-    if rank < 2:
-        return None, "weight is 1-D"
-    if b_const:
-        return Use(node, 1, rank - 2, a, -1), None
-    return Use(node, 0, rank - 1, b, -2), None
+    return Use(node, axes.weight, axes.reduction_axis, node.inputs[axes.activation], axes.feature_axis), None
 
 
 def _try_accept(target: Target, exclude: Sequence[str], min_size: int) -> str | None:
@@ -199,7 +157,7 @@ def feature_scale(use: Use, weight_shape: tuple[int, ...], norms: np.ndarray) ->
     ndim = len(weight_shape)
     if use.node.op_type == "Conv":
         out_ch, in_per_group = weight_shape[0], weight_shape[1]
-        group = use.node.attributes.get_int("group", 1)
+        group = conv_geometry(use.node, weight_shape).groups
         if group < 1 or norms.size != in_per_group * group or out_ch % group:
             return None
         group_of_out = np.arange(out_ch) // (out_ch // group)

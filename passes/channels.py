@@ -42,12 +42,14 @@ import onnx_ir as ir
 
 from onnxopt.analysis import infer_shapes
 from onnxopt.analysis.channel_groups import ChannelGraph, Consumer, Fixup, Group, build_channel_graph
+from onnxopt.analysis.layers import linear_of
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import constant_array, new_initializer, only_used_by, opset_version, set_weight, unique_name
-from onnxopt.io import iter_graphs
+from onnxopt.graph import constant_array, iter_graphs, new_initializer, only_used_by, opset_version, set_weight
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 from onnxopt.runtime import TapSession
+
+from ._channels_fit import refit_consumer
 
 __all__ = ["Channels", "remove_units", "add_to_bias"]
 
@@ -385,18 +387,16 @@ def _compensations(cg: ChannelGraph, removed: set[int], means: dict[str, tuple[n
 
 
 def _consumer_delta(c: Consumer, idx: np.ndarray, m: np.ndarray) -> np.ndarray | None:
-    w = np.asarray(constant_array(c.node.inputs[c.weight_index]), dtype=np.float64)
-    cols = np.take(w, idx, axis=c.axis)
-    if c.kind == "conv":
-        return cols.reshape(cols.shape[0], cols.shape[1], -1).sum(-1) @ m
-    if c.kind == "convtranspose":
-        if any(s != 1 for s in c.node.attributes.get_ints("strides", [1])):
-            return None
-        return m @ cols.reshape(cols.shape[0], cols.shape[1], -1).sum(-1)
-    if c.kind == "gemm":
-        alpha = c.node.attributes.get_float("alpha", 1.0)
-        return alpha * (cols @ m if c.axis == 1 else m @ cols)
-    return m @ cols
+    """``W[:, idx] @ m`` per output channel, a conv's kernel summed over its window (None: not applicable)."""
+    layer, _ = linear_of(c.node)
+    if layer is None or layer.groups != 1:
+        return None
+    geometry = layer.geometry
+    if c.kind == "convtranspose" and any(s != 1 for s in geometry.strides):  # type: ignore[union-attr]
+        return None
+    rows = layer.weights()
+    per_input = rows.reshape(rows.shape[0], -1, math.prod(geometry.kernel) if geometry else 1).sum(-1)
+    return per_input[:, idx] @ m
 
 
 def _apply_compensations(graph: ir.Graph, cg: ChannelGraph, deltas: dict[int, tuple[Consumer, np.ndarray]],
@@ -406,62 +406,23 @@ def _apply_compensations(graph: ir.Graph, cg: ChannelGraph, deltas: dict[int, tu
         out_space = cg.space_of(c.node.outputs[0])
         if out_space is not None:
             delta = delta[masks[out_space.index]]
-        add_to_bias(graph, c.node, delta.astype(np.float32))
+        reason = add_to_bias(graph, c.node, delta.astype(np.float32))
+        if reason:
+            logger.warning("channels: no bias compensation for %s: %s", c.node.name or c.node.op_type, reason)
+            continue
         applied[key] = delta
     return applied
 
 
-def add_to_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
-    """Add a per-output-channel `delta` to the bias of a Conv/ConvTranspose/Gemm/MatMul."""
-    if node.op_type == "MatMul":
-        _add_after_matmul(graph, node, delta)
-        return
-    if node.op_type == "Gemm":
-        beta = node.attributes.get_float("beta", 1.0)
-        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-    else:
-        beta = 1.0
-    dtype = np.asarray(constant_array(node.inputs[1])).dtype
-    old = node.inputs[2] if len(node.inputs) > 2 else None
-    base = np.zeros(delta.shape) if old is None else np.asarray(constant_array(old), dtype=np.float64) * beta
-    new = (base + (delta if base.ndim < 2 else delta[None, :])).astype(dtype)
-    if old is not None and only_used_by(old, node):
-        set_weight(old, new)
-        return
-    bias = new_initializer(graph, f"{node.name or node.op_type}.bias", new, origin=old.name if old else None)
-    if len(node.inputs) < 3:
-        node.resize_inputs(3)
-    node.replace_input_with(2, bias)
+def add_to_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> str | None:
+    """Add a per-output-channel `delta` to the bias of a Conv/ConvTranspose/Gemm/MatMul (a MatMul's bias
+    is the constant of the Add after it, created when missing); the reason when it cannot.
 
-
-def _add_after_matmul(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
-    out = node.outputs[0]
-    uses = list(out.uses())
-    if len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
-        add = uses[0].node
-        other = add.inputs[1 - uses[0].idx]
-        arr = constant_array(other)
-        if arr is not None and arr.shape and arr.shape[-1] == delta.size and arr.size == delta.size:
-            new = (np.asarray(arr, dtype=np.float64) + delta.reshape(arr.shape)).astype(arr.dtype)
-            if only_used_by(other, add):
-                set_weight(other, new)
-            else:
-                add.replace_input_with(1 - uses[0].idx, new_initializer(graph, f"{other.name}", new, origin=other.name))
-            return
-    bias = new_initializer(graph, f"{node.name or 'MatMul'}.bias", delta.astype(np.float32))
-    add = ir.Node("", "Add", [out, bias], name=f"{node.name or 'MatMul'}.bias_add")
-    for use in uses:
-        use.node.replace_input_with(use.idx, add.outputs[0])
-    add.outputs[0].name = unique_name(graph, f"{out.name}.biased")
-    add.outputs[0].shape = out.shape
-    add.outputs[0].type = out.type
-    if out.is_graph_output():
-        k = list(graph.outputs).index(out)
-        name = out.name
-        out.name = f"{name}.raw"
-        add.outputs[0].name = name
-        graph.outputs[k] = add.outputs[0]
-    graph.insert_after(node, add)
+    A bias other nodes read too is copied for this node first."""
+    layer, reason = linear_of(node)
+    if layer is None:
+        return reason or f"{node.op_type} is not a linear layer"
+    return layer.write(graph, bias=layer.bias_values() + delta, copy_shared=True)
 
 
 # ====================================================================== helpers: surgery
@@ -552,8 +513,6 @@ def _teacher_taps(model: ir.Model, cg: ChannelGraph, ctx: Context) -> TapSession
 
 def _refit_consumers(model: ir.Model, cg: ChannelGraph, masks: dict[int, np.ndarray],
                      comp: dict[int, np.ndarray], teacher: TapSession, ctx: Context, stats: PassStats) -> None:
-    from onnxopt.passes._channels_fit import refit_consumer
-
     order = {id(n): k for k, n in enumerate(model.graph)}
     seen: set[int] = set()
     cut = [c for c in cg.consumers if not masks[c.space.index].all()]

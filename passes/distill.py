@@ -54,36 +54,27 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis import infer_shapes
+from onnxopt.analysis.fitting import Moments
+from onnxopt.analysis.layers import Linear, linear_of
 from onnxopt.context import Context
 from onnxopt.data import Dataset
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import origin_of
+from onnxopt.graph import is_constant, origin_of
 from onnxopt.io import load
 from onnxopt.progress import progress
-from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
+from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
 from onnxopt.runtime import TapSession, run_taps
 
-from . import _distill_math as dm
-from ._distill_layers import Linear, linear_of
-from .fold import fold_model
+from ._distill_fit import Fit, Pair, try_fit_soft, try_refit_linear, try_refit_pair
 
 __all__ = ["Distill"]
 
 logger = logging.getLogger(__name__)
 
-MATCHED_REL_L2 = 1e-5
-"""A layer whose relative L2 error to its teacher tensor is below this already matches it."""
 _IM2COL_ROWS = 4096
+_NOT_REFIT = ("ConvTranspose", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulNBits")
 _ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish",
                           "Softplus", "Gelu"})
-
-
-@dataclasses.dataclass
-class _Pair:
-    """A factorized layer: A's output feeds only the pointwise B, and only B has a teacher tensor."""
-
-    a: Linear
-    b: Linear
 
 
 class _TeacherWeights:
@@ -99,33 +90,33 @@ class _TeacherWeights:
     def rows(self, weight_name: str) -> np.ndarray | None:
         if self._layers is None:
             model = load(self.path, check=False)
-            fold_model(model)
+            run_pass("fold", model)
             self._layers = {}
             for node in model.graph:
-                layer, _ = linear_of(node)
+                layer, _ = _refittable(node)
                 if layer is not None:
-                    self._layers[layer.weight.value.name] = layer
+                    self._layers[layer.weight.name] = layer
         layer = self._layers.get(weight_name)
-        return None if layer is None else layer.rows()[:, :-1]
+        return None if layer is None else layer.weights()
 
 
 @dataclasses.dataclass
 class _Unit:
     """What one refit touches: a single layer or a factor pair, and its teacher tensor."""
 
-    layer: Linear | _Pair
+    layer: Linear | Pair
     teacher: str
-    normal: dm.Normal | None = None  # statistics of the feeds the refit is fitted on
-    check: dm.Normal | None = None  # statistics of the held-out feeds it is checked on
+    normal: Moments | None = None  # statistics of the feeds the refit is fitted on
+    check: Moments | None = None  # statistics of the held-out feeds it is checked on
     failed: str | None = None
 
     @property
     def first(self) -> Linear:
-        return self.layer.a if isinstance(self.layer, _Pair) else self.layer
+        return self.layer.a if isinstance(self.layer, Pair) else self.layer
 
     @property
     def last(self) -> Linear:
-        return self.layer.b if isinstance(self.layer, _Pair) else self.layer
+        return self.layer.b if isinstance(self.layer, Pair) else self.layer
 
 
 @register_pass("distill")
@@ -204,7 +195,7 @@ class Distill(Pass):
         found: list[tuple[Linear, str | None, str | None]] = []
         names: list[str] = []
         for node in model.graph:
-            layer, reason = linear_of(node)
+            layer, reason = _refittable(node)
             if layer is None:
                 if reason:
                     stats.skip(node, reason)
@@ -231,7 +222,7 @@ class Distill(Pass):
             why = _try_pair(layer, partner)
             if why is None and partner is not None:
                 paired.add(id(partner.node))
-                units.append(_Unit(_Pair(layer, partner), _teacher_tensor(partner, teacher_values)[0] or ""))
+                units.append(_Unit(Pair(layer, partner), _teacher_tensor(partner, teacher_values)[0] or ""))
             elif partner is None:
                 stats.skip(layer.node, reason or "no teacher tensor")
             else:
@@ -243,11 +234,11 @@ class Distill(Pass):
         if unit.failed or unit.normal is None:
             stats.skip(unit.first.node, unit.failed or "no transfer data reached it")
             return
-        fit = _Fit(unit.normal, unit.check, self.ridge)
-        if isinstance(unit.layer, _Pair):
-            reason = _try_refit_pair(graph, unit.layer, fit, stats, unit.teacher)
+        fit = Fit(unit.normal, unit.check, self.ridge)
+        if isinstance(unit.layer, Pair):
+            reason = try_refit_pair(graph, unit.layer, fit, stats, unit.teacher)
         else:
-            reason = _try_refit_linear(graph, unit.layer, fit, stats, unit.teacher, weights)
+            reason = try_refit_linear(graph, unit.layer, fit, stats, unit.teacher, weights.rows)
         if reason:
             stats.skip(unit.first.node, reason)
         else:
@@ -272,12 +263,32 @@ class Distill(Pass):
             logits.append(head.target(got_t[head.y.name]))
             held.append(np.full(x.shape[0], len(transfer) > 1 and _held_out(index, self.holdout)))
         x, z_t = np.concatenate(feats), np.concatenate(logits).astype(np.float64)
-        reason = _try_fit_soft(model.graph, head, x, z_t, np.concatenate(held), self.T, self.ridge, stats)
+        reason = try_fit_soft(model.graph, head, x, z_t, np.concatenate(held), self.T, self.ridge, stats)
         if reason:
             stats.notes.append(f"logits: {reason}")
 
 
 # ---------------------------------------------------------------------- setup helpers
+def _refittable(node: ir.Node) -> tuple[Linear | None, str | None]:
+    """The layer view of `node` when distill can refit it, else the reason ((None, None): not a layer)."""
+    if node.op_type in _NOT_REFIT:
+        return None, f"{node.op_type} is not refit (only Conv, Gemm and MatMul, float or QDQ)"
+    layer, reason = linear_of(node)
+    if layer is None:
+        return None, reason
+    if is_constant(layer.x):
+        return None, "its input is a constant"
+    if layer.bias_reason:
+        return None, f"bias: {layer.bias_reason}"
+    for kind, param in (("weight", layer.weight), ("bias", layer.bias)):
+        shared = param.shared() if param is not None else None
+        if shared:
+            return None, f"{kind}: {shared}"
+    if layer.bias is not None and layer.bias.size != layer.out_channels:
+        return None, "bias is not one value per output channel"
+    return layer, None
+
+
 def _describe_io(values: list[ir.Value]) -> str:
     parts = []
     for v in values:
@@ -367,7 +378,7 @@ def _try_pair(a: Linear, b: Linear | None) -> str | None:
     """None when `a` -> `b` is a factor pair the pass can refit jointly, else the reason."""
     if b is None:
         return "no teacher tensor and no factor partner"
-    if a.groups != 1 or not b.pointwise:
+    if a.groups != 1 or (b.geometry is not None and not b.geometry.pointwise):
         return "factor pair is not (any layer) -> (pointwise layer)"
     users = list(a.y.uses())
     if len(users) != 1 or users[0].node is not b.node or a.y.is_graph_output():
@@ -449,176 +460,11 @@ def _try_add_rows(unit: _Unit, feats: np.ndarray, target: np.ndarray, held: bool
         return f"{feats.shape[0]} input rows but {target.shape[0]} teacher rows (shapes differ)"
     groups = unit.first.groups
     if unit.normal is None:
-        unit.normal = dm.Normal(groups, feats.shape[1] // groups, target.shape[1])
-        unit.check = dm.Normal(groups, feats.shape[1] // groups, target.shape[1])
+        unit.normal = Moments(feats.shape[1] // groups, target.shape[1], groups=groups, intercept=True)
+        unit.check = Moments(feats.shape[1] // groups, target.shape[1], groups=groups, intercept=True)
     elif target.shape[1] != unit.normal.q.shape[0]:
         return "teacher channel count changed between feeds"
     (unit.check if held else unit.normal).add(feats, target)  # type: ignore[union-attr]
-    return None
-
-
-# ---------------------------------------------------------------------- refits
-def _group_of(layer: Linear, channels: int) -> np.ndarray:
-    return np.arange(channels) // max(channels // layer.groups, 1)
-
-
-def _kind(layers: list[Linear], masked: bool) -> str:
-    parts = ["low-rank" if len(layers) == 2 else ("masked" if masked else "dense")]
-    if any(layer.weight.quantized for layer in layers):
-        parts.append("quantized")
-    return "+".join(parts)
-
-
-class _Fit:
-    """The statistics a refit uses: fitted on `part` and checked on `check`, then refit on both."""
-
-    def __init__(self, part: dm.Normal, check: dm.Normal | None, ridge: float) -> None:
-        self.part = part
-        self.check = check if check is not None and check.n > 0 and part.n > 0 else None
-        self.total = part.merged(check) if check is not None and check.n > 0 else part
-        self.ridge = ridge
-
-
-def _layer_row(name: str, op: str, teacher: str, kind: str, fit: _Fit, errors: dict[str, float],
-               mapped: int, channels: int) -> dict:
-    return {"layer": name, "op": op, "teacher": teacher, "kind": kind, "rows": fit.total.n, **errors,
-            "channels_paired": f"{mapped}/{channels}"}
-
-
-def _rel(err: float, energy: float) -> float:
-    return float(np.sqrt(err / max(energy, 1e-300)))
-
-
-def _judge(fit: _Fit, propose, error) -> tuple[object, dict[str, float], str | None]:
-    """Run `propose(normal)` on the fitting feeds, keep it only if `error` drops on the held-out ones, refit on all.
-
-    `error(normal, candidate)` gives (squared error, energy); candidate None means the current weights.
-    """
-    errors: dict[str, float] = {}
-    if fit.check is not None:
-        held_before, energy = error(fit.check, None)
-        held_after, _ = error(fit.check, propose(fit.part))
-        errors = {"held_out_err_before": _rel(held_before, energy), "held_out_err_after": _rel(held_after, energy)}
-        if held_after >= held_before:
-            return None, errors, (f"refit does not generalize: held-out transfer error "
-                                  f"{errors['held_out_err_before']:.3g} -> {errors['held_out_err_after']:.3g}")
-    before, energy = error(fit.total, None)
-    candidate = propose(fit.total)
-    after, _ = error(fit.total, candidate)
-    errors = {"rel_err_before": _rel(before, energy), "rel_err_after": _rel(after, energy), **errors}
-    if after >= before:
-        return None, errors, (f"refit does not lower the error (relative {errors['rel_err_before']:.3g} -> "
-                              f"{errors['rel_err_after']:.3g})")
-    return candidate, errors, None
-
-
-def _mapping(normal: dm.Normal, group_of: np.ndarray, rows0: np.ndarray,
-             preset: np.ndarray | None = None) -> tuple[np.ndarray, str | None]:
-    mapping = dm.channel_map(normal, group_of, rows0, preset)
-    if not np.any(mapping >= 0):
-        return mapping, "no student channel correlates with a teacher channel"
-    return mapping, None
-
-
-def _already_matched(normal: dm.Normal, group_of: np.ndarray, rows: np.ndarray, targets: np.ndarray) -> str | None:
-    err, energy = dm.rows_error(normal, group_of, rows, targets)
-    if err <= MATCHED_REL_L2**2 * energy:
-        return f"already matches the teacher (relative error {_rel(err, energy):.1e})"
-    return None
-
-
-def _try_refit_linear(graph: ir.Graph, layer: Linear, fit: _Fit, stats: PassStats, teacher: str,
-                      weights: _TeacherWeights) -> str | None:
-    """Refit one layer (dense, masked and/or quantized); return the reason when it is left as is."""
-    rows0 = layer.rows()
-    group_of = _group_of(layer, rows0.shape[0])
-    preset = None
-    if rows0.shape[0] < fit.total.q.shape[0]:
-        teacher_rows = weights.rows(origin_of(layer.weight.value) or "")
-        if teacher_rows is not None and teacher_rows.shape[0] == fit.total.q.shape[0]:
-            preset = dm.weight_map(rows0[:, :-1], teacher_rows)
-    mapping, reason = _mapping(fit.total, group_of, rows0, preset)
-    if reason:
-        return reason
-    sel = np.flatnonzero(mapping >= 0)
-    targets, groups, current = mapping[sel], group_of[sel], rows0[sel]
-    reason = _already_matched(fit.total, groups, current, targets)
-    if reason:
-        return reason
-    free = current != 0
-    free[:, -1] = layer.can_have_bias
-
-    def propose(normal: dm.Normal) -> np.ndarray:
-        new = rows0.copy()
-        new[sel] = dm.solve_rows(normal, groups, current, targets, free, fit.ridge)
-        new = layer.quantize_weights(new)
-        if layer.can_have_bias:
-            new[sel, -1] = dm.bias_given_weights(normal, groups, new[sel], targets)
-        return layer.stored_rows(new)
-
-    def error(normal: dm.Normal, candidate: np.ndarray | None) -> tuple[float, float]:
-        rows = current if candidate is None else candidate[sel]
-        return dm.rows_error(normal, groups, rows, targets)
-
-    new, errors, reason = _judge(fit, propose, error)
-    if reason:
-        return reason
-    layer.write(new, graph)  # type: ignore[arg-type]
-    masked = bool(np.any(~free[:, :-1]))
-    stats.layers.append(_layer_row(layer.name, layer.op, teacher, _kind([layer], masked), fit, errors,
-                                   sel.size, rows0.shape[0]))
-    return None
-
-
-def _pair_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row form of B ∘ A from the factors' rows (A: [r, f + 1], B: [m, r + 1])."""
-    rank = a.shape[0]
-    eff = b[:, :rank] @ a
-    eff[:, -1] += b[:, -1]
-    return eff
-
-
-def _try_refit_pair(graph: ir.Graph, pair: _Pair, fit: _Fit, stats: PassStats, teacher: str) -> str | None:
-    """Refit a factor pair by reduced-rank regression; return the reason when it is left as is."""
-    a0, b0 = pair.a.rows(), pair.b.rows()
-    rows0, rank = _pair_rows(a0, b0), a0.shape[0]
-    group_of = np.zeros(rows0.shape[0], dtype=int)
-    mapping, reason = _mapping(fit.total, group_of, rows0)
-    if reason:
-        return reason
-    if not np.all(mapping >= 0):
-        return "not every output channel of the factor pair has a teacher channel"
-    reason = _already_matched(fit.total, group_of, rows0, mapping)
-    if reason:
-        return reason
-    bias_outside = pair.b.can_have_bias
-    bias_inside = not bias_outside and pair.a.can_have_bias
-    free = np.ones_like(rows0, dtype=bool)
-    free[:, -1] = bias_outside or bias_inside
-
-    def propose(normal: dm.Normal) -> tuple[np.ndarray, np.ndarray]:
-        dense = dm.solve_rows(normal, group_of, rows0, mapping, free, fit.ridge)
-        a_rows, b_mat = dm.reduced_rank(normal, dense, rank, bias_outside=not bias_inside)
-        if a_rows.shape[1] == normal.features:
-            a_rows = np.concatenate([a_rows, np.zeros((rank, 1))], axis=1)
-        a_new = pair.a.stored_rows(a_rows)
-        b_new = pair.b.quantize_weights(np.concatenate([b_mat, np.zeros((b_mat.shape[0], 1))], axis=1))
-        if bias_outside:
-            b_new[:, -1] = dm.bias_given_weights(normal, group_of, b_new[:, :rank] @ a_new, mapping)
-        return a_new, pair.b.stored_rows(b_new)
-
-    def error(normal: dm.Normal, candidate: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, float]:
-        rows = rows0 if candidate is None else _pair_rows(*candidate)
-        return dm.rows_error(normal, group_of, rows, mapping)
-
-    new, errors, reason = _judge(fit, propose, error)
-    if reason:
-        return reason
-    a_new, b_new = new  # type: ignore[misc]
-    pair.a.write(a_new, graph)
-    pair.b.write(b_new, graph)
-    stats.layers.append(_layer_row(f"{pair.a.name}+{pair.b.name}", f"{pair.a.op}+{pair.b.op}", teacher,
-                                   _kind([pair.a, pair.b], False), fit, errors, rows0.shape[0], rows0.shape[0]))
     return None
 
 
@@ -629,35 +475,6 @@ def _head(model: ir.Model, units: list[_Unit]) -> Linear | None:
         layer = unit.last
         if id(layer.y) in outputs and layer.y.shape is not None and layer.y.shape.rank() == 2:
             return layer
-    return None
-
-
-def _try_fit_soft(graph: ir.Graph, head: Linear, x: np.ndarray, z_t: np.ndarray, held: np.ndarray,
-                  temperature: float, ridge: float, stats: PassStats) -> str | None:
-    """Fit the head to the teacher's soft outputs; return the reason when it is left as is."""
-    rows0 = head.rows()
-    if rows0.shape[0] != z_t.shape[1]:
-        return "head and teacher logits differ in size"
-    free = rows0 != 0
-    free[:, -1] = head.can_have_bias
-    row: dict = {"layer": head.name, "op": head.op, "teacher": head.y.name, "kind": f"soft targets T={temperature:g}",
-                 "rows": x.shape[0]}
-    if held.any() and (~held).any():
-        fitted = head.stored_rows(dm.fit_soft_targets(x[~held], rows0, z_t[~held], free, temperature, ridge))
-        before = dm.soft_loss(x[held], rows0, z_t[held], temperature)
-        after = dm.soft_loss(x[held], fitted, z_t[held], temperature)
-        row.update(held_out_kl_before=before, held_out_kl_after=after)
-        if not after < before:
-            return f"soft-target fit does not generalize: held-out KL {before:.4g} -> {after:.4g}"
-    before = dm.soft_loss(x, rows0, z_t, temperature)
-    fitted = head.stored_rows(dm.fit_soft_targets(x, rows0, z_t, free, temperature, ridge))
-    after = dm.soft_loss(x, fitted, z_t, temperature)
-    if not after < before:
-        return f"soft-target fit does not lower the loss ({before:.4g} -> {after:.4g})"
-    head.write(fitted, graph)
-    agree = [float(np.mean(np.argmax(x @ w.T, axis=1) == np.argmax(z_t, axis=1))) for w in (rows0, fitted)]
-    row.update(kl_before=before, kl_after=after, teacher_top1_before=agree[0], teacher_top1_after=agree[1])
-    stats.layers.append(row)
     return None
 
 

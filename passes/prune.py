@@ -39,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis import infer_shapes
+from onnxopt.analysis.layers import conv_geometry
 from onnxopt.context import Context
 from onnxopt.errors import UsageError
 from onnxopt.graph import set_weight
@@ -267,7 +268,7 @@ def _try_nm_layout(target: Target, m: int) -> str | None:
     length = target.shape[axis]
     for use in target.uses:
         if use.node.op_type == "ConvTranspose":
-            length = target.shape[axis] // max(use.node.attributes.get_int("group", 1), 1)
+            length = target.shape[axis] // max(conv_geometry(use.node, target.shape).groups, 1)
     if length % m:
         return f"reduction axis has {length} weights per group, not a multiple of {m}"
     return None

@@ -331,3 +331,24 @@ def test_reconstruct_refits_a_gemm_with_a_scalar_c() -> None:
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     feed = {"x": rng.normal(size=(2, 8)).astype(np.float32)}
     np.testing.assert_allclose(run_ort(model, feed)[0], run_ort(proto, feed)[0], atol=1e-2)
+
+
+def test_reconstruct_refits_a_1d_conv_with_auto_pad() -> None:
+    # conv1's last 4 filters are zero, so the cut loses nothing: the refit of conv2 (1-D, SAME_UPPER,
+    # stride 2), unfolded with its auto_pad resolved, must reproduce the model up to its ridge term.
+    rng = np.random.default_rng(1)
+    w1 = rng.normal(size=(8, 3, 3)).astype(np.float32)
+    w1[4:] = 0
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="conv1", pads=[1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="conv2", auto_pad="SAME_UPPER", strides=[2])]
+    inits = {"w1": w1, "w2": rng.normal(size=(5, 8, 4)).astype(np.float32), "b2": rng.normal(size=5).astype(np.float32)}
+    proto = make_model(nodes, [("x", F32, ["N", 3, 11])], [("y", F32, ["N", 5, 6])], inits)
+    model = ir.from_proto(proto)
+    calib = load_data("random:64", input_specs(model), dims={"N": 4})
+    stats = make_pass("channels", {"ratio": 0.5, "reconstruct": True, "compensate": False}).call(
+        model, Context(calib=calib))
+    assert stats.summary["reconstructed_consumers"] == 1
+    assert constant_array(_node(model, "conv2").inputs[1]).shape == (5, 4, 4)
+    feed = {"x": rng.normal(size=(3, 3, 11)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(model, feed)[0], run_ort(proto, feed)[0], atol=1e-2)

@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from helpers import F32, MODELS, accuracy, assert_same_outputs, digits_eval, make_model, run_ort
 from onnx import TensorProto, helper
-from onnxopt.passes._distill_math import conv_features
 from onnxopt.passes.fold import fold_model
 
 import onnxopt
+from onnxopt.analysis.fitting import im2col
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
 from onnxopt.errors import ModelError, UsageError
@@ -89,7 +89,7 @@ def test_conv_features_times_weight_equal_onnx_runtime(kernel, strides, dilation
                             dilations=list(dilations), pads=list(pads), group=group)
     proto = make_model([node], [("x", F32, list(x.shape))], [("y", F32, [f"d{i}" for i in range(x.ndim)])], {"w": w})
     y = run_ort(proto, {"x": x})[0]
-    feats = conv_features(x, kernel, strides, dilations, pads)
+    feats = im2col(x, kernel, strides, dilations, pads)
     f = feats.shape[1] // group
     per = cout // group
     rows = [feats[:, g * f : (g + 1) * f] @ w[g * per : (g + 1) * per].reshape(per, -1).T for g in range(group)]

@@ -42,8 +42,17 @@ from onnx_ir.passes.common import (
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
 from onnxopt.errors import UsageError, first_line
-from onnxopt.graph import new_initializer, only_used_by, opset_version, set_weight, take_over_output
-from onnxopt.io import is_constant, iter_graphs
+from onnxopt.graph import (
+    is_constant,
+    is_default_domain,
+    is_onnx_op,
+    iter_graphs,
+    new_initializer,
+    only_used_by,
+    opset_version,
+    set_weight,
+    take_over_output,
+)
 from onnxopt.registry import Pass, PassStats, option, register_pass, root_cause
 
 __all__ = ["Fold", "fold_model"]
@@ -189,7 +198,7 @@ def _lift_constants(model: ir.Model) -> int:
 
 # ------------------------------------------------------------------------------ 2. identities
 def _is_inference_dropout(node: ir.Node) -> bool:
-    if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
+    if not is_onnx_op(node, "Dropout"):
         return False
     if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
         return False
@@ -214,7 +223,7 @@ def _remove_identities(model: ir.Model, stats: PassStats) -> int:
     removed = 0
     for graph in iter_graphs(model.graph):
         for node in list(graph):
-            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            if not is_onnx_op(node, "Identity"):
                 continue
             reason = _try_remove_identity(graph, node)
             if reason:
@@ -266,7 +275,7 @@ def _fold_bias_adds(model: ir.Model, stats: PassStats) -> int:
     folded = 0
     for graph in iter_graphs(model.graph):
         for add in list(graph):
-            if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+            if not is_onnx_op(add, "Add") or len(add.inputs) != 2:
                 continue
             for k in (0, 1):
                 conv_out, const = add.inputs[k], add.inputs[1 - k]
@@ -320,7 +329,7 @@ def _fold_batchnorms(model: ir.Model, stats: PassStats) -> int:
     folded = 0
     for graph in iter_graphs(model.graph):
         for bn in list(graph):
-            if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            if not is_onnx_op(bn, "BatchNormalization"):
                 continue
             if bn.attributes.get_int("training_mode", 0) or any(o.uses() or o.is_graph_output()
                                                                  for o in bn.outputs[1:]):
@@ -340,7 +349,7 @@ def _fold_batchnorms(model: ir.Model, stats: PassStats) -> int:
 
 def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
     """Fold `bn` into its producer `src`; return the reason when it cannot."""
-    if src.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or src.domain not in ("", "ai.onnx"):
+    if not is_onnx_op(src, "Conv", "ConvTranspose", "Gemm", "MatMul"):
         return f"preceded by {src.op_type}, which BatchNorm does not fold into"
     if src.graph is not graph:
         return "producer is in another graph"
@@ -489,7 +498,7 @@ def _fold_round(graph: ir.Graph, opset: int, stats: PassStats, max_bytes: int) -
     folded = 0
     pending: list[_Candidate] = []
     for node in list(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD:
+        if not is_default_domain(node.domain) or node.op_type in _NEVER_FOLD:
             continue
         if any(o.is_graph_output() for o in node.outputs):
             continue

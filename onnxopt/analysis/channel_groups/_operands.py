@@ -25,6 +25,7 @@ __all__ = [
     "on_tracked_input",
     "axes_operand",
     "const_weight",
+    "axis_attribute",
 ]
 
 
@@ -80,3 +81,10 @@ def const_weight(node: ir.Node, index: int) -> np.ndarray | None:
     if arr is None or not np.issubdtype(arr.dtype, np.floating):
         return None
     return arr
+
+
+def axis_attribute(node: ir.Node, default: int) -> int | None:
+    """The node's ``axis`` attribute (or `default`) made non-negative by its first input's rank;
+    None when that rank is unknown."""
+    rank = rank_of(node.inputs[0])
+    return None if rank is None else node.attributes.get_int("axis", default) % rank

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnxopt.analysis.channel_groups._operands import (
     axes_operand,
+    axis_attribute,
     const_ints,
     dims_of,
     input_at,
@@ -78,10 +79,9 @@ def rule_concat(cg: ChannelGraph, node: ir.Node) -> str | None:
 
 @on_tracked_input
 def rule_split(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
-    rank = rank_of(node.inputs[0])
-    if rank is None:
+    axis = axis_attribute(node, 0)
+    if axis is None:
         return "rank unknown"
-    axis = node.attributes.get_int("axis", 0) % rank
     if axis != x.axis:
         for out in node.outputs:
             cg.follow(x, out, x.axis)

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from onnxopt.analysis.channel_groups._operands import (
     axes_operand,
+    axis_attribute,
     const_ints,
     const_weight,
     dims_of,
@@ -130,10 +131,9 @@ def _check_pad(node: ir.Node, x: Space) -> str | None:
 
 @on_tracked_input
 def rule_softmax(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
-    rank = rank_of(node.inputs[0])
-    if rank is None:
+    axis = axis_attribute(node, -1 if cg.opset >= 13 else 1)
+    if axis is None:
         return "rank unknown"
-    axis = node.attributes.get_int("axis", -1 if cg.opset >= 13 else 1) % rank
     if axis == x.axis or (cg.opset < 13 and axis <= x.axis):
         return "normalizes over the channel axis"
     cg.follow(x, node.outputs[0], x.axis, np.full(x.size, math.nan))
@@ -168,10 +168,9 @@ def rule_instancenorm(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
 
 @on_tracked_input
 def rule_layernorm(cg: ChannelGraph, node: ir.Node, x: Space) -> str | None:
-    rank = rank_of(node.inputs[0])
-    if rank is None:
+    axis = axis_attribute(node, -1)
+    if axis is None:
         return "rank unknown"
-    axis = node.attributes.get_int("axis", -1) % rank
     if x.axis >= axis:
         return "normalizes over the channel axis"
     if any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):

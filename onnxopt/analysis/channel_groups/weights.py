@@ -10,12 +10,27 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis.channel_groups._operands import const_weight, input_at, rank_of
-from onnxopt.analysis.channel_groups.spaces import Consumer, Fixup, ParamSlice, Producer
+from onnxopt.analysis.channel_groups.spaces import Consumer, Fixup, ParamSlice, Producer, Space
 
 if TYPE_CHECKING:
     from onnxopt.analysis.channel_groups.graph import ChannelGraph
 
 __all__ = ["rule_conv", "rule_conv_transpose", "rule_gemm", "rule_matmul"]
+
+
+def _link_weight(cg: ChannelGraph, node: ir.Node, out: Space, x: Space | None, kind: str,
+                 axes: tuple[int, int], bias_index: int | None, bias_axis: int = 0) -> None:
+    """Record `node` as the producer of `out` (weight input 1 indexed on ``axes[0]``, the bias on
+    `bias_axis`) and, when `x` is given, as a consumer of `x` (weight indexed on ``axes[1]``)."""
+    out_axis, in_axis = axes
+    cg.producers.append(Producer(node, out, 1, out_axis, bias_index))
+    cg.slices.append(ParamSlice(node, 1, out_axis, out))
+    if bias_index is not None:
+        cg.slices.append(ParamSlice(node, bias_index, bias_axis, out))
+    if x is not None:
+        cg.consumers.append(Consumer(node, x, kind, 1, in_axis))
+        cg.slices.append(ParamSlice(node, 1, in_axis, x))
+    cg.note_macs(node, x, out)
 
 
 def rule_conv(cg: ChannelGraph, node: ir.Node) -> str | None:
@@ -33,17 +48,10 @@ def rule_conv(cg: ChannelGraph, node: ir.Node) -> str | None:
         return "input channels are not on axis 1"
     out = cg.new_space(node.outputs[0], 1, cout, consts)
     bias_index = 2 if bias is not None else None
-    cg.producers.append(Producer(node, out, 1, 0, bias_index))
-    cg.slices.append(ParamSlice(node, 1, 0, out))
-    if bias is not None:
-        cg.slices.append(ParamSlice(node, 2, 0, out))
+    # A grouped conv does not contract over all its input channels: it ties them to its outputs instead.
+    _link_weight(cg, node, out, x if group == 1 else None, "conv", (0, 1), bias_index)
     if group == 1:
-        if x is not None:
-            cg.consumers.append(Consumer(node, x, "conv", 1, 1))
-            cg.slices.append(ParamSlice(node, 1, 1, x))
-        cg.note_macs(node, x, out)
         return None
-    cg.note_macs(node, None, out)
     if x is None:
         cg.pin(out, f"{node.name or 'Conv'}: grouped conv whose input channels cannot be removed")
         return None
@@ -68,17 +76,9 @@ def rule_conv_transpose(cg: ChannelGraph, node: ir.Node) -> str | None:
     bias = const_weight(node, 2)
     if input_at(node, 2) is not None and bias is None:
         return "bias is not a constant"
-    has_bias = bias is not None
     cout = w.shape[1]
     out = cg.new_space(node.outputs[0], 1, cout, bias.astype(np.float64) if bias is not None else np.zeros(cout))
-    cg.producers.append(Producer(node, out, 1, 1, 2 if has_bias else None))
-    cg.slices.append(ParamSlice(node, 1, 1, out))
-    if has_bias:
-        cg.slices.append(ParamSlice(node, 2, 0, out))
-    if x is not None:
-        cg.consumers.append(Consumer(node, x, "convtranspose", 1, 0))
-        cg.slices.append(ParamSlice(node, 1, 0, x))
-    cg.note_macs(node, x, out)
+    _link_weight(cg, node, out, x, "convtranspose", (1, 0), 2 if bias is not None else None)
     return None
 
 
@@ -108,14 +108,8 @@ def rule_gemm(cg: ChannelGraph, node: ir.Node) -> str | None:
         else:
             return "C is not per output column"
     out = cg.new_space(node.outputs[0], 1, n_out, consts)
-    cg.producers.append(Producer(node, out, 1, 0 if trans_b else 1, bias_index))
-    cg.slices.append(ParamSlice(node, 1, 0 if trans_b else 1, out))
-    if bias_index is not None:
-        cg.slices.append(ParamSlice(node, 2, node.inputs[2].const_value.shape.rank() - 1, out))
-    if x is not None:
-        cg.consumers.append(Consumer(node, x, "gemm", 1, 1 if trans_b else 0))
-        cg.slices.append(ParamSlice(node, 1, 1 if trans_b else 0, x))
-    cg.note_macs(node, x, out)
+    bias_axis = node.inputs[2].const_value.shape.rank() - 1 if bias_index is not None else 0
+    _link_weight(cg, node, out, x, "gemm", (0, 1) if trans_b else (1, 0), bias_index, bias_axis)
     return None
 
 
@@ -133,12 +127,7 @@ def rule_matmul(cg: ChannelGraph, node: ir.Node) -> str | None:
     if x is not None and x.axis != ra - 1:
         return "input features are not on the last axis"
     out = cg.new_space(node.outputs[0], ra - 1, w.shape[1], np.zeros(w.shape[1]))
-    cg.producers.append(Producer(node, out, 1, 1, None))
-    cg.slices.append(ParamSlice(node, 1, 1, out))
-    if x is not None:
-        cg.consumers.append(Consumer(node, x, "matmul", 1, 0))
-        cg.slices.append(ParamSlice(node, 1, 0, x))
-    cg.note_macs(node, x, out)
+    _link_weight(cg, node, out, x, "matmul", (1, 0), None)
     return None
 
 

@@ -28,15 +28,7 @@ from onnxopt.context import Context
 from onnxopt.errors import OnnxoptError, UsageError
 from onnxopt.registry import Pass, PassStats, get_pass, make_pass, root_cause
 
-__all__ = [
-    "Pipeline",
-    "PassRecord",
-    "PassFailure",
-    "PassSpec",
-    "parse_passes",
-    "read_recipe",
-    "apply_sets",
-]
+__all__ = ["Pipeline", "PassRecord", "PassFailure", "PassSpec", "parse_passes", "read_recipe", "apply_sets"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +78,9 @@ class Pipeline:
     def __init__(self, passes: Sequence[PassSpec]) -> None:
         self.passes = [_instantiate(p) for p in passes]
 
-    def run(self, model: ir.Model, ctx: Context) -> list[PassRecord]:
+    def run(self, model: ir.Model, ctx: Context | None = None) -> list[PassRecord]:
         """Run every step on `model` in place; release `ctx`'s tapping sessions at the end."""
+        ctx = ctx if ctx is not None else Context()
         try:
             return [self._run_step(step, model, ctx) for step in self.passes]
         finally:

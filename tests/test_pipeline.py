@@ -139,7 +139,7 @@ def test_onnx_ir_passes_run_as_steps_and_are_recorded_by_class_name() -> None:
 
 def test_a_functional_onnx_ir_pass_hands_its_model_over() -> None:
     model = _model()
-    records = Pipeline([onnx_ir.passes.functionalize(RemoveUnusedNodesPass())]).run(model, Context())
+    records = Pipeline([onnx_ir.passes.functionalize(RemoveUnusedNodesPass())]).run(model)  # no context needed
     assert records[0].stats.modified and [n.op_type for n in model.graph] == ["Identity", "Relu"]
 
 

@@ -132,7 +132,8 @@ class Pass:
 
 class IRPass(onnx_ir.passes.InPlacePass):
     """An onnxopt `Pass` run as an in-place onnx_ir pass: ``PassResult.modified`` is the stats'
-    ``modified``, and `stats` keeps what the last run returned."""
+    ``modified``, `stats` keeps what the last run returned, and a run that modified the model marks
+    it changed in `ctx` (as the pipeline does between passes)."""
 
     def __init__(self, inner: Pass, ctx: Context | None = None) -> None:
         self.inner = inner
@@ -142,6 +143,8 @@ class IRPass(onnx_ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         stats = self.inner.call(model, self.ctx)
         self.stats = stats if stats is not None else PassStats()
+        if self.stats.modified and self.ctx is not None:
+            self.ctx.model_changed(model)
         return onnx_ir.passes.PassResult(model, self.stats.modified)
 
     def __repr__(self) -> str:

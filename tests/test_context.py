@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes
 import pytest
 from helpers import F32, make_model, save_model
 from onnx import helper
@@ -183,3 +184,18 @@ def test_bad_requests() -> None:
         next(Context(calib=_feeds(1)).original_activations(["h"]))
     # feeds given explicitly need no calibration data
     assert len(list(Context().activations(model, ["y"], feeds=_feeds(2)))) == 2
+
+
+def test_a_pass_run_by_an_onnx_ir_manager_marks_the_model_changed(counting) -> None:
+    class Triple(Pass):
+        def call(self, model: ir.Model, ctx: Context | None) -> PassStats:
+            model.graph.initializers["W1"].const_value.numpy()[...] *= 3  # in place: only the mark tells
+            return PassStats(modified=True)
+
+    model, data = _model(), _feeds(1)
+    model.graph.initializers["W1"].const_value = ir.tensor(np.array(W1), name="W1")
+    ctx = Context(calib=data)
+    before = next(ctx.activations(model, ["h"]))["h"]
+    onnx_ir.passes.PassManager([Triple().as_ir_pass(ctx)])(model)
+    np.testing.assert_allclose(next(ctx.activations(model, ["h"]))["h"], 3 * before, rtol=1e-6)
+    assert len(counting.built) == 2

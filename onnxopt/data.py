@@ -105,7 +105,9 @@ class Dataset:
         return Dataset(self.feeds[:n], self.labels[:n], self.source)
 
     def split(self, first: int) -> tuple[Dataset, Dataset]:
-        """The first `first` feeds and the rest (for held-out evaluation)."""
+        """The first `first` feeds and the rest (for held-out evaluation), labels kept with their feeds."""
+        if not 0 <= first <= len(self.feeds):
+            raise UsageError(f"cannot split {len(self.feeds)} feeds after the first {first}")
         a = Dataset(self.feeds[:first], self.labels[:first], self.source)
         b = Dataset(self.feeds[first:], self.labels[first:], self.source)
         return a, b

@@ -1,4 +1,10 @@
-"""Runs passes in order, keeps per-pass stats and timings, and wraps failures with context."""
+"""Runs passes in order, keeps per-pass stats and timings, and wraps failures with context.
+
+A step is a registered onnxopt pass (by name, ``(name, options)``, a ``{"name": ...}`` dict or an
+instance) or an ``onnx_ir.passes`` pass instance, recorded under its class name with the
+``modified`` it reported. After a step that modified the model, the context's cached activations
+of it are dropped; when the pipeline ends, the context's sessions are released.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
+import onnx_ir.passes
 
 try:
     import tomllib
@@ -18,14 +25,15 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from onnxopt.context import Context
-from onnxopt.errors import ModelError, OnnxoptError, UsageError
-from onnxopt.registry import Pass, PassStats, get_pass, make_pass
+from onnxopt.errors import OnnxoptError, UsageError
+from onnxopt.registry import Pass, PassStats, get_pass, make_pass, root_cause
 
 __all__ = ["Pipeline", "PassRecord", "PassFailure", "PassSpec", "parse_passes", "read_recipe", "apply_sets"]
 
 logger = logging.getLogger(__name__)
 
-PassSpec = str | tuple[str, dict[str, Any]] | Pass
+PassSpec = str | tuple[str, dict[str, Any]] | dict[str, Any] | Pass | onnx_ir.passes.PassBase
+Step = Pass | onnx_ir.passes.PassBase
 
 
 class PassFailure(RuntimeError):
@@ -43,8 +51,8 @@ class PassRecord:
         return {"name": self.name, "options": self.options, "seconds": self.seconds, **self.stats.to_dict()}
 
 
-def _instantiate(spec: PassSpec) -> Pass:
-    if isinstance(spec, Pass):
+def _instantiate(spec: PassSpec) -> Step:
+    if isinstance(spec, (Pass, onnx_ir.passes.PassBase)):
         return spec
     if isinstance(spec, str):
         return make_pass(spec)
@@ -53,35 +61,79 @@ def _instantiate(spec: PassSpec) -> Pass:
     if isinstance(spec, dict) and "name" in spec:
         opts = {k: v for k, v in spec.items() if k != "name"}
         return make_pass(spec["name"], opts)
-    raise UsageError(f"cannot read pass {spec!r}: give a name, (name, options) or a Pass object")
+    raise UsageError(
+        f"cannot read pass {spec!r}: give a name, (name, options), a Pass object or an onnx_ir pass"
+    )
+
+
+def _step_name(step: Step) -> str:
+    """The registered name of an onnxopt pass, the class name of an onnx_ir pass."""
+    registered = type(step).name if isinstance(step, Pass) else ""
+    return registered or type(step).__name__
 
 
 class Pipeline:
-    """An ordered list of pass instances."""
+    """An ordered list of pass instances (onnxopt passes and onnx_ir passes)."""
 
     def __init__(self, passes: Sequence[PassSpec]) -> None:
         self.passes = [_instantiate(p) for p in passes]
 
-    def run(self, model: ir.Model, ctx: Context) -> list[PassRecord]:
-        records = []
-        for p in self.passes:
-            name = type(p).name or type(p).__name__
-            t0 = time.perf_counter()
-            try:
-                stats = p.call(model, ctx)
-            except OnnxoptError as exc:
-                raise type(exc)(f"pass '{name}': {exc}") from None
-            except Exception as exc:
-                raise PassFailure(f"pass '{name}' failed: {type(exc).__name__}: {exc}") from exc
-            if stats is None:
-                stats = PassStats()
-            if not isinstance(stats, PassStats):
-                raise PassFailure(f"pass '{name}' returned {type(stats).__name__}, not PassStats")
-            model.graph.sort()
-            seconds = time.perf_counter() - t0
-            logger.info("pass %s: %.2fs modified=%s", name, seconds, stats.modified)
-            records.append(PassRecord(name, _jsonable(p.options()), stats, seconds))
-        return records
+    def run(self, model: ir.Model, ctx: Context | None = None) -> list[PassRecord]:
+        """Run every step on `model` in place; release `ctx`'s tapping sessions at the end."""
+        ctx = ctx if ctx is not None else Context()
+        try:
+            return [self._run_step(step, model, ctx) for step in self.passes]
+        finally:
+            ctx.close()
+
+    def _run_step(self, step: Step, model: ir.Model, ctx: Context) -> PassRecord:
+        name = _step_name(step)
+        t0 = time.perf_counter()
+        try:
+            if isinstance(step, Pass):
+                stats, options = step.call(model, ctx), step.options()
+            else:
+                stats, options = _run_ir_pass(step, model), _public_attributes(step)
+        except Exception as exc:
+            cause = root_cause(exc)
+            if isinstance(cause, OnnxoptError):
+                raise type(cause)(f"pass '{name}': {cause}") from None
+            raise PassFailure(f"pass '{name}' failed: {type(cause).__name__}: {cause}") from exc
+        if stats is None:
+            stats = PassStats()
+        if not isinstance(stats, PassStats):
+            raise PassFailure(f"pass '{name}' returned {type(stats).__name__}, not PassStats")
+        if stats.modified:
+            ctx.model_changed(model)
+        model.graph.sort()
+        seconds = time.perf_counter() - t0
+        logger.info("pass %s: %.2fs modified=%s", name, seconds, stats.modified)
+        return PassRecord(name, _jsonable(options), stats, seconds)
+
+
+def _run_ir_pass(step: onnx_ir.passes.PassBase, model: ir.Model) -> PassStats:
+    """Run an onnx_ir pass on `model` in place (a pass that returns a new model hands it over)."""
+    result = step(model)
+    if result.model is not model:
+        _adopt(model, result.model)
+    return PassStats(modified=bool(result.modified))
+
+
+def _adopt(model: ir.Model, other: ir.Model) -> None:
+    """Make `model` hold what `other` holds (a functional onnx_ir pass returns a new model)."""
+    model.graph = other.graph
+    model.ir_version = other.ir_version
+    model.functions.clear()
+    model.functions.update(other.functions)
+    model.metadata_props.clear()
+    model.metadata_props.update(other.metadata_props)
+
+
+def _public_attributes(step: object) -> dict[str, Any]:
+    """An onnx_ir pass's settings for the report: its public plain attributes."""
+    plain = (bool, int, float, str, type(None))
+    attrs = getattr(step, "__dict__", {})
+    return {k: v for k, v in attrs.items() if not k.startswith("_") and isinstance(v, plain)}
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +188,3 @@ def read_recipe(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             raise UsageError(f"recipe '{p}': each pass needs a 'name' ({item!r})")
     return out
 
-
-def check_model_usable(model: ir.Model) -> None:
-    if len(model.graph) == 0 and not model.graph.outputs:
-        raise ModelError("the model has an empty graph")

@@ -11,21 +11,11 @@ T = TypeVar("T")
 
 __all__ = ["progress", "enabled"]
 
-_forced: bool | None = None
-
 
 def enabled() -> bool:
-    if _forced is not None:
-        return _forced
     if os.environ.get("ONNXOPT_NO_PROGRESS"):
         return False
     return sys.stderr.isatty()
-
-
-def set_enabled(value: bool | None) -> None:
-    """Force bars on or off (None: decide by whether stderr is a terminal)."""
-    global _forced
-    _forced = value
 
 
 def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iterator[T]:

@@ -13,6 +13,9 @@ print ``onnxopt passes``. A third party registers its own pass the same way::
         def call(self, model, ctx):
             ...
             return PassStats(modified=True)
+
+Passes interoperate with ``onnx_ir.passes``: `Pass.as_ir_pass` wraps one as an in-place onnx_ir
+pass (for a ``PassManager``), and `onnxopt.pipeline.Pipeline` runs onnx_ir pass instances as steps.
 """
 
 from __future__ import annotations
@@ -23,15 +26,21 @@ import logging
 import types
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import onnx_ir as ir
+import onnx_ir.passes
 
 from onnxopt.errors import UsageError
+
+if TYPE_CHECKING:
+    from onnxopt.context import Context
 
 __all__ = [
     "Pass",
     "PassStats",
+    "IRPass",
+    "root_cause",
     "OptionSpec",
     "option",
     "register_pass",
@@ -81,23 +90,74 @@ class PassStats:
 
 
 class Pass:
-    """Base of every pass. Subclasses declare options with `option` and implement `call`."""
+    """Base of every pass. Subclasses declare options with `option` and implement `call`.
+
+    ``call(model, ctx)`` changes `model` in place and returns `PassStats` whose ``modified`` is
+    honest (False when nothing changed: fixed-point loops and the activation cache rely on it).
+    `ctx` is the pipeline's `onnxopt.context.Context`, or None when a pass runs on its own.
+
+    Activations come from ``ctx.activations(model, names)``, which keeps one ONNX Runtime session
+    per model state and reuses it across calls and passes. The pipeline marks the model changed
+    after every pass that reports ``modified``; a pass that changes the model and then taps it again
+    in the same `call` says so first with ``ctx.model_changed(model)`` (the context also notices
+    rewired nodes and replaced weights on its own, but not an array changed in place).
+
+    Class attributes: ``exact`` claims outputs are preserved to float rounding (tested against ORT);
+    ``idempotent`` claims a second run with the same options reports ``modified=False`` and leaves
+    the model byte-identical (tests/test_registry.py runs every such pass twice to check it).
+    """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
-    """True when the pass claims to preserve outputs to float rounding (tested against ORT)."""
     idempotent: ClassVar[bool] = False
 
-    def call(self, model: ir.Model, ctx: Any) -> PassStats:  # pragma: no cover - abstract
+    def call(self, model: ir.Model, ctx: Context | None) -> PassStats:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def as_ir_pass(self, ctx: Context | None = None) -> IRPass:
+        """This pass as an in-place ``onnx_ir.passes`` pass, for an ``onnx_ir.passes.PassManager``."""
+        return IRPass(self, ctx)
+
     def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        """The option values (none for a pass class that was never registered, so not a dataclass)."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+
+class IRPass(onnx_ir.passes.InPlacePass):
+    """An onnxopt `Pass` run as an in-place onnx_ir pass: ``PassResult.modified`` is the stats'
+    ``modified``, `stats` keeps what the last run returned, and a run that modified the model marks
+    it changed in `ctx` (as the pipeline does between passes)."""
+
+    def __init__(self, inner: Pass, ctx: Context | None = None) -> None:
+        self.inner = inner
+        self.ctx = ctx
+        self.stats: PassStats | None = None
+
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        stats = self.inner.call(model, self.ctx)
+        self.stats = stats if stats is not None else PassStats()
+        if self.stats.modified and self.ctx is not None:
+            self.ctx.model_changed(model)
+        return onnx_ir.passes.PassResult(model, self.stats.modified)
+
+    def __repr__(self) -> str:
+        return f"IRPass({type(self.inner).name or type(self.inner).__name__})"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error an onnx_ir pass manager wrapped (``PassError`` and invariant errors chain it as
+    their cause), so a user's error keeps its type and one-line message."""
+    wrappers = (onnx_ir.passes.PassError, onnx_ir.passes.InvariantError)
+    while isinstance(exc, wrappers) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +245,7 @@ def make_pass(name: str, options: dict[str, Any] | None = None, *, from_text: bo
         raise UsageError(f"pass '{name}': {exc}") from None
 
 
-def run_pass(name: str, model: ir.Model, ctx: Any = None, **options: Any) -> PassStats:
+def run_pass(name: str, model: ir.Model, ctx: Context | None = None, **options: Any) -> PassStats:
     """Run registered pass `name` on `model` in place: how one pass uses another (a pass module
     never imports another pass)."""
     return make_pass(name, options).call(model, ctx)

@@ -94,8 +94,11 @@ def tap_values(model: ir.Model, names: Sequence[str]) -> list[ir.Value]:
 
 class TapSession:
     """One ONNX Runtime session on a temporary copy of `model` whose outputs also include the
-    tensors `names`: build it once, then `run(feed, names)` per feed. ORT computes only what the
-    requested outputs need, so a session tapping many tensors serves callers that want one at a time.
+    tensors `names`: build it once, then `run(feed, names)` per feed. Graph inputs and initializers
+    are answered from the feed and the weights without running anything; a run fetches only the
+    asked tensors. ONNX Runtime executes every node of the copy on each run whatever is fetched, so
+    a session that taps many tensors costs one run of the model (plus keeping those tensors), which
+    is why one session per model state serves callers that want a few tensors at a time.
     The model itself is left as it was (its outputs are restored once the copy is written).
     """
 

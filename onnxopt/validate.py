@@ -13,7 +13,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,7 +27,6 @@ from onnxopt.runtime import run, session
 
 __all__ = ["OutputDiff", "Comparison", "compare_models", "check_model_file", "METRICS"]
 
-Metric = Literal["rel_l2", "max_abs", "cosine", "top1", "accuracy"]
 
 
 @dataclasses.dataclass

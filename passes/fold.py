@@ -1,6 +1,7 @@
 """fold: constant and BatchNorm folding, Identity/Dropout removal, dead code, duplicate weights.
 
-Rewrite cases, repeated until nothing changes (so running it twice equals running it once):
+Rewrite cases, swept in order by an ``onnx_ir.passes.PassManager`` until a sweep changes nothing (so
+running it twice equals running it once):
 
 1. ``Constant`` nodes become initializers (exporters such as Paddle's store every weight that way,
    and later passes look for initializers).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -40,9 +42,18 @@ from onnx_ir.passes.common import (
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
 from onnxopt.errors import UsageError, first_line
-from onnxopt.graph import new_initializer, only_used_by, opset_version, set_weight, take_over_output
-from onnxopt.io import is_constant, iter_graphs
-from onnxopt.registry import Pass, PassStats, option, register_pass
+from onnxopt.graph import (
+    is_constant,
+    is_default_domain,
+    is_onnx_op,
+    iter_graphs,
+    new_initializer,
+    only_used_by,
+    opset_version,
+    set_weight,
+    take_over_output,
+)
+from onnxopt.registry import Pass, PassStats, option, register_pass, root_cause
 
 __all__ = ["Fold", "fold_model"]
 
@@ -65,6 +76,8 @@ _NEVER_FOLD = {
     "Scan",
     "Constant",
 }
+# Sweeps of all rewrites at most; each sweep but the last changes something (the pass manager stops early).
+_MAX_SWEEPS = 8
 # A fold may add this much (an Expand or Range of a few numbers); more than that is declined.
 _GROW_SLACK_BYTES = 4 * 1024
 
@@ -87,37 +100,26 @@ class Fold(Pass):
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
         stats = PassStats()
-        counts = {"constants_lifted": 0, "identity_removed": 0, "bias_adds_folded": 0, "batchnorm_folded": 0,
-                  "nodes_folded": 0, "dead_nodes_removed": 0, "initializers_deduplicated": 0}
+        counts = dict.fromkeys(("constants_lifted", "identity_removed", "bias_adds_folded", "batchnorm_folded",
+                                "nodes_folded", "dead_nodes_removed", "unused_initializers_removed",
+                                "initializers_deduplicated"), 0)
         nodes_before = _count_nodes(model)
-        for _ in range(8):
-            changed = False
-            n = _lift_constants(model)
-            counts["constants_lifted"] += n
-            changed |= n > 0
-            n = _remove_identities(model, stats)
-            counts["identity_removed"] += n
-            changed |= n > 0
-            infer_shapes(model)
-            n = _fold_bias_adds(model, stats)
-            counts["bias_adds_folded"] += n
-            changed |= n > 0
-            if self.batchnorm:
-                n = _fold_batchnorms(model, stats)
-                counts["batchnorm_folded"] += n
-                changed |= n > 0
-            if self.constants:
-                n = _fold_constants(model, stats, int(self.max_fold_mb * 1024 * 1024))
-                counts["nodes_folded"] += n
-                changed |= n > 0
-            inits_before = _count_initializers(model)
-            dead_before = _count_nodes(model)
-            RemoveUnusedNodesPass()(model)
-            _remove_unused_subgraph_initializers(model)
-            counts["dead_nodes_removed"] += dead_before - _count_nodes(model)
-            changed |= _count_initializers(model) != inits_before or dead_before != _count_nodes(model)
-            if not changed:
-                break
+        max_bytes = int(self.max_fold_mb * 1024 * 1024)
+        steps = [
+            _Step(counts, lambda m: {"constants_lifted": _lift_constants(m)}),
+            _Step(counts, lambda m: {"identity_removed": _remove_identities(m, stats)}),
+            _Step(counts, _infer_shapes),
+            _Step(counts, lambda m: {"bias_adds_folded": _fold_bias_adds(m, stats)}),
+        ]
+        if self.batchnorm:
+            steps.append(_Step(counts, lambda m: {"batchnorm_folded": _fold_batchnorms(m, stats)}))
+        if self.constants:
+            steps.append(_Step(counts, lambda m: {"nodes_folded": _fold_constants(m, stats, max_bytes)}))
+        steps.append(_Step(counts, _remove_dead))
+        try:  # every sweep runs all steps; the sweeps stop when one changes nothing
+            ir.passes.PassManager(steps, steps=_MAX_SWEEPS, early_stop=True)(model)
+        except Exception as exc:
+            raise root_cause(exc) from None
         if self.dedup:  # once, after folding: hashing reads every weight
             before = _count_initializers(model)
             DeduplicateHashedInitializersPass()(model)
@@ -134,6 +136,34 @@ class Fold(Pass):
         stats.skipped = [s for s in stats.skipped if not ((s["node"], s["reason"]) in seen
                                                           or seen.add((s["node"], s["reason"])))]
         return stats
+
+
+class _Step(ir.passes.InPlacePass):
+    """One rewrite of the fold sweep as an onnx_ir pass: `rewrite` returns its counts by summary key,
+    which are added to ``counts``; the step modified the model when one of them is positive."""
+
+    def __init__(self, counts: dict[str, int], rewrite: Callable[[ir.Model], dict[str, int]]) -> None:
+        self.counts, self.rewrite = counts, rewrite
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        done = self.rewrite(model)
+        for key, n in done.items():
+            self.counts[key] += n
+        return ir.passes.PassResult(model, any(n > 0 for n in done.values()))
+
+
+def _infer_shapes(model: ir.Model) -> dict[str, int]:
+    infer_shapes(model)
+    return {}
+
+
+def _remove_dead(model: ir.Model) -> dict[str, int]:
+    """Drop dead nodes and initializers nothing reads (in subgraphs too)."""
+    inits_before, nodes_before = _count_initializers(model), _count_nodes(model)
+    RemoveUnusedNodesPass()(model)
+    _remove_unused_subgraph_initializers(model)
+    return {"dead_nodes_removed": nodes_before - _count_nodes(model),
+            "unused_initializers_removed": inits_before - _count_initializers(model)}
 
 
 def fold_model(model: ir.Model) -> PassStats:
@@ -168,7 +198,7 @@ def _lift_constants(model: ir.Model) -> int:
 
 # ------------------------------------------------------------------------------ 2. identities
 def _is_inference_dropout(node: ir.Node) -> bool:
-    if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
+    if not is_onnx_op(node, "Dropout"):
         return False
     if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
         return False
@@ -193,7 +223,7 @@ def _remove_identities(model: ir.Model, stats: PassStats) -> int:
     removed = 0
     for graph in iter_graphs(model.graph):
         for node in list(graph):
-            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            if not is_onnx_op(node, "Identity"):
                 continue
             reason = _try_remove_identity(graph, node)
             if reason:
@@ -245,7 +275,7 @@ def _fold_bias_adds(model: ir.Model, stats: PassStats) -> int:
     folded = 0
     for graph in iter_graphs(model.graph):
         for add in list(graph):
-            if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+            if not is_onnx_op(add, "Add") or len(add.inputs) != 2:
                 continue
             for k in (0, 1):
                 conv_out, const = add.inputs[k], add.inputs[1 - k]
@@ -299,7 +329,7 @@ def _fold_batchnorms(model: ir.Model, stats: PassStats) -> int:
     folded = 0
     for graph in iter_graphs(model.graph):
         for bn in list(graph):
-            if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            if not is_onnx_op(bn, "BatchNormalization"):
                 continue
             if bn.attributes.get_int("training_mode", 0) or any(o.uses() or o.is_graph_output()
                                                                  for o in bn.outputs[1:]):
@@ -319,7 +349,7 @@ def _fold_batchnorms(model: ir.Model, stats: PassStats) -> int:
 
 def _try_fold_bn(graph: ir.Graph, src: ir.Node, bn: ir.Node) -> str | None:
     """Fold `bn` into its producer `src`; return the reason when it cannot."""
-    if src.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or src.domain not in ("", "ai.onnx"):
+    if not is_onnx_op(src, "Conv", "ConvTranspose", "Gemm", "MatMul"):
         return f"preceded by {src.op_type}, which BatchNorm does not fold into"
     if src.graph is not graph:
         return "producer is in another graph"
@@ -468,7 +498,7 @@ def _fold_round(graph: ir.Graph, opset: int, stats: PassStats, max_bytes: int) -
     folded = 0
     pending: list[_Candidate] = []
     for node in list(graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD:
+        if not is_default_domain(node.domain) or node.op_type in _NEVER_FOLD:
             continue
         if any(o.is_graph_output() for o in node.outputs):
             continue

@@ -127,3 +127,16 @@ def test_macs_inside_if_branches_are_counted() -> None:
                        {"w": w}, opset=13)
     stats = model_stats(ir.from_proto(proto))
     assert stats.macs == 2 * (2 * 3 * 4)  # both branches, each 2x4 @ 4x3
+
+
+def test_split_keeps_labels_with_their_feeds_and_refuses_counts_out_of_range() -> None:
+    feeds = [{"input": np.full((1, 1, 8, 8), i, np.float32)} for i in range(5)]
+    ds = load_data([{**f, "labels": np.array([i])} for i, f in enumerate(feeds)], _specs())
+    search, held = ds.split(2)
+    assert (len(search), len(held)) == (2, 3) and search.source == held.source == ds.source
+    assert [int(f["input"][0, 0, 0, 0]) for f in held] == [2, 3, 4]
+    assert [int(lbl[0]) for lbl in held.labels] == [2, 3, 4] and held.has_labels
+    assert [len(part) for part in ds.split(0)] == [0, 5] and [len(part) for part in ds.split(5)] == [5, 0]
+    for bad in (-1, 6):
+        with pytest.raises(UsageError, match=f"cannot split 5 feeds after the first {bad}"):
+            ds.split(bad)

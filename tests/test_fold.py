@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes
 import pytest
 from helpers import F32, I64, MODELS, assert_same_outputs, make_model, run_ort
 from onnx import TensorProto, helper, numpy_helper
@@ -447,3 +448,32 @@ def test_constant_chain_deeper_than_the_sweeps_folds_in_one_run() -> None:
     assert _ops(model) == ["Mul"] and stats.summary["nodes_folded"] == 12
     assert not _fold(ir.to_proto(model))[1].modified
     assert_same_outputs(proto, model, {"x": RNG.normal(size=3).astype(np.float32)}, rtol=0, atol=0)
+
+
+def test_dropping_only_unused_initializers_is_a_modification() -> None:
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", F32, [2])], [("y", F32, [2])],
+                       {"unused": np.ones(3, np.float32)})
+    model, stats = _fold(proto)
+    assert stats.modified and stats.summary["unused_initializers_removed"] == 1
+    assert "unused" not in model.graph.initializers
+    assert not _fold(ir.to_proto(model))[1].modified
+
+
+def test_sweeps_repeat_until_nothing_changes_and_stop_there(monkeypatch) -> None:
+    """Identity -> BN -> Identity -> BN: each sweep removes what the one before exposed."""
+    sweeps: list[str] = []
+    real = onnx_ir.passes.Sequential.call
+
+    def counting(self, model):
+        sweeps.append("sweep")
+        return real(self, model)
+
+    monkeypatch.setattr(onnx_ir.passes.Sequential, "call", counting)
+    inits = {"w": RNG.normal(0, 0.3, (4, 3, 1, 1)).astype(np.float32), **_bn_inits("bn1", 4), **_bn_inits("bn2", 4)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Identity", ["c"], ["i1"]),
+             _bn("i1", "b1", "bn1"), helper.make_node("Identity", ["b1"], ["i2"]), _bn("i2", "y", "bn2")]
+    proto = make_model(nodes, [("x", F32, [1, 3, 4, 4])], [("y", F32, [1, 4, 4, 4])], inits)
+    model, stats = _fold(proto)
+    assert _ops(model) == ["Conv"] and stats.summary["batchnorm_folded"] == 2
+    assert 2 <= len(sweeps) <= 3  # the last sweep changes nothing and ends the loop
+    assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 3, 4, 4)).astype(np.float32)})

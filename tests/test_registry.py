@@ -1,0 +1,269 @@
+"""The registry: option coercion, errors that name pass, key and what is allowed, the pass listing,
+third-party passes, run_pass, onnx_ir interop, and every idempotence claim checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Literal
+
+import onnx_ir as ir
+import onnx_ir.passes
+import pytest
+from helpers import F32, MODELS, make_model
+from onnx import helper
+
+from onnxopt import registry
+from onnxopt.cli import main
+from onnxopt.context import Context
+from onnxopt.data import input_specs, load_data
+from onnxopt.errors import UsageError
+from onnxopt.registry import (
+    Pass,
+    PassStats,
+    coerce,
+    get_pass,
+    list_passes,
+    make_pass,
+    matches_any,
+    option,
+    option_specs,
+    register_pass,
+    root_cause,
+    run_pass,
+)
+
+CNN = MODELS / "digits_cnn.onnx"
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes registered by a test are gone after it (the built-in ones are loaded first)."""
+    list_passes()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def _demo() -> type[Pass]:
+    @register_pass("test_demo")
+    class Demo(Pass):
+        """A pass with one option of every annotation form."""
+
+        flag: bool = option(False, "a switch")
+        count: int = option(2, "a whole number")
+        scale: float = option(1.0, "a number")
+        label: str = option("x", "a word")
+        mode: Literal["fast", "slow"] = option("fast", "a choice")
+        limit: float | None = option(None, "a number or none")
+        names: list[str] = option([], "words")
+        sizes: list[int] = option([1, 2], "whole numbers")
+
+        def __post_init__(self) -> None:
+            if self.count < 0:
+                raise ValueError(f"count must be >= 0, got {self.count}")
+
+        def call(self, model: ir.Model, ctx: Context | None) -> PassStats:
+            return PassStats(summary={"count": self.count})
+
+    return Demo
+
+
+# ---------------------------------------------------------------------------------------- coercion
+@pytest.mark.parametrize(
+    "tp, raw, expected",
+    [
+        (bool, "yes", True), (bool, "OFF", False), (bool, True, True),
+        (int, " 3 ", 3), (int, 4.0, 4),
+        (float, "0.5", 0.5), (float, 2, 2.0),
+        (str, "a b", "a b"),
+        (Literal["fast", "slow"], "slow", "slow"), (Literal[1, 2], "2", 2),
+        (float | None, "none", None), (float | None, None, None), (float | None, "1.5", 1.5),
+        (list[str], "a, b,", ["a", "b"]), (list[str], ["x"], ["x"]),
+        (list[int], "1,2", [1, 2]), (list[float], [1, "2.5"], [1.0, 2.5]),
+        (tuple[int, ...], "1,2", (1, 2)),
+        (int | str, "7", 7), (int | str, "seven", "seven"),
+    ],
+)
+def test_coerce_every_annotation_form(tp, raw, expected) -> None:
+    got = coerce(raw, tp, "p.k", from_text=True)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "tp, raw, shown",
+    [
+        (bool, "maybe", "bool"), (bool, 1, "bool"),
+        (int, "1.5", "int"), (int, True, "int"), (int, 2.5, "int"),
+        (float, "abc", "float"), (float, False, "float"),
+        (str, 3, "str"),
+        (Literal["fast", "slow"], "medium", "{fast,slow}"),
+        (float | None, "lots", "float | none"),
+        (list[int], "1,x", "list[int]"), (list[int], 5, "list[int]"),
+    ],
+)
+def test_coerce_rejects_bad_values_naming_where_and_type(tp, raw, shown) -> None:
+    with pytest.raises(UsageError) as err:
+        coerce(raw, tp, "p.k", from_text=True)
+    assert str(err.value).startswith("option p.k: ") and str(err.value).endswith(f"is not a valid {shown}")
+
+
+def test_option_specs_name_types_choices_and_defaults(scratch_registry) -> None:
+    specs = {s.name: s for s in option_specs(_demo())}
+    assert [specs[k].type_name for k in ("flag", "mode", "limit", "names", "sizes")] == [
+        "bool", "{fast,slow}", "float | none", "list[str]", "list[int]"]
+    assert specs["mode"].choices == ("fast", "slow") and specs["count"].choices is None
+    assert specs["sizes"].default == [1, 2] and specs["scale"].doc == "a number"
+
+
+def test_make_pass_coerces_text_and_keeps_mutable_defaults_apart(scratch_registry) -> None:
+    demo = _demo()
+    p = make_pass("test_demo", {"flag": "on", "count": "5", "limit": "none", "names": "a,b", "sizes": "3"},
+                  from_text=True)
+    assert (p.flag, p.count, p.limit, p.names, p.sizes) == (True, 5, None, ["a", "b"], [3])
+    a, b = demo(), demo()
+    a.sizes.append(9)
+    assert b.sizes == [1, 2]
+    with pytest.raises(TypeError):
+        demo(True)  # options are keyword-only
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"nope": 1}, "pass 'test_demo' has no option 'nope' (options: flag, count, scale, label, mode, limit"),
+        ({"mode": "medium"}, "option test_demo.mode: 'medium' is not a valid {fast,slow}"),
+        ({"count": "many"}, "option test_demo.count: 'many' is not a valid int"),
+        ({"count": -1}, "pass 'test_demo': count must be >= 0, got -1"),
+    ],
+)
+def test_make_pass_errors_name_pass_key_and_what_is_allowed(scratch_registry, options, needle) -> None:
+    _demo()
+    with pytest.raises(UsageError) as err:
+        make_pass("test_demo", options, from_text=True)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_pass_lists_the_known_ones() -> None:
+    with pytest.raises(UsageError, match=r"unknown pass 'nope' \(known passes: .*fold.*\)"):
+        get_pass("nope")
+
+
+# ---------------------------------------------------------------------------------------- listing
+def test_passes_verb_lists_every_option_of_every_pass(scratch_registry, capsys) -> None:
+    _demo()
+    assert main(["passes"]) == 0
+    text = capsys.readouterr().out
+    headers = {m.group(1): m.start() for m in re.finditer(r"^(\S+?)(?: \[exact\])?: ", text, re.M)}
+    assert set(headers) == set(list_passes())
+    starts = sorted(headers.values()) + [len(text)]
+    for name, start in headers.items():
+        section = text[start:starts[starts.index(start) + 1]]
+        listed = re.findall(r"^\s+(\w+) \(", section, re.M)
+        assert listed == [s.name for s in option_specs(list_passes()[name])], name
+
+
+# ---------------------------------------------------------------------------------------- third party
+def test_third_party_registration(scratch_registry) -> None:
+    with pytest.raises(TypeError, match="must subclass onnxopt.Pass"):
+        register_pass("test_bad")(type("NotAPass", (), {}))
+
+    @register_pass("test_already_dataclass")
+    @dataclasses.dataclass
+    class Declared(Pass):
+        """Declared as a dataclass by its author."""
+
+        k: int = 1
+
+        def call(self, model: ir.Model, ctx: Context | None) -> PassStats:
+            return PassStats()
+
+    assert get_pass("test_already_dataclass") is Declared and Declared.name == "test_already_dataclass"
+    assert make_pass("test_already_dataclass", {"k": "3"}, from_text=True).k == 3
+    assert list(list_passes()) == sorted(list_passes())
+
+
+def _relu_model() -> ir.Model:
+    proto = make_model([helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Relu", ["i"], ["y"])],
+                       [("x", F32, [2])], [("y", F32, [2])])
+    return ir.from_proto(proto)
+
+
+def test_run_pass_runs_a_registered_pass_by_name_with_python_values() -> None:
+    model = _relu_model()
+    stats = run_pass("fold", model, None, max_fold_mb=1)  # an int where a float is declared
+    assert stats.modified and stats.summary["identity_removed"] == 1
+    assert [n.op_type for n in model.graph] == ["Relu"]
+    with pytest.raises(UsageError, match="pass 'fold' has no option 'speed'"):
+        run_pass("fold", model, speed=2)
+    with pytest.raises(UsageError, match="option fold.batchnorm: 'yes please' is not a valid bool"):
+        run_pass("fold", model, batchnorm="yes please")
+
+
+# ---------------------------------------------------------------------------------------- onnx_ir interop
+def test_a_pass_runs_inside_an_onnx_ir_pass_manager() -> None:
+    model = _relu_model()
+    fold = make_pass("fold").as_ir_pass()
+    manager = onnx_ir.passes.PassManager([fold, onnx_ir.passes.common.RemoveUnusedNodesPass()], steps=3)
+    result = manager(model)
+    assert result.model is model and result.modified
+    assert fold.stats is not None and not fold.stats.modified  # the last sweep found nothing left to do
+    assert [n.op_type for n in model.graph] == ["Relu"]
+    assert not make_pass("fold").as_ir_pass()(model).modified
+
+
+def test_a_users_error_inside_an_onnx_ir_manager_keeps_its_type(scratch_registry) -> None:
+    @register_pass("test_needs_calib")
+    class NeedsCalib(Pass):
+        def call(self, model: ir.Model, ctx: Context | None) -> PassStats:
+            (ctx or Context()).require_calib("test_needs_calib")
+            return PassStats()
+
+    manager = onnx_ir.passes.PassManager([make_pass("test_needs_calib").as_ir_pass(Context())])
+    with pytest.raises(onnx_ir.passes.PassError) as err:
+        manager(_relu_model())
+    cause = root_cause(err.value)
+    assert isinstance(cause, UsageError) and "needs calibration data" in str(cause)
+    assert root_cause(cause) is cause
+
+
+# ---------------------------------------------------------------------------------------- idempotence
+def _fixture_models(resnet_tiny: Path) -> list[Path]:
+    return [CNN, MODELS / "digits_mlp.onnx", MODELS / "digits_transformer.onnx", resnet_tiny]
+
+
+def _serialized(model: ir.Model) -> bytes:
+    return ir.to_proto(model).SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in list_passes().items() if cls.idempotent])
+def test_every_idempotent_pass_changes_nothing_the_second_time(name: str, resnet_tiny: Path) -> None:
+    changed_any = False
+    for path in _fixture_models(resnet_tiny):
+        model = ir.load(path)
+        ctx = Context(calib=load_data("random:4", input_specs(model)))
+        first = make_pass(name).call(model, ctx)
+        once = _serialized(model)
+        second = make_pass(name).call(model, ctx)
+        assert not second.modified, (name, path.name, second.summary)
+        assert _serialized(model) == once, (name, path.name)
+        changed_any |= first.modified
+    assert changed_any, f"{name} changed none of the fixtures, so the check proves nothing"
+
+
+def test_the_idempotence_check_is_not_empty() -> None:
+    assert "fold" in {n for n, cls in list_passes().items() if cls.idempotent}
+
+
+# ---------------------------------------------------------------------------------------- small helpers
+def test_matches_any_by_op_type_or_name_glob() -> None:
+    node = ir.Node("", "Conv", [], name="backbone/conv1")
+    assert matches_any(node, ["Conv"]) and matches_any(node, ["backbone/*"])
+    assert not matches_any(node, ["conv*", "Gemm"]) and not matches_any(node, [])
+
+
+def test_stats_skip_records_the_node_and_reason() -> None:
+    stats = PassStats()
+    stats.skip(ir.Node("", "Gemm", []), "weight is shared")
+    stats.skip("named", "too small")
+    assert stats.to_dict()["skipped"] == [{"node": "Gemm", "reason": "weight is shared"},
+                                          {"node": "named", "reason": "too small"}]

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.errors import first_line
+
 __all__ = [
     "ORIGIN",
     "DEFAULT_DOMAINS",
@@ -24,6 +26,8 @@ __all__ = [
     "is_onnx_op",
     "iter_graphs",
     "is_constant",
+    "count_nodes",
+    "count_initializers",
     "upgrade_opset",
     "min_ir_version",
     "all_names",
@@ -64,6 +68,16 @@ def iter_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
                     stack.append(attr.value)
                 elif attr.type == ir.AttributeType.GRAPHS:
                     stack.extend(attr.value)
+
+
+def count_nodes(model: ir.Model) -> int:
+    """Nodes of the main graph and every subgraph."""
+    return sum(len(g) for g in iter_graphs(model.graph))
+
+
+def count_initializers(model: ir.Model) -> int:
+    """Initializers of the main graph and every subgraph."""
+    return sum(len(g.initializers) for g in iter_graphs(model.graph))
 
 
 def is_constant(value: ir.Value | None) -> bool:
@@ -196,8 +210,7 @@ def upgrade_opset(model: ir.Model, target: int) -> str | None:
         proto = ir.to_proto(model)
         converted = ir.from_proto(version_converter.convert_version(proto, target))
     except Exception as exc:  # the converter raises RuntimeError and friends for missing adapters
-        text = str(exc).strip()
-        return text.splitlines()[0][:200] if text else type(exc).__name__
+        return first_line(exc, 200)
     originals = {name: value.const_value for g in iter_graphs(model.graph) for name, value in g.initializers.items()}
     for g in iter_graphs(converted.graph):
         for name, value in g.initializers.items():

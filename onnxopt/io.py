@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxopt import sparse
 from onnxopt.errors import ModelError, UsageError, first_line
-from onnxopt.graph import is_constant, iter_graphs
+from onnxopt.graph import iter_graphs
 
 __all__ = [
     "load",
@@ -33,9 +33,7 @@ __all__ = [
     "file_size",
     "weight_bytes",
     "check_output_path",
-    "iter_graphs",
     "iter_proto_graphs",
-    "is_constant",
 ]
 
 PROTOBUF_LIMIT = 2_000_000_000

@@ -43,6 +43,8 @@ from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
 from onnxopt.errors import UsageError, first_line
 from onnxopt.graph import (
+    count_initializers,
+    count_nodes,
     is_constant,
     is_default_domain,
     is_onnx_op,
@@ -103,7 +105,7 @@ class Fold(Pass):
         counts = dict.fromkeys(("constants_lifted", "identity_removed", "bias_adds_folded", "batchnorm_folded",
                                 "nodes_folded", "dead_nodes_removed", "unused_initializers_removed",
                                 "initializers_deduplicated"), 0)
-        nodes_before = _count_nodes(model)
+        nodes_before = count_nodes(model)
         max_bytes = int(self.max_fold_mb * 1024 * 1024)
         steps = [
             _Step(counts, lambda m: {"constants_lifted": _lift_constants(m)}),
@@ -121,12 +123,12 @@ class Fold(Pass):
         except Exception as exc:
             raise root_cause(exc) from None
         if self.dedup:  # once, after folding: hashing reads every weight
-            before = _count_initializers(model)
+            before = count_initializers(model)
             DeduplicateHashedInitializersPass()(model)
             RemoveUnusedNodesPass()(model)
-            counts["initializers_deduplicated"] += before - _count_initializers(model)
+            counts["initializers_deduplicated"] += before - count_initializers(model)
         stats.summary = {k: v for k, v in counts.items() if v} or {"nodes": nodes_before}
-        stats.summary["nodes_removed"] = nodes_before - _count_nodes(model)
+        stats.summary["nodes_removed"] = nodes_before - count_nodes(model)
         stats.modified = any(counts.values())
         if not stats.modified:
             stats.notes.append("fold: nothing to fold (no Constant node, Identity, foldable BatchNorm or bias Add, "
@@ -159,24 +161,16 @@ def _infer_shapes(model: ir.Model) -> dict[str, int]:
 
 def _remove_dead(model: ir.Model) -> dict[str, int]:
     """Drop dead nodes and initializers nothing reads (in subgraphs too)."""
-    inits_before, nodes_before = _count_initializers(model), _count_nodes(model)
+    inits_before, nodes_before = count_initializers(model), count_nodes(model)
     RemoveUnusedNodesPass()(model)
     _remove_unused_subgraph_initializers(model)
-    return {"dead_nodes_removed": nodes_before - _count_nodes(model),
-            "unused_initializers_removed": inits_before - _count_initializers(model)}
+    return {"dead_nodes_removed": nodes_before - count_nodes(model),
+            "unused_initializers_removed": inits_before - count_initializers(model)}
 
 
 def fold_model(model: ir.Model) -> PassStats:
     """Run `fold` with default options (for passes that want folded input without a user step)."""
     return Fold().call(model, None)
-
-
-def _count_nodes(model: ir.Model) -> int:
-    return sum(len(g) for g in iter_graphs(model.graph))
-
-
-def _count_initializers(model: ir.Model) -> int:
-    return sum(len(g.initializers) for g in iter_graphs(model.graph))
 
 
 def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
@@ -191,9 +185,9 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
 
 # ------------------------------------------------------------------------------ 1. constants
 def _lift_constants(model: ir.Model) -> int:
-    before = _count_nodes(model)
+    before = count_nodes(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return before - _count_nodes(model)
+    return before - count_nodes(model)
 
 
 # ------------------------------------------------------------------------------ 2. identities

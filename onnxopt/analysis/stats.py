@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnxopt.io import iter_graphs
+from onnxopt.graph import iter_graphs
 
 __all__ = ["ModelStats", "model_stats", "macs_by_node", "infer_shapes", "dim_values"]
 

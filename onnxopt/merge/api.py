@@ -16,7 +16,7 @@ from onnx_ir.passes.common import DeduplicateHashedInitializersPass, RemoveUnuse
 
 from onnxopt import io
 from onnxopt.errors import ModelError, UsageError, first_line
-from onnxopt.graph import iter_graphs
+from onnxopt.graph import count_initializers, iter_graphs
 from onnxopt.merge.combine import COMBINE_MODES, WEIGHTED_MODES, assemble, parse_map
 from onnxopt.merge.members import Member, load_members, reconcile_opsets
 from onnxopt.merge.soup import soup
@@ -87,10 +87,6 @@ def _normalized_weights(combine: str, weights: Sequence[float] | None, n: int) -
 # ------------------------------------------------------------------ figures and checks
 
 
-def _count_initializers(model: ir.Model) -> int:
-    return sum(len(g.initializers) for g in iter_graphs(model.graph))
-
-
 def _parameters(model: ir.Model) -> int:
     return sum(int(v.const_value.size) for g in iter_graphs(model.graph) for v in g.initializers.values()
                if v.const_value is not None)
@@ -144,7 +140,7 @@ def merge_models(
     else:
         model = assemble(members, combine, norm, keep_members, entries, int(axis), opsets)
     RemoveUnusedNodesPass()(model)
-    before = _count_initializers(model)
+    before = count_initializers(model)
     DeduplicateHashedInitializersPass()(model)
     RemoveUnusedNodesPass()(model)
     meta = {"combine": combine, "members": [m.name for m in members], "weights": norm}
@@ -153,7 +149,7 @@ def merge_models(
         _check(model)
     logger.debug("merged %d members (%s): %d nodes", len(members), combine, sum(1 for _ in model.graph))
     report = MergeReport(combine=combine, members=rows, opset=opsets[""], nodes=sum(1 for _ in model.graph),
-                         parameters=_parameters(model), initializers_deduplicated=before - _count_initializers(model),
+                         parameters=_parameters(model), initializers_deduplicated=before - count_initializers(model),
                          weights=norm, notes=notes)
     return model, report
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -46,7 +46,16 @@ from onnxopt.analysis.layers import linear_of
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, UsageError
 from onnxopt.graph import constant_array, iter_graphs, new_initializer, only_used_by, opset_version, set_weight
-from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
+from onnxopt.registry import (
+    Pass,
+    PassStats,
+    exclude_patterns,
+    layer_settings,
+    layers_option,
+    matches_any,
+    option,
+    register_pass,
+)
 from onnxopt.runtime import TapSession
 
 from ._channels_fit import refit_consumer
@@ -74,6 +83,7 @@ class Channels(Pass):
     exclude: list[str] = option([], "producer node names (globs) or op types whose output channels are kept")
     compensate: bool = option(True, "fold removed channels' constant (or mean, with --calib) into consumer biases")
     reconstruct: bool = option(False, "refit consumer weights by least squares on --calib data")
+    layers: dict[str, dict[str, Any]] = layers_option("ratio")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -84,6 +94,8 @@ class Channels(Pass):
             raise UsageError(f"channels.round_to: {self.round_to} must be at least 1 (e.g. 8 or 16)")
         if self.min_channels < 1:
             raise UsageError(f"channels.min_channels: {self.min_channels} must be at least 1")
+        if self.macs is not None and any("ratio" in v for v in self.layers.values()):
+            raise UsageError("channels.layers: a per-layer ratio needs ratio mode; drop macs")
 
     # ------------------------------------------------------------------ driver
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
@@ -95,7 +107,7 @@ class Channels(Pass):
         stats = PassStats()
         cg = build_channel_graph(model, ctx.dims)
         groups = cg.groups()
-        candidates = self._candidates(groups, stats)
+        candidates = self._candidates(groups, stats, exclude_patterns(self, model))
         stats.summary = {"groups": len(groups), "prunable_groups": len(candidates)}
         if not candidates:
             if self.macs is not None:
@@ -129,10 +141,10 @@ class Channels(Pass):
         return stats
 
     # ------------------------------------------------------------------ candidates and scores
-    def _candidates(self, groups: list[Group], stats: PassStats) -> list[Group]:
+    def _candidates(self, groups: list[Group], stats: PassStats, exclude: list[str]) -> list[Group]:
         out = []
         for g in groups:
-            if self.exclude and any(matches_any(p.node, self.exclude) for p in g.producers):
+            if exclude and any(matches_any(p.node, exclude) for p in g.producers):
                 stats.skip(g.name, "excluded by channels.exclude")
                 continue
             if not g.prunable():
@@ -166,7 +178,8 @@ class Channels(Pass):
         if self.macs is None:
             plan = {}
             for g in candidates:
-                keep = self._keep_count(g, g.size - int(math.floor(self.ratio * g.size + 1e-9)))
+                ratio = layer_settings(self, *(p.node for p in g.producers))["ratio"]
+                keep = self._keep_count(g, g.size - int(math.floor(ratio * g.size + 1e-9)))
                 order = sorted(g.prunable(), key=lambda u: (scores[id(g)][u], u))
                 plan[id(g)] = sorted(order[:g.size - keep])
             return plan

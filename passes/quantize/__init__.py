@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -61,7 +61,16 @@ from onnxopt.graph import (
     upgrade_opset,
 )
 from onnxopt.io import weight_bytes
-from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
+from onnxopt.registry import (
+    Pass,
+    PassStats,
+    exclude_patterns,
+    layers_option,
+    matches_any,
+    option,
+    register_pass,
+    run_pass,
+)
 
 from .bias import apply_shift, bias_targets, input_means, weight_shift
 from .calib import Range, choose_range, collect_histograms, collect_minmax, weight_scales
@@ -125,6 +134,7 @@ class Quantize(Pass):
     equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)")
     bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes")
     check_fusion: bool = option(True, "load the result in ONNX Runtime and count the integer kernels it fuses")
+    layers: dict[str, dict[str, Any]] = layers_option()
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -139,6 +149,8 @@ class Quantize(Pass):
             raise UsageError(f"quantize.concat_range_ratio: {self.concat_range_ratio} is not allowed (> 1)")
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
+        if self.layers:  # a node its layers entry skips is excluded by name
+            return dataclasses.replace(self, exclude=exclude_patterns(self, model), layers={}).call(model, ctx)
         stats = PassStats()
         found = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
         if found:

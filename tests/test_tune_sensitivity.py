@@ -135,7 +135,7 @@ def test_failed_actions_are_rows_not_errors(folded, data) -> None:
 
 # ------------------------------------------------------------------------------ the allotment
 def _row(layer: str, level: int, value: float) -> Row:
-    return Row("channels", layer, [layer], "Conv", level, value, f"ratio {value}", None, status="measured")
+    return Row("channels", layer, [layer], "Conv", level, value, None, status="measured")
 
 
 def test_allot_takes_the_best_gain_per_error_within_the_budget() -> None:

@@ -48,7 +48,7 @@ __all__ = ["tune", "TuneResult", "DEFAULT_TRIALS"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 40
-_FINALISTS = 4
+_FINALISTS = 6
 _LATENCY_MARGIN = 0.02  # a latency ratio must be below 1 - margin to count as beating the original
 _SENSITIVITY_SHARE = 0.4  # of --budget-minutes, at most, for the sensitivity table
 _SENSITIVITY_RUN_S = 0.5  # sensitivity feeds: as many as the original runs in this long (2..8)
@@ -288,7 +288,10 @@ def tune(
         space = SearchSpace(table, constraint, objective, chosen_passes,
                             matmul_weights=_has_matmul_weights(base), wide_channels=_has_wide_convs(base))
         notes = list(table.notes)
-        job = Job(str(model_path), calib_ds, search, constraint, objective, threads, dims, key=key)
+        kept = workspace / "trials"
+        kept.mkdir()
+        job = Job(str(model_path), calib_ds, search, constraint, objective, threads, dims, key=key,
+                  keep_dir=str(kept))
         finished_before = _finished(the_study)
         ran = 0
         if space.empty():
@@ -297,7 +300,8 @@ def tune(
             if not the_study.trials:
                 for point in space.starting_points():
                     the_study.enqueue_trial(point, skip_if_exists=True)
-            ran = _search(the_study, space, job, constraint, workers, ray, budget_trials, finished_before, deadline)
+            ran = _search(the_study, space, job, constraint, workers, ray, budget_trials, finished_before, deadline,
+                          _Kept(kept, objective))
         trials = record_trials(the_study, constraint.limit)
         finalists = _finalists(trials, model_path, job, held, constraint, objective, workspace)
         chosen, result = _choose(finalists, model_path, calib_ds, held, constraint, objective, threads, dims, batch,
@@ -437,8 +441,34 @@ def _finished(the_study: Any) -> int:
                if t.state != optuna.trial.TrialState.FAIL or "reason" in t.user_attrs)
 
 
+class _Kept:
+    """The models trials left for the finalists: only the best few by objective stay on disk."""
+
+    def __init__(self, folder: Path, objective: str) -> None:
+        self.folder = folder
+        self.ceiling = _ceiling(objective)
+        self.best: list[tuple[float, int]] = []
+
+    def add(self, outcome: Outcome) -> None:
+        path = self.folder / f"trial{outcome.number}.onnx"
+        if not path.is_file():
+            return
+        if outcome.objective is None or outcome.objective >= self.ceiling:
+            path.unlink()
+            return
+        self.best = sorted([*self.best, (outcome.objective, outcome.number)])
+        for _, number in self.best[2 * _FINALISTS:]:
+            (self.folder / f"trial{number}.onnx").unlink(missing_ok=True)
+        self.best = self.best[:2 * _FINALISTS]
+
+
+def _ceiling(objective: str) -> float:
+    """Trials above this objective ratio cannot be finalists (a search latency is short, taken beside work)."""
+    return 1.2 if objective == "latency" else 1.0
+
+
 def _search(the_study: Any, space: SearchSpace, job: Job, constraint: Constraint, workers: int, ray: str | None,
-            budget_trials: int | None, finished_before: int, deadline: float | None) -> int:
+            budget_trials: int | None, finished_before: int, deadline: float | None, kept: _Kept) -> int:
     """Run trials until the study holds `budget_trials` finished ones or the deadline passes; how many ran."""
     total = None if budget_trials is None else max(0, budget_trials - finished_before)
     if total == 0:
@@ -446,8 +476,9 @@ def _search(the_study: Any, space: SearchSpace, job: Job, constraint: Constraint
     executor = make_executor(job, workers, ray)
     ran = 0
     try:
-        for _ in progress(_trials(the_study, space, executor, constraint, total, deadline), desc="tune: trials",
-                          total=total):
+        for outcome in progress(_trials(the_study, space, executor, constraint, total, deadline),
+                                desc="tune: trials", total=total):
+            kept.add(outcome)
             ran += 1
     finally:
         executor.close()
@@ -513,7 +544,7 @@ def _known_outcomes(the_study: Any) -> dict[str, Outcome]:
 def _finalists(trials: Sequence[TrialRecord], model_path: Path, job: Job, held: Dataset, constraint: Constraint,
                objective: str, workspace: Path) -> list[Finalist]:
     """The best feasible trials, rebuilt and measured on the held-out data (latency: careful, all together)."""
-    ceiling = 1.0 + (0.05 if objective == "latency" else 0.0)  # a search latency is a short measurement
+    ceiling = _ceiling(objective)
     pool = sorted((t for t in trials if t.feasible and t.objective is not None and t.objective < ceiling),
                   key=lambda t: (t.objective, t.error, t.number))
     picked, seen = [], set()
@@ -529,11 +560,12 @@ def _finalists(trials: Sequence[TrialRecord], model_path: Path, job: Job, held: 
     reference = Reference(model_path, held, constraint, threads=job.threads)
     paths, measured = [], []
     for t in picked:
-        path = workspace / f"finalist{t.number}.onnx"
-        model = io.load(model_path)
-        ctx = Context(original_path=model_path, calib=job.calib, dims=dict(job.dims), threads=job.threads)
-        Pipeline([tuple(step) for step in t.recipe]).run(model, ctx)
-        io.save(model, path)
+        path = Path(job.keep_dir or workspace) / f"trial{t.number}.onnx"
+        if not path.is_file():  # built by another machine, or in an earlier run of the study
+            model = io.load(model_path)
+            ctx = Context(original_path=model_path, calib=job.calib, dims=dict(job.dims), threads=job.threads)
+            Pipeline([tuple(step) for step in t.recipe]).run(model, ctx)
+            io.save(model, path)
         paths.append(path)
         measured.append(reference.measure(path, threads=job.threads))
     spreads: list[tuple[float, float] | None] = [None] * len(paths)

@@ -2,10 +2,15 @@
 
 - ``latency``: ONNX Runtime on this machine with the run's threads, one feed of the evaluation data.
   The models are timed in *blocks* of repeated runs, each block long enough to mean something
-  (``min_block_s``), the models interleaved block by block in one process with the order alternating,
-  and the ratio taken per block: load from other processes then hits both sides of each ratio alike.
-  The median of the block ratios is the figure; `careful_latency` repeats the whole measurement in
-  rounds and reports the spread, for the few finalists a choice rests on.
+  (``min_block_s``), the models interleaved block by block in one process with the order alternating.
+  In each round the figure is the ratio of each model's fastest block: other processes can only add
+  time to a block (a busy machine takes the process off the CPU for longer than a block lasts), so the
+  fastest block is the least disturbed one, where a median of per-block ratios can follow a run of
+  disturbed blocks. The measurement is the median of the rounds' figures (a lucky or unlucky round
+  cannot decide it), with their spread and the median block ratio beside it. `careful_latency` takes
+  longer blocks, for the few finalists a choice rests on. With one ONNX Runtime thread (``--threads 1``)
+  blocks are timed in CPU time of this process, which a loaded machine does not stretch; with more
+  threads, in wall time.
 - ``size``: bytes on disk (external data included).
 - ``macs``: multiply-accumulates counted from the graph (`onnxopt.analysis.model_stats`).
 """
@@ -16,7 +21,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +38,12 @@ OBJECTIVES = ("latency", "size", "macs")
 
 @dataclasses.dataclass
 class LatencyRatio:
-    """Median ratio of block times (candidate over original) and the spread of the per-round medians."""
+    """A candidate's latency over the reference's: ``ratio`` is the median over rounds of the ratio of their
+    fastest blocks in the round, ``low``/``high`` its spread over the rounds, ``median`` the median of all
+    per-block ratios."""
 
     ratio: float
+    median: float
     low: float
     high: float
     blocks: int
@@ -62,26 +70,23 @@ def latency_ratios(
     for sess in sessions:
         for _ in range(2):
             run(sess, feed)
-    reps = max(1, math.ceil(min_block_s / max(min(_one_run(sess, feed) for sess in sessions), 1e-6)))
-    per_round: list[list[list[float]]] = []  # round -> candidate -> block ratios
-    reference_times: list[float] = []
+    clock = _clock(threads)
+    reps = max(1, math.ceil(min_block_s / max(min(_one_run(sess, feed, clock) for sess in sessions), 1e-6)))
+    times = np.zeros((rounds, blocks, len(paths)))  # seconds per block
     for r in range(rounds):
-        ratios: list[list[float]] = [[] for _ in candidates]
         for b in range(blocks):
             order = list(range(len(paths)))
             if (b + r) % 2:
                 order.reverse()
-            times = {i: _time_runs(sessions[i], feed, reps) for i in order}
-            reference_times.append(times[0] / reps)
-            for k in range(len(candidates)):
-                ratios[k].append(times[k + 1] / times[0] if times[0] > 0 else float("nan"))
-        per_round.append(ratios)
+            for i in order:
+                times[r, b, i] = _time_runs(sessions[i], feed, reps, clock)
     out = []
-    for k in range(len(candidates)):
-        everything = [x for rnd in per_round for x in rnd[k]]
-        medians = [float(np.median(rnd[k])) for rnd in per_round]
-        out.append(LatencyRatio(float(np.median(everything)), min(medians), max(medians), len(everything), reps,
-                                float(np.median(reference_times)) * 1000.0))
+    best = times.min(axis=1)  # round -> model: the fastest block
+    for k in range(1, len(paths)):
+        per_round = best[:, k] / best[:, 0]
+        out.append(LatencyRatio(float(np.median(per_round)), float(np.median(times[:, :, k] / times[:, :, 0])),
+                                float(per_round.min()), float(per_round.max()), rounds * blocks, reps,
+                                float(times[:, :, 0].min() / reps * 1000.0)))
     return out
 
 
@@ -91,22 +96,29 @@ def careful_latency(reference: str | os.PathLike[str], candidates: Sequence[str 
     return latency_ratios(reference, candidates, feed, threads=threads, blocks=7, min_block_s=0.1, rounds=3)
 
 
-def _one_run(sess: Any, feed: dict[str, np.ndarray], span_s: float = 0.02) -> float:
+def _clock(threads: int | None) -> Callable[[], float]:
+    """The clock blocks are timed with: with one ONNX Runtime thread, the CPU time of this process, which
+    other processes cannot stretch (the run computes in this thread and waits for nothing); otherwise the
+    wall clock, since several threads' CPU times add up (and spinning threads burn CPU while they wait)."""
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def _one_run(sess: Any, feed: dict[str, np.ndarray], clock: Callable[[], float], span_s: float = 0.02) -> float:
     """Seconds per run, from as many runs as fill `span_s` (one run alone is mostly scheduler noise)."""
-    runs, t0 = 0, time.perf_counter()
+    runs, t0 = 0, clock()
     while True:
         run(sess, feed)
         runs += 1
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         if elapsed >= span_s:
             return elapsed / runs
 
 
-def _time_runs(sess: Any, feed: dict[str, np.ndarray], reps: int) -> float:
-    t0 = time.perf_counter()
+def _time_runs(sess: Any, feed: dict[str, np.ndarray], reps: int, clock: Callable[[], float]) -> float:
+    t0 = clock()
     for _ in range(reps):
         run(sess, feed)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def size_ratio(reference: str | os.PathLike[str], candidate: str | os.PathLike[str]) -> float:

@@ -103,17 +103,9 @@ class Action:
 
 
 @dataclasses.dataclass
-class Row:
-    """One measured (or not measured) action of the table."""
+class Row(Action):
+    """An action of the table with what measuring it gave (or why it was not measured)."""
 
-    pass_name: str
-    layer: str
-    nodes: list[str]
-    op: str
-    level: int
-    value: float
-    label: str
-    macs: int | None
     status: str = "not measured"
     error: float | None = None
     rel_l2: float | None = None
@@ -128,12 +120,12 @@ class Row:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["pass"] = out.pop("pass_name")
+        out["label"] = self.label
         return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Row:
-        d = dict(d)
-        d["pass_name"] = d.pop("pass")
+        d = {**d, "pass_name": d["pass"]}
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -353,8 +345,7 @@ def measure_sensitivity(
     rows: list[Row] = []
     try:
         for action in progress(actions, desc="sensitivity", total=len(actions)):
-            row = Row(action.pass_name, action.layer, action.nodes, action.op, action.level, action.value, action.label,
-                      action.macs)
+            row = Row(**dataclasses.asdict(action))
             rows.append(row)
             if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
                 row.status = "not measured (time budget)"

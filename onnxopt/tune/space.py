@@ -178,6 +178,8 @@ class SearchSpace:
                     steps.append((name, options))
         quantize = self._quantize(params) if "quantize" in self.ladders and params.get("quantize") else None
         distill = params.get("distill", "off") if self.distill else "off"
+        if len(steps) == 1 and (quantize is None or distill == "before_quantize"):
+            distill = "off"  # nothing compressed before it: distillation would leave the model as it is
         if distill == "before_quantize" or (distill == "after_quantize" and quantize is None):
             steps.append(("distill", {}))
         if quantize is not None:

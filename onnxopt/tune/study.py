@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = ["SAMPLERS", "MEMORY", "TrialRecord", "open_study", "record_trials", "
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "nsga2")
+_OPEN_ATTEMPTS = 5
 MEMORY = "memory"
 """The storage name of a study kept in memory (not resumable)."""
 _STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "fail", "RUNNING": "running", "WAITING": "waiting"}
@@ -56,17 +58,22 @@ def open_study(storage: str, name: str, *, sampler: str = "tpe", seed: int | Non
                                                 n_startup_trials=8)
         else:
             chosen = optuna.samplers.NSGAIISampler(seed=seed, constraints_func=_violation, population_size=16)
-    try:
-        backend = (optuna.storages.InMemoryStorage() if storage == MEMORY
-                   else optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage)))
-        study = optuna.create_study(storage=backend, study_name=name, sampler=chosen, load_if_exists=True,
-                                    directions=["minimize", "minimize"])
-    except (ImportError, ValueError) as exc:
-        raise UsageError(f"--storage '{storage}': {first_line(exc)}") from None
-    except Exception as exc:  # SQLAlchemy's errors (a database that cannot be opened or written)
-        if type(exc).__module__.startswith("sqlalchemy"):
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            backend = (optuna.storages.InMemoryStorage() if storage == MEMORY
+                       else optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage)))
+            study = optuna.create_study(storage=backend, study_name=name, sampler=chosen, load_if_exists=True,
+                                        directions=["minimize", "minimize"])
+            break
+        except (ImportError, ValueError) as exc:
             raise UsageError(f"--storage '{storage}': {first_line(exc)}") from None
-        raise
+        except Exception as exc:  # SQLAlchemy's errors: a database that cannot be opened or written, or
+            # two processes creating the same new database at once (the loser retries and finds it made)
+            if not type(exc).__module__.startswith("sqlalchemy"):
+                raise
+            if attempt == _OPEN_ATTEMPTS - 1 or "IntegrityError" not in type(exc).__name__:
+                raise UsageError(f"--storage '{storage}': {first_line(exc)}") from None
+            time.sleep(0.2 * (attempt + 1))
     if len(study.directions) != 2:
         raise UsageError(f"study '{name}' in '{storage}' is not a tune study (it has {len(study.directions)} "
                          "objectives); give another --study name")
@@ -167,8 +174,12 @@ def pareto_front(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
     """The complete trials no other complete trial beats on both objective and error, by objective."""
     done = [t for t in trials if t.state == "complete" and t.objective is not None and t.error is not None
             and math.isfinite(t.objective) and math.isfinite(t.error)]
-    front = []
-    for t in done:
+    front, seen = [], set()
+    for t in sorted(done, key=lambda t: t.number):
+        recipe = json.dumps(t.recipe, sort_keys=True)
+        if recipe in seen:  # a repeated recipe took the earlier trial's figures: shown once
+            continue
+        seen.add(recipe)
         dominated = any(o.objective <= t.objective and o.error <= t.error and
                         (o.objective < t.objective or o.error < t.error) for o in done)
         if not dominated:

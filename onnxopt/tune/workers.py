@@ -55,6 +55,8 @@ class Job:
     dims: dict[str, int] = dataclasses.field(default_factory=dict)
     model_bytes: bytes | None = None
     key: str = ""
+    keep_dir: str | None = None
+    """Where a trial that holds the constraint leaves its model (``trial<N>.onnx``), for the finalists."""
 
 
 @dataclasses.dataclass
@@ -140,14 +142,24 @@ def _evaluate(w: _Worker, number: int, recipe: Recipe, lock: Any) -> Outcome:
         if job.objective == "latency":
             feed = job.search.feeds[0]
             with lock if lock is not None else contextlib.nullcontext():
-                lat = latency_ratios(w.path, [path], feed, threads=job.threads, blocks=5, min_block_s=0.03)[0]
+                lat = latency_ratios(w.path, [path], feed, threads=job.threads, blocks=5, min_block_s=0.02,
+                                     rounds=3)[0]
             ratio = lat.ratio
             detail["latency"] = lat.to_dict()
         elif job.objective == "size":
             ratio = size_ratio(w.path, path)
         else:
             ratio = macs_ratio(w.macs, path, job.dims)
+        _keep(job, number, path, measured.error)
     return Outcome(number, "complete", objective=ratio, error=measured.error, rel_l2=measured.rel_l2, detail=detail)
+
+
+def _keep(job: Job, number: int, path: Path, error: float) -> None:
+    """Leave a model that holds the constraint in `Job.keep_dir` (when this machine has it), so that the
+    finalists need not be built again."""
+    if job.keep_dir and Path(job.keep_dir).is_dir() and job.constraint.holds(error):
+        if not any(path.parent.glob("*.data")):  # one-file models only: a copy is then one rename
+            os.replace(path, Path(job.keep_dir) / f"trial{number}.onnx")
 
 
 def _hopeless(constraint: Constraint, error: float) -> bool:

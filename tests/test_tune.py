@@ -79,12 +79,13 @@ def test_nothing_qualifies_writes_nothing(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_finalists_that_break_the_constraint_or_are_not_better_are_not_chosen() -> None:
-    from onnxopt.tune.api import Finalist, _choose
+    from onnxopt.tune.choose import choose
+    from onnxopt.tune.result import Finalist
 
     broken = Finalist(3, [["fold", {}]], 0.5, 0.5, 0.4, None, 2.5, 0.1, holds=False, beats=True)
     slower = Finalist(4, [["fold", {}]], 0.9, 0.2, 1.01, None, 0.2, 0.01, holds=True, beats=False)
     notes: list[str] = []
-    assert _choose([broken, slower], CNN, None, None, Constraint("accuracy", 1.0), "latency", None, {}, None,
+    assert choose([broken, slower], CNN, None, None, Constraint("accuracy", 1.0), "latency", None, {}, None,
                    None, 0, notes) == (None, None)
 
 

@@ -19,8 +19,9 @@ objective (latency on this machine, size or MACs, always as a ratio to the origi
    ``onnxopt MODEL --recipe OUT.recipe.toml`` (`api`, `recipe`). When nothing qualifies, nothing is written.
 
 Modules: `constraint` (the constraint and errors against the original's kept outputs), `objectives`
-(latency, size and MAC ratios), `sensitivity`, `space`, `study`, `workers`, `recipe`, `api` (`tune`,
-`TuneResult`), `verb` (the command line).
+(latency, size and MAC ratios), `sensitivity`, `space`, `study` (the Optuna study), `workers` (trial
+evaluation, local processes, Ray), `search` (the ask-run-tell loop), `choose` (finalists and the
+choice), `result` (`TuneResult`), `recipe` (TOML), `api` (`tune`), `verb` (the command line).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import sys
 import types
 from typing import Any
 
-from onnxopt.tune.api import TuneResult, tune
+from onnxopt.tune.api import tune
+from onnxopt.tune.result import TuneResult
 
 __all__ = ["tune", "TuneResult"]
 

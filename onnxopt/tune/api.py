@@ -1,4 +1,4 @@
-"""`tune`: accuracy-aware search over whole recipes, and `TuneResult`.
+"""`tune`: accuracy-aware search over whole recipes.
 
 Flow: load the model and data -> split the evaluation data into a search part and a held-out part
 -> open (or resume) the Optuna study -> the sensitivity table (measured, or read back from the
@@ -12,207 +12,40 @@ nothing is written.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from onnxopt import io
-from onnxopt.api import Result, optimize
-from onnxopt.context import Context
 from onnxopt.data import Dataset, input_specs, load_data
-from onnxopt.errors import ModelError, UsageError
-from onnxopt.pipeline import Pipeline
-from onnxopt.progress import progress
+from onnxopt.errors import UsageError
 from onnxopt.registry import run_pass
 from onnxopt.runtime import run, session
+from onnxopt.tune.choose import choose, finalists
 from onnxopt.tune.constraint import Constraint, Reference
-from onnxopt.tune.objectives import OBJECTIVES, careful_latency, macs_of, macs_ratio, size_ratio
-from onnxopt.tune.recipe import recipe_toml
+from onnxopt.tune.objectives import OBJECTIVES
+from onnxopt.tune.result import TuneResult
+from onnxopt.tune.search import Kept, counted_trials, run_trials
 from onnxopt.tune.sensitivity import SensitivityTable, measure_sensitivity, plan_actions
 from onnxopt.tune.space import PASSES_FOR, SEARCH_PASSES, SearchSpace
-from onnxopt.tune.study import MEMORY, TrialRecord, mark_running, open_study, pareto_front, record_trials, tell
-from onnxopt.tune.workers import Job, Outcome, make_executor
+from onnxopt.tune.study import MEMORY, open_study, pareto_front, record_trials
+from onnxopt.tune.workers import Job
 
 __all__ = ["tune", "TuneResult", "DEFAULT_TRIALS"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 40
-_FINALISTS = 6
-_LATENCY_MARGIN = 0.02  # a latency ratio must be below 1 - margin to count as beating the original
 _SENSITIVITY_SHARE = 0.4  # of --budget-minutes, at most, for the sensitivity table
 _SENSITIVITY_RUN_S = 0.5  # sensitivity feeds: as many as the original runs in this long (2..8)
-_MAX_REPEATS = 25  # trials in a row that allot an already measured recipe: the space is exhausted
-
-
-@dataclasses.dataclass
-class Finalist:
-    """A trial measured again: held-out error and the careful objective."""
-
-    number: int
-    recipe: Any
-    objective_search: float
-    error_search: float
-    objective: float
-    objective_spread: tuple[float, float] | None
-    error: float
-    rel_l2: float
-    holds: bool
-    beats: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class TuneResult:
-    """What a tune run found: the sensitivity table, every trial, the Pareto front, the finalists and,
-    when one qualified, the chosen model (`result`, an `onnxopt.Result`) with its recipe."""
-
-    model: str
-    constraint: Constraint
-    objective: str
-    threads: int | None
-    sensitivity: SensitivityTable
-    space: dict[str, Any]
-    trials: list[TrialRecord]
-    pareto: list[TrialRecord]
-    finalists: list[Finalist]
-    chosen: Finalist | None
-    result: Result | None
-    study: dict[str, Any]
-    data: dict[str, Any]
-    seconds: float
-    notes: list[str] = dataclasses.field(default_factory=list)
-    _calib_part: Dataset | None = None
-
-    @property
-    def passed(self) -> bool:
-        return self.chosen is not None and self.result is not None
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    @property
-    def recipe(self) -> list[tuple[str, dict[str, Any]]] | None:
-        """The chosen recipe with every option as it ran (None when nothing qualified)."""
-        if self.result is None:
-            return None
-        return [(r.name, dict(r.options)) for r in self.result.passes]
-
-    def recipe_text(self, model_path: str | None = None, output: str | None = None, calib: str | None = None) -> str:
-        """The recipe as TOML, with the command that reproduces the model in a comment."""
-        if self.recipe is None or self.chosen is None:
-            raise UsageError("nothing qualified, so there is no recipe")
-        c = self.chosen
-        command = (f"onnxopt {model_path or self.model} --recipe RECIPE --calib {calib or 'CALIB'}"
-                   f" -o {output or 'OUT.onnx'}")
-        comments = [
-            f"onnxopt tune: trial {c.number} of study '{self.study.get('name')}'",
-            f"{self.objective} {c.objective:.3f}x of the original; {self.constraint.describe()}: "
-            f"{c.error:.4g} {self.constraint.unit()} on held-out data, {c.error_search:.4g} on search data",
-            f"reproduce: {command}",
-        ]
-        return recipe_toml(self.recipe, comments)
-
-    def save(self, path: str | os.PathLike[str], *, external_data: bool | None = None,
-             model_path: str | None = None, calib: str | None = None) -> tuple[Path, Path]:
-        """Write the chosen model to `path` and its recipe beside it (``OUT.recipe.toml``); when the
-        calibration data was split for a held-out part, also the calibration part (``OUT.calib``)."""
-        if self.result is None:
-            raise UsageError("nothing qualified; nothing to write")
-        target = Path(path)
-        recipe_path = recipe_path_for(target)
-        calib_text = calib
-        if self._calib_part is not None:
-            folder = target.with_name(target.name.removesuffix(".onnx") + ".calib")
-            _write_feeds(self._calib_part, folder)
-            calib_text = str(folder)
-        text = self.recipe_text(model_path, str(target), calib_text).replace("RECIPE", str(recipe_path))
-        out = self.result.save(target, external_data=external_data)
-        tmp = recipe_path.with_name(f".{recipe_path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, recipe_path)
-        return out, recipe_path
-
-    def describe(self) -> str:
-        """One line: what was chosen, or the best candidate's figures when nothing qualified."""
-        unit = self.constraint.unit()
-        if self.chosen is not None:
-            c = self.chosen
-            return (f"chose trial {c.number}: {self.objective} {c.objective:.3f}x of the original, "
-                    f"{c.error:.4g} {unit} on held-out data ({self.constraint.describe()})")
-        best = self.best_candidate()
-        if best is None:
-            return f"no candidate: {self._why_no_trial()}"
-        if isinstance(best, Finalist):
-            return (f"best candidate: trial {best.number}, {self.objective} {best.objective:.3f}x of the original, "
-                    f"{best.error:.4g} {unit} on held-out data")
-        objective = "-" if best.objective is None else f"{best.objective:.3f}x"
-        return (f"best candidate: trial {best.number}, {self.objective} {objective} of the original, "
-                f"{best.error:.4g} {unit} on search data")
-
-    def _why_no_trial(self) -> str:
-        rows = [r for r in self.sensitivity.rows if r.measured and r.error is not None]
-        if not self.trials and rows:
-            gentlest = min(rows, key=lambda r: (r.error, r.rel_l2 or 0.0))
-            return (f"every action alone breaks the constraint or saves nothing; the gentlest, {gentlest.label} on "
-                    f"{gentlest.layer}, has {gentlest.error:.4g} {self.constraint.unit()} alone")
-        return f"no trial completed ({len(self.trials)} trials)"
-
-    def best_candidate(self) -> Finalist | TrialRecord | None:
-        """The finalist with the best objective, else the complete trial with the smallest error."""
-        if self.finalists:
-            return min(self.finalists, key=lambda f: (not f.holds, f.objective))
-        done = [t for t in self.trials if t.state == "complete" and t.error is not None]
-        return min(done, key=lambda t: (t.error, t.objective or math.inf)) if done else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON report (schema in docs/tune.md)."""
-        return {
-            "kind": "tune",
-            "model": self.model,
-            "constraint": self.constraint.to_dict(),
-            "objective": {"name": self.objective, "threads": self.threads},
-            "data": self.data,
-            "study": self.study,
-            "seconds": round(self.seconds, 3),
-            "sensitivity": self.sensitivity.to_dict(),
-            "space": self.space,
-            "trials": [t.to_dict() for t in self.trials],
-            "pareto": [{"number": t.number, "objective": t.objective, "error": t.error, "feasible": t.feasible,
-                        "passes": t.passes()} for t in self.pareto],
-            "finalists": [f.to_dict() for f in self.finalists],
-            "chosen": self.chosen.to_dict() if self.chosen is not None else None,
-            "verdict": "chosen" if self.passed else "nothing qualifies",
-            "message": self.describe(),
-            "notes": list(self.notes),
-            "result": self.result.to_dict() if self.result is not None else None,
-        }
-
-
-def recipe_path_for(output: str | os.PathLike[str]) -> Path:
-    """``OUT.recipe.toml`` for output ``OUT.onnx``."""
-    target = Path(output)
-    return target.with_name(target.name.removesuffix(".onnx") + ".recipe.toml")
-
-
-def _write_feeds(data: Dataset, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    width = max(3, len(str(len(data))))
-    for i, (feed, labels) in enumerate(zip(data.feeds, data.labels)):
-        arrays = dict(feed) if labels is None else {**feed, "labels": labels}
-        np.savez(folder / f"{i:0{width}d}.npz", **arrays)
 
 
 # ------------------------------------------------------------------------------------ tune
@@ -292,7 +125,7 @@ def tune(
         kept.mkdir()
         job = Job(str(model_path), calib_ds, search, constraint, objective, threads, dims, key=key,
                   keep_dir=str(kept))
-        finished_before = _finished(the_study)
+        finished_before = counted_trials(the_study)
         ran = 0
         if space.empty():
             notes.append("no action saves anything on this objective within the constraint: nothing to search")
@@ -300,11 +133,11 @@ def tune(
             if not the_study.trials:
                 for point in space.starting_points():
                     the_study.enqueue_trial(point, skip_if_exists=True)
-            ran = _search(the_study, space, job, constraint, workers, ray, budget_trials, finished_before, deadline,
-                          _Kept(kept, objective))
+            ran = run_trials(the_study, space, job, constraint, workers, ray, budget_trials, finished_before, deadline,
+                              Kept(kept, objective))
         trials = record_trials(the_study, constraint.limit)
-        finalists = _finalists(trials, model_path, job, held, constraint, objective, workspace)
-        chosen, result = _choose(finalists, model_path, calib_ds, held, constraint, objective, threads, dims, batch,
+        measured = finalists(trials, model_path, job, held, constraint, objective, workspace)
+        chosen, result = choose(measured, model_path, calib_ds, held, constraint, objective, threads, dims, batch,
                                  output, bench_runs, notes)
         counts = {s: sum(1 for t in trials if t.state == s) for s in ("complete", "pruned", "fail", "running")}
         study_info = {"name": name, "storage": _shown_url(url), "sampler": sampler, "seed": seed,
@@ -312,7 +145,7 @@ def tune(
                       **{f"trials_{k}": v for k, v in counts.items()}, "workers": workers, "ray": ray,
                       "budget_trials": budget_trials, "budget_minutes": budget_minutes}
         return TuneResult(str(model if isinstance(model, (str, os.PathLike)) else "<in-memory model>"), constraint,
-                          objective, threads, table, space.to_dict(), trials, pareto_front(trials), finalists, chosen,
+                          objective, threads, table, space.to_dict(), trials, pareto_front(trials), measured, chosen,
                           result, study_info, data_info, time.perf_counter() - t0, notes, calib_part)
 
 
@@ -430,175 +263,3 @@ def _sensitivity_feeds(path: Path, search: Dataset, threads: int | None) -> int:
     return max(1, min(len(search), 8, max(2, int(_SENSITIVITY_RUN_S / max(one, 1e-6)))))
 
 
-# ------------------------------------------------------------------------------------ the search
-def _finished(the_study: Any) -> int:
-    """Trials that count toward ``--budget-trials``: every finished one but those an interrupt ended (a trial
-    told to have failed carries its reason; one whose process died never was told)."""
-    import optuna
-
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return sum(1 for t in the_study.get_trials(deepcopy=False, states=states)
-               if t.state != optuna.trial.TrialState.FAIL or "reason" in t.user_attrs)
-
-
-class _Kept:
-    """The models trials left for the finalists: only the best few by objective stay on disk."""
-
-    def __init__(self, folder: Path, objective: str) -> None:
-        self.folder = folder
-        self.ceiling = _ceiling(objective)
-        self.best: list[tuple[float, int]] = []
-
-    def add(self, outcome: Outcome) -> None:
-        path = self.folder / f"trial{outcome.number}.onnx"
-        if not path.is_file():
-            return
-        if outcome.objective is None or outcome.objective >= self.ceiling:
-            path.unlink()
-            return
-        self.best = sorted([*self.best, (outcome.objective, outcome.number)])
-        for _, number in self.best[2 * _FINALISTS:]:
-            (self.folder / f"trial{number}.onnx").unlink(missing_ok=True)
-        self.best = self.best[:2 * _FINALISTS]
-
-
-def _ceiling(objective: str) -> float:
-    """Trials above this objective ratio cannot be finalists (a search latency is short, taken beside work)."""
-    return 1.2 if objective == "latency" else 1.0
-
-
-def _search(the_study: Any, space: SearchSpace, job: Job, constraint: Constraint, workers: int, ray: str | None,
-            budget_trials: int | None, finished_before: int, deadline: float | None, kept: _Kept) -> int:
-    """Run trials until the study holds `budget_trials` finished ones or the deadline passes; how many ran."""
-    total = None if budget_trials is None else max(0, budget_trials - finished_before)
-    if total == 0:
-        return 0
-    executor = make_executor(job, workers, ray)
-    ran = 0
-    try:
-        for outcome in progress(_trials(the_study, space, executor, constraint, total, deadline),
-                                desc="tune: trials", total=total):
-            kept.add(outcome)
-            ran += 1
-    finally:
-        executor.close()
-    return ran
-
-
-def _trials(the_study: Any, space: SearchSpace, executor: Any, constraint: Constraint, total: int | None,
-            deadline: float | None) -> Iterator[Outcome]:
-    """Ask, run and tell trials. Different parameters often allot the same recipe: such a trial takes the
-    outcome of the earlier one at once, and a long run of them ends the search (the space is exhausted)."""
-    in_flight: dict[int, tuple[Any, Any]] = {}
-    known = _known_outcomes(the_study)
-    started = repeats = 0
-
-    def can_start() -> bool:
-        return ((total is None or started < total) and (deadline is None or time.perf_counter() < deadline)
-                and repeats < _MAX_REPEATS)
-
-    while True:
-        while len(in_flight) < executor.slots and can_start():
-            trial = the_study.ask()
-            mark_running(trial)
-            recipe = json.loads(json.dumps(space.recipe(space.suggest(trial))))
-            text = json.dumps(recipe, sort_keys=True)
-            started += 1
-            if text in known:
-                repeats += 1
-                outcome = dataclasses.replace(known[text], number=trial.number, seconds=0.0,
-                                              reason=f"same recipe as trial {known[text].number}")
-                tell(the_study, trial, outcome, constraint.limit, recipe)
-                yield outcome
-                continue
-            repeats = 0
-            in_flight[trial.number] = (trial, recipe)
-            executor.submit(trial.number, [tuple(step) for step in recipe])
-        if not in_flight:
-            return
-        outcome = executor.next_done()
-        trial, recipe = in_flight.pop(outcome.number)
-        tell(the_study, trial, outcome, constraint.limit, recipe)
-        if outcome.state in ("complete", "pruned"):
-            known.setdefault(json.dumps(recipe, sort_keys=True), outcome)
-        logger.info("trial %d: %s objective=%s error=%s %s", outcome.number, outcome.state, outcome.objective,
-                    outcome.error, outcome.reason)
-        yield outcome
-
-
-def _known_outcomes(the_study: Any) -> dict[str, Outcome]:
-    """Outcomes of the study's finished trials (complete or pruned) by recipe, for repeated recipes."""
-    known: dict[str, Outcome] = {}
-    for t in the_study.get_trials(deepcopy=False):
-        state = t.state.name.lower()
-        recipe = t.user_attrs.get("recipe")
-        if state in ("complete", "pruned") and recipe is not None:
-            a = t.user_attrs
-            known.setdefault(json.dumps(recipe, sort_keys=True),
-                             Outcome(t.number, state, a.get("objective"), a.get("error"), a.get("rel_l2"),
-                                     a.get("detail", {}), a.get("reason", "")))
-    return known
-
-
-# ------------------------------------------------------------------------------------ the choice
-def _finalists(trials: Sequence[TrialRecord], model_path: Path, job: Job, held: Dataset, constraint: Constraint,
-               objective: str, workspace: Path) -> list[Finalist]:
-    """The best feasible trials, rebuilt and measured on the held-out data (latency: careful, all together)."""
-    ceiling = _ceiling(objective)
-    pool = sorted((t for t in trials if t.feasible and t.objective is not None and t.objective < ceiling),
-                  key=lambda t: (t.objective, t.error, t.number))
-    picked, seen = [], set()
-    for t in pool:
-        text = json.dumps(t.recipe, sort_keys=True)
-        if text not in seen:
-            seen.add(text)
-            picked.append(t)
-        if len(picked) == _FINALISTS:
-            break
-    if not picked:
-        return []
-    reference = Reference(model_path, held, constraint, threads=job.threads)
-    paths, measured = [], []
-    for t in picked:
-        path = Path(job.keep_dir or workspace) / f"trial{t.number}.onnx"
-        if not path.is_file():  # built by another machine, or in an earlier run of the study
-            model = io.load(model_path)
-            ctx = Context(original_path=model_path, calib=job.calib, dims=dict(job.dims), threads=job.threads)
-            Pipeline([tuple(step) for step in t.recipe]).run(model, ctx)
-            io.save(model, path)
-        paths.append(path)
-        measured.append(reference.measure(path, threads=job.threads))
-    spreads: list[tuple[float, float] | None] = [None] * len(paths)
-    if objective == "latency":
-        lats = careful_latency(model_path, paths, held.feeds[0], threads=job.threads)
-        ratios = [lat.ratio for lat in lats]
-        spreads = [(lat.low, lat.high) for lat in lats]
-    elif objective == "size":
-        ratios = [size_ratio(model_path, p) for p in paths]
-    else:
-        base = macs_of(model_path, job.dims)
-        ratios = [macs_ratio(base, p, job.dims) for p in paths]
-    limit = 1.0 - (_LATENCY_MARGIN if objective == "latency" else 0.0)
-    return [Finalist(t.number, t.recipe, float(t.objective), float(t.error), r, s, m.error, m.rel_l2,
-                     constraint.holds(m.error), r < limit)
-            for t, m, r, s in zip(picked, measured, ratios, spreads)]
-
-
-def _choose(finalists: Sequence[Finalist], model_path: Path, calib: Dataset, held: Dataset, constraint: Constraint,
-            objective: str, threads: int | None, dims: dict[str, int], batch: int | None,
-            output: str | os.PathLike[str] | None, bench_runs: int, notes: list[str]) -> tuple[Finalist | None,
-                                                                                               Result | None]:
-    """The best finalist that holds on held-out data and beats the original, built through `optimize`."""
-    for f in sorted((f for f in finalists if f.holds and f.beats), key=lambda f: (f.objective, f.error)):
-        try:
-            result = optimize(str(model_path), [tuple(step) for step in f.recipe], calib=calib, data=held,
-                              tolerance=constraint.validate_tolerance, metric=constraint.validate_metric,
-                              dims=dims, batch=batch, latency_runs=bench_runs, threads=threads, output=output)
-        except ModelError as exc:
-            notes.append(f"trial {f.number} left out: {exc}")
-            continue
-        if not result.passed:
-            notes.append(f"trial {f.number} left out: its validation failed ({result.validation.describe()})")
-            continue
-        return f, result
-    return None, None

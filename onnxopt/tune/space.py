@@ -9,7 +9,9 @@ A trial's parameters (a fixed set, so TPE's multivariate model and NSGA-II see e
   largest runs every measured action at its most aggressive level;
 - pass options that change what the table cannot say: ``channels.round_to`` (kernel-friendly channel
   counts), ``channels.reconstruct``, ``quantize.calibrate``, ``quantize.mode`` (static or dynamic, for
-  models with MatMul weights);
+  models with MatMul weights) and, for latency, ``quantize.float.<layer>`` for the eight measured layers
+  with the fewest MACs (the conversions around a small integer kernel can cost more than it saves, which
+  an error table cannot tell);
 - ``distill``: off, before quantize, or after it; ``order``: channels or factorize first.
 
 Which passes are in the space depends on the objective: latency gains from channels, factorize and
@@ -44,6 +46,7 @@ PASSES_FOR: dict[str, tuple[str, ...]] = {
 """The passes that can move each objective (distill only repairs what the others did)."""
 
 _HARD_FACTOR = 3.0
+_FLOAT_TOGGLES = 8
 _TINY = 1e-9
 Recipe = list[tuple[str, dict[str, Any]]]
 
@@ -99,6 +102,7 @@ class SearchSpace:
                 if ladders or (name == "quantize" and self.unmeasured_quantize):
                     self.ladders[name] = ladders
         self.distill = "distill" in allowed and bool(self.ladders)
+        self.float_toggles = self._float_toggles() if objective == "latency" else []
         self.matmul_weights = matmul_weights
         self.wide_channels = wide_channels
         self.bounds = {name: _bounds(ladders) for name, ladders in self.ladders.items()}
@@ -125,6 +129,12 @@ class SearchSpace:
             ladder.steps.sort(key=lambda s: s[0].level)
         return list(by_layer.values())
 
+    def _float_toggles(self) -> list[str]:
+        """The quantize layers with the fewest MACs, which the search may keep float whatever the budget: on
+        a small layer the conversions around an integer kernel can cost more than its arithmetic saves."""
+        ladders = sorted(self.ladders.get("quantize", []), key=lambda lad: (lad.steps[0][2], lad.layer))
+        return [lad.layer for lad in ladders[:_FLOAT_TOGGLES]]
+
     def _allot_error(self, row: Row) -> float:
         """The error the allotment adds up: the constraint's own when it is continuous, else relative L2."""
         value = row.error if self.constraint.metric in ("rel_l2", "cosine") else row.rel_l2
@@ -145,6 +155,8 @@ class SearchSpace:
             trial.suggest_categorical("channels.round_to", [1, 8] if self.wide_channels else [1])
             trial.suggest_categorical("channels.reconstruct", [False, True])
         if "quantize" in self.ladders:
+            for layer in self.float_toggles:
+                trial.suggest_categorical(f"quantize.float.{layer}", [False, True])
             trial.suggest_categorical("quantize.calibrate", ["minmax", "percentile"])
             trial.suggest_categorical("quantize.mode", ["static", "dynamic"] if self.matmul_weights else ["static"])
         if self.distill:
@@ -207,7 +219,8 @@ class SearchSpace:
         return {"scope": "layer", "storage": "sparse", "layers": layers}
 
     def _quantize(self, params: dict[str, Any]) -> dict[str, Any] | None:
-        chosen = self.allotted("quantize", params)
+        chosen = {layer: row for layer, row in self.allotted("quantize", params).items()
+                  if not params.get(f"quantize.float.{layer}")}
         kept_float = sorted({node for ladder in self.ladders["quantize"] if ladder.layer not in chosen
                              for node in ladder.nodes})
         if not chosen and not self.unmeasured_quantize:

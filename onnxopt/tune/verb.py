@@ -73,7 +73,8 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args)
     from onnxopt import io
-    from onnxopt.tune.api import recipe_path_for, tune
+    from onnxopt.tune.api import tune
+    from onnxopt.tune.result import recipe_path_for
 
     if args.max_layers < 1:
         raise UsageError("--max-layers must be at least 1")

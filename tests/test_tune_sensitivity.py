@@ -185,3 +185,42 @@ def test_max_drop_needs_labels(folded, data) -> None:
     unlabelled.labels = [None, None]
     with pytest.raises(UsageError, match="labels"):
         Reference(base_path, unlabelled, Constraint("accuracy", 1.0))
+
+
+# ------------------------------------------------------------------------------ the space
+def _table() -> object:
+    from onnxopt.tune.sensitivity import SensitivityTable
+
+    rows = [Row("quantize", "a", ["a"], "Conv", 1, 1.0, 9000, status="measured", error=0.0, rel_l2=0.01,
+                macs_saved=9000, bytes_saved=10),
+            Row("quantize", "b", ["b"], "Conv", 1, 1.0, 500, status="measured", error=0.0, rel_l2=0.02,
+                macs_saved=500, bytes_saved=10),
+            Row("channels", "g", ["b", "c"], "group", 1, 0.25, 9000, status="measured", error=0.5, rel_l2=0.1,
+                macs_saved=3000, bytes_saved=10),
+            Row("channels", "g", ["b", "c"], "group", 2, 0.5, 9000, status="measured", error=9.0, rel_l2=0.6,
+                macs_saved=6000, bytes_saved=10)]  # 9 points alone: past three times the limit, left out
+    return SensitivityTable(rows, "accuracy", 4, 64, 1.0)
+
+
+def test_space_recipes_from_parameters() -> None:
+    from onnxopt.tune.space import SearchSpace
+
+    space = SearchSpace(_table(), Constraint("accuracy", 1.0), "latency", ["quantize", "channels", "distill"])
+    assert space.passes == ["channels", "quantize", "distill"]
+    assert [lad.layer for lad in space.ladders["channels"]] == ["g"]
+    assert [s[0].value for s in space.ladders["channels"][0].steps] == [0.25]  # the hard per-layer budget
+    assert space.float_toggles == ["b", "a"]  # fewest MACs first
+    hi = {f"{n}.budget": space.bounds[n][1] for n in space.ladders}
+    params = {"channels": True, "quantize": True, **hi, "channels.round_to": 8, "channels.reconstruct": False,
+              "quantize.calibrate": "minmax", "quantize.mode": "static", "distill": "before_quantize",
+              "quantize.float.b": True}
+    recipe = space.recipe(params)
+    assert [name for name, _ in recipe] == ["fold", "channels", "distill", "quantize"]
+    assert recipe[1][1]["layers"] == {"b": {"ratio": 0.25}, "c": {"ratio": 0.25}} and recipe[1][1]["ratio"] == 0.0
+    assert recipe[3][1]["layers"] == {"b": {"skip": True}}  # kept float by its switch
+    assert space.recipe(params) == recipe  # deterministic: a stored trial rebuilds its model
+    # nothing compressed before it: no distillation
+    alone = space.recipe({**params, "channels": False, "quantize": False})
+    assert alone == [("fold", {})]
+    lo = {f"{n}.budget": space.bounds[n][0] for n in space.ladders}
+    assert space.recipe({**params, **lo}) == [("fold", {})]  # budgets below every step allot nothing

@@ -238,6 +238,7 @@ class SearchSpace:
             "layers": {name: [{"layer": lad.layer, "levels": [s[0].value for s in lad.steps]} for lad in ladders]
                        for name, ladders in self.ladders.items()},
             "budgets": {name: list(b) for name, b in self.bounds.items()},
+            "float_toggles": list(self.float_toggles),
         }
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -222,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=7.0, help="tune's --budget-minutes per case (default 7)")
     p.add_argument("--workers", type=int, default=2, help="tune's --workers (default 2)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for latency (default 1)")
+    p.add_argument("--keep", default=None, metavar="DIR", help="copy each case's tune report and output here")
     args = p.parse_args(argv)
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         if case not in CASES:
@@ -232,6 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 digits(Path(tmp), args.minutes, args.workers, args.threads)
             else:
                 ppocr(case, Path(tmp), args.minutes, args.workers, args.threads)
+            if args.keep:
+                keep = Path(args.keep)
+                keep.mkdir(parents=True, exist_ok=True)
+                for name in ("tune.json", "tuned.onnx", "tuned.recipe.toml"):
+                    if (Path(tmp) / name).is_file():
+                        shutil.copyfile(Path(tmp) / name, keep / f"{case}.{name}")
     return 0
 
 

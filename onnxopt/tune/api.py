@@ -133,8 +133,9 @@ def tune(
             if not the_study.trials:
                 for point in space.starting_points():
                     the_study.enqueue_trial(point, skip_if_exists=True)
-            ran = run_trials(the_study, space, job, constraint, workers, ray, budget_trials, finished_before, deadline,
-                              Kept(kept, objective))
+            ran, stopped = run_trials(the_study, space, job, constraint, workers, ray, budget_trials,
+                                      finished_before, deadline, Kept(kept, objective))
+            notes += [stopped] if stopped else []
         trials = record_trials(the_study, constraint.limit)
         measured = finalists(trials, model_path, job, held, constraint, objective, workspace)
         chosen, result = choose(measured, model_path, calib_ds, held, constraint, objective, threads, dims, batch,

@@ -56,25 +56,29 @@ class Kept:
 
 
 def run_trials(the_study: Any, space: SearchSpace, job: Job, constraint: Constraint, workers: int, ray: str | None,
-            budget_trials: int | None, finished_before: int, deadline: float | None, kept: Kept) -> int:
-    """Run trials until the study holds `budget_trials` finished ones or the deadline passes; how many ran."""
+            budget_trials: int | None, finished_before: int, deadline: float | None, kept: Kept
+            ) -> tuple[int, str | None]:
+    """Run trials until the study holds `budget_trials` finished ones, the deadline passes or the space is
+    exhausted; how many ran, and a note when the space ran out first."""
     total = None if budget_trials is None else max(0, budget_trials - finished_before)
     if total == 0:
-        return 0
+        return 0, None
     executor = make_executor(job, workers, ray)
-    ran = 0
+    ran, exhausted = 0, [False]
     try:
-        for outcome in progress(_trials(the_study, space, executor, constraint, total, deadline),
+        for outcome in progress(_trials(the_study, space, executor, constraint, total, deadline, exhausted),
                                 desc="tune: trials", total=total):
             kept.add(outcome)
             ran += 1
     finally:
         executor.close()
-    return ran
+    note = (f"the search stopped before its budget: {_MAX_REPEATS} trials in a row allotted recipes already "
+            "measured (the space looks exhausted)") if exhausted[0] else None
+    return ran, note
 
 
 def _trials(the_study: Any, space: SearchSpace, executor: Any, constraint: Constraint, total: int | None,
-            deadline: float | None) -> Iterator[Outcome]:
+            deadline: float | None, exhausted: list[bool]) -> Iterator[Outcome]:
     """Ask, run and tell trials. Different parameters often allot the same recipe: such a trial takes the
     outcome of the earlier one at once, and a long run of them ends the search (the space is exhausted)."""
     in_flight: dict[int, tuple[Any, Any]] = {}
@@ -82,8 +86,9 @@ def _trials(the_study: Any, space: SearchSpace, executor: Any, constraint: Const
     started = repeats = 0
 
     def can_start() -> bool:
+        exhausted[0] = repeats >= _MAX_REPEATS
         return ((total is None or started < total) and (deadline is None or time.perf_counter() < deadline)
-                and repeats < _MAX_REPEATS)
+                and not exhausted[0])
 
     while True:
         while len(in_flight) < executor.slots and can_start():

@@ -195,10 +195,10 @@ def _table() -> object:
                 macs_saved=9000, bytes_saved=10),
             Row("quantize", "b", ["b"], "Conv", 1, 1.0, 500, status="measured", error=0.0, rel_l2=0.02,
                 macs_saved=500, bytes_saved=10),
-            Row("channels", "g", ["b", "c"], "group", 1, 0.25, 9000, status="measured", error=0.5, rel_l2=0.1,
-                macs_saved=3000, bytes_saved=10),
-            Row("channels", "g", ["b", "c"], "group", 2, 0.5, 9000, status="measured", error=9.0, rel_l2=0.6,
-                macs_saved=6000, bytes_saved=10)]  # 9 points alone: past three times the limit, left out
+            Row("channels", "g", ["b", "c"], "group", 1, 0.25, 9000, ["d"], status="measured", error=0.5,
+                rel_l2=0.1, macs_saved=3000, bytes_saved=10),
+            Row("channels", "g", ["b", "c"], "group", 2, 0.5, 9000, ["d"], status="measured", error=9.0,
+                rel_l2=0.6, macs_saved=6000, bytes_saved=10)]  # 9 points alone: past three times the limit, left out
     return SensitivityTable(rows, "accuracy", 4, 64, 1.0)
 
 
@@ -218,9 +218,11 @@ def test_space_recipes_from_parameters() -> None:
     assert [name for name, _ in recipe] == ["fold", "channels", "distill", "quantize"]
     assert recipe[1][1]["layers"] == {"b": {"ratio": 0.25}, "c": {"ratio": 0.25}} and recipe[1][1]["ratio"] == 0.0
     assert recipe[3][1]["layers"] == {"b": {"skip": True}}  # kept float by its switch
+    assert recipe[2][1] == {"layers": ["b", "c", "d"]}  # distill refits the cut group's producers and consumers
     assert space.recipe(params) == recipe  # deterministic: a stored trial rebuilds its model
-    # nothing compressed before it: no distillation
-    alone = space.recipe({**params, "channels": False, "quantize": False})
-    assert alone == [("fold", {})]
+    # nothing structural compressed: no distillation
+    assert space.recipe({**params, "channels": False, "quantize": False}) == [("fold", {})]
+    assert [n for n, _ in space.recipe({**params, "channels": False, "distill": "after_quantize"})] == \
+        ["fold", "quantize"]
     lo = {f"{n}.budget": space.bounds[n][0] for n in space.ladders}
     assert space.recipe({**params, **lo}) == [("fold", {})]  # budgets below every step allot nothing

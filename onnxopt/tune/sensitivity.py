@@ -87,6 +87,8 @@ class Action:
     level: int
     value: float
     macs: int | None
+    consumers: list[str] = dataclasses.field(default_factory=list)
+    """Nodes whose inputs the action narrows (a channel group's consumers): what distillation refits too."""
 
     @property
     def setting(self) -> dict[str, float]:
@@ -191,7 +193,7 @@ def plan_actions(base: ir.Model, passes: Sequence[str], dims: dict[str, int], *,
         group = groups.pop(node.name, None)
         if group is not None:
             for level, value in enumerate(LEVELS["channels"], 1):
-                actions.append(Action("channels", group[0], group[1], "group", level, value, node_macs))
+                actions.append(Action("channels", group[0], group[1], "group", level, value, node_macs, group[2]))
     return actions, len(layers)
 
 
@@ -206,9 +208,11 @@ def _factorable(linear: Any) -> bool:
     return linear.node.op_type == "Conv" and linear.groups == 1
 
 
-def _channel_groups(base: ir.Model, dims: dict[str, int], names: set[str]) -> dict[str, tuple[str, list[str]]]:
-    """Prunable channel groups with a chosen layer among their producers: that layer -> (group, producers)."""
-    out: dict[str, tuple[str, list[str]]] = {}
+def _channel_groups(base: ir.Model, dims: dict[str, int], names: set[str]
+                    ) -> dict[str, tuple[str, list[str], list[str]]]:
+    """Prunable channel groups with a chosen layer among their producers: that layer -> (group, producers,
+    consumers)."""
+    out: dict[str, tuple[str, list[str], list[str]]] = {}
     try:
         groups = build_channel_graph(base.clone(), dims).groups()
     except OnnxoptError as exc:
@@ -220,7 +224,7 @@ def _channel_groups(base: ir.Model, dims: dict[str, int], names: set[str]) -> di
             continue
         lead = next((n for n in producers if n in names), None)
         if lead is not None and lead not in out:
-            out[lead] = (g.name, sorted(set(producers)))
+            out[lead] = (g.name, sorted(set(producers)), sorted({c.node.name for c in g.consumers if c.node.name}))
     return out
 
 

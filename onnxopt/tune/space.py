@@ -12,7 +12,8 @@ A trial's parameters (a fixed set, so TPE's multivariate model and NSGA-II see e
   models with MatMul weights) and, for latency, ``quantize.float.<layer>`` for the eight measured layers
   with the fewest MACs (the conversions around a small integer kernel can cost more than it saves, which
   an error table cannot tell);
-- ``distill``: off, before quantize, or after it; ``order``: channels or factorize first.
+- ``distill``: off, before quantize, or after it (refitting the layers the structural passes changed);
+  ``order``: channels or factorize first.
 
 Which passes are in the space depends on the objective: latency gains from channels, factorize and
 quantize; size from prune, channels, factorize and quantize; MACs from channels and factorize. The
@@ -180,33 +181,40 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ recipes
     def recipe(self, params: dict[str, Any]) -> Recipe:
-        """The recipe of `params` (deterministic)."""
+        """The recipe of `params` (deterministic).
+
+        Distillation refits the layers the structural passes changed (and the consumers of removed
+        channels), not every layer: on a large model refitting all of them takes many minutes a trial."""
         steps: Recipe = [("fold", {})]
+        touched: set[str] = set()
         order = str(params.get("order", "channels,factorize")).split(",")
         for name in [*order, "prune"]:
             if name in self.ladders and params.get(name):
-                options = self._structural(name, params)
+                options = self._structural(name, params, touched)
                 if options is not None:
                     steps.append((name, options))
         quantize = self._quantize(params) if "quantize" in self.ladders and params.get("quantize") else None
-        distill = params.get("distill", "off") if self.distill else "off"
-        if len(steps) == 1 and (quantize is None or distill == "before_quantize"):
-            distill = "off"  # nothing compressed before it: distillation would leave the model as it is
+        distill = params.get("distill", "off") if self.distill and touched else "off"
+        refit = ("distill", {"layers": sorted(touched)})
         if distill == "before_quantize" or (distill == "after_quantize" and quantize is None):
-            steps.append(("distill", {}))
+            steps.append(refit)
         if quantize is not None:
             steps.append(("quantize", quantize))
             if distill == "after_quantize":
-                steps.append(("distill", {}))
+                steps.append(refit)
         return steps
 
     def allotted(self, name: str, params: dict[str, Any]) -> dict[str, Row]:
         return allot(self.ladders[name], float(params.get(f"{name}.budget", 0.0)))
 
-    def _structural(self, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    def _structural(self, name: str, params: dict[str, Any], touched: set[str]) -> dict[str, Any] | None:
         chosen = self.allotted(name, params)
         if not chosen:
             return None
+        for row in chosen.values():
+            touched.update(glob.escape(n) for n in (*row.nodes, *row.consumers))
+            if name == "factorize":  # the chain's other nodes are named after the layer
+                touched.update(f"{glob.escape(n)}.*" for n in row.nodes)
         key = SETTING_KEY[name]
         own = {glob.escape(node): {SKIP: False, key: row.value} for row in chosen.values() for node in row.nodes}
         if name == "channels":

@@ -70,7 +70,7 @@ from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
 from .fallback import OutputError, auto_fallback
 from .gptq import accumulate_hessians, gptq_round
-from .layout import weight_axis
+from .layout import gemm_declined, stored_from_nk, weight_axis, weight_nk
 from .qdq import apply_static, group_qparams
 from .smooth import apply_smoothing, channel_absmax, smooth_targets
 from .static import SUPPORTED_OPS, candidate_tensors, matmul_add_to_gemm, name_nodes, plan_static, quantizable_nodes
@@ -152,6 +152,8 @@ class Quantize(Pass):
         if self.fold and (self.mode == "static" or _has_foldable(model)):
             folded = run_pass("fold", model)
             stats.summary["folded_batchnorm"] = folded.summary.get("batchnorm_folded", 0)
+            if folded.modified:
+                ctx.model_changed(model)
         bytes_before = weight_bytes(model)
         infer_shapes(model)
         if self.mode == "static":
@@ -190,8 +192,11 @@ class Quantize(Pass):
             infer_shapes(model)
         if self.equalize:
             stats.summary["equalized_pairs"] = equalize_pairs(model.graph, stats)
+        if gemms or self.equalize:
+            ctx.model_changed(model)  # the rewrites above changed the model: tap it as it is now
         if self.smooth_alpha > 0:
             stats.summary["smoothed_layernorms"] = self._smooth(model, ctx, stats)
+            ctx.model_changed(model)
         ranges = self._calibrate(model, ctx)
         stats.summary.update({"mode": "static", "calibrate": self.calibrate, "activations_type": self.activations,
                               "per_channel": per_channel, "calibration_feeds": len(ctx.calib or [])})
@@ -242,7 +247,7 @@ class Quantize(Pass):
             w = constant_array(w_value)
             if w is None or w.ndim != 2 or w.dtype != np.float32 or x is None or not x.name:
                 continue
-            if not only_used_by(w_value, node) or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
+            if not only_used_by(w_value, node) or (node.op_type == "Gemm" and gemm_declined(node)):
                 continue
             targets.append((node, w, x.name))
         if not targets:
@@ -251,8 +256,7 @@ class Quantize(Pass):
         hessians = accumulate_hessians(ctx.activations(model, names, desc="gptq"), names)
         rounded = {}
         for node, w, x_name in targets:
-            by_rows = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-            w_nk = w if by_rows else w.T
+            w_nk = weight_nk(node, w)
             axis = weight_axis(node, w, per_channel)
             scales = weight_scales(w, axis)
             scales = np.broadcast_to(scales, (w_nk.shape[0],)) if axis is not None else np.full(w_nk.shape[0], scales)
@@ -261,7 +265,7 @@ class Quantize(Pass):
                 stats.skip(node, "gptq: input width does not match the weight")
                 continue
             q = gptq_round(w_nk, h, scales)
-            rounded[node.inputs[1].name] = q if by_rows else np.ascontiguousarray(q.T)
+            rounded[node.inputs[1].name] = stored_from_nk(node, q)
         stats.summary["gptq_layers"] = len(rounded)
         return rounded
 

@@ -20,8 +20,11 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.analysis.layers import conv_geometry
 from onnxopt.graph import set_weight
 from onnxopt.registry import PassStats
+
+from .layout import gemm_declined, weight_nk
 
 __all__ = ["bias_targets", "input_means", "weight_shift", "apply_shift"]
 
@@ -43,7 +46,7 @@ def bias_targets(nodes: list[ir.Node]) -> list[ir.Node]:
             continue
         if _dq(node.inputs[1]) is None or _dq(node.inputs[2]) is None:
             continue
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        if node.op_type == "Gemm" and gemm_declined(node):
             continue
         out.append(node)
     return out
@@ -78,9 +81,9 @@ def weight_shift(node: ir.Node, w_float: np.ndarray, mu: np.ndarray) -> np.ndarr
     """``(W - W') μ`` per output channel, or None when shapes do not line up."""
     eps = np.asarray(w_float, dtype=np.float64) - _dequantized_weight(_dq(node.inputs[1]))
     if node.op_type == "Gemm":
-        w_nk = eps if node.attributes.get_int("transB", 0) else eps.T
+        w_nk = weight_nk(node, eps)
         return w_nk @ mu if w_nk.shape[1] == mu.shape[0] else None
-    group = node.attributes.get_int("group", 1)
+    group = conv_geometry(node, eps.shape).groups
     cout, cin_g = eps.shape[0], eps.shape[1]
     if cin_g * group != mu.shape[0] or cout % group:
         return None

@@ -53,7 +53,7 @@ from onnxopt.registry import PassStats, matches_any
 
 from .calib import quantize_array, weight_scales
 from .gptq import gptq_round
-from .layout import gemm_declined
+from .layout import gemm_declined, weight_kn
 
 __all__ = ["apply_dynamic", "apply_weight_only", "pack_nbits"]
 
@@ -78,13 +78,11 @@ def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
         return "weight is not a constant initializer"
     if w_value.dtype != _FLOAT or w_value.shape is None or len(w_value.shape) != 2:
         return "weight is not a 2-D float32 constant"
-    if node.op_type == "Gemm":
-        if reason := gemm_declined(node):
-            return reason
-        trans = bool(node.attributes.get_int("transB", 0))
-        w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
-        return (np.ascontiguousarray(w.T) if trans else w), trans
-    return np.asarray(w_value.const_value.numpy(), dtype=np.float32), False
+    if node.op_type == "Gemm" and (reason := gemm_declined(node)):
+        return reason
+    w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
+    kn = weight_kn(node, w)
+    return np.ascontiguousarray(kn), kn is not w
 
 
 def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassStats) -> list[ir.Node]:

@@ -51,6 +51,7 @@ from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
 from onnxopt.errors import ModelError, UsageError
 from onnxopt.graph import (
+    all_names,
     constant_array,
     is_constant,
     is_default_domain,
@@ -63,15 +64,19 @@ from onnxopt.graph import (
 from onnxopt.io import weight_bytes
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
 
+from .affine import fold_affine
 from .bias import apply_shift, bias_targets, input_means, weight_shift
-from .calib import Range, choose_range, collect_histograms, collect_minmax, weight_scales
+from .calib import Range, choose_range, collect_histograms, collect_ranges_and_samples, weight_scales
 from .check import INTEGER_KERNELS, fusion_report
 from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
 from .fallback import OutputError, auto_fallback
 from .gptq import accumulate_hessians, gptq_round
+from .guard import collapsed_tensors, float_chain
 from .layout import gemm_declined, stored_from_nk, weight_axis, weight_nk
 from .qdq import apply_static, group_qparams
+from .recurrent import MS_DOMAIN, lstm_declined, quantize_lstm
+from .regions import sensitive_regions
 from .smooth import apply_smoothing, channel_absmax, smooth_targets
 from .static import SUPPORTED_OPS, candidate_tensors, matmul_add_to_gemm, name_nodes, plan_static, quantizable_nodes
 
@@ -165,6 +170,7 @@ class Quantize(Pass):
                                  f"opset {opset} and onnx's version converter could not upgrade it")
             counts = apply_dynamic(model.graph, stats, exclude=self.exclude, per_channel=self.per_channel,
                                    conv=self.dynamic_conv)
+            counts["lstm_quantized"] = self._lstms(model, stats, self.exclude, {})
         else:
             hessians = self._weight_only_hessians(model, ctx) if self.gptq else None
             counts = apply_weight_only(model, stats, exclude=self.exclude, bits=self.bits, block_size=self.block_size,
@@ -187,25 +193,29 @@ class Quantize(Pass):
         if self.fallback == "auto" and ctx.tolerance is None:
             raise UsageError("quantize.fallback=auto needs --tolerance T (the relative L2 error the outputs may have)")
         per_channel = self.per_channel and _try_opset_upgrade(model, stats)
+        affine = fold_affine(model.graph, self.exclude) if self.fold else {}
+        stats.summary.update(affine)
         gemms = matmul_add_to_gemm(model.graph, stats, self.exclude)
         if gemms:
             infer_shapes(model)
         if self.equalize:
             stats.summary["equalized_pairs"] = equalize_pairs(model.graph, stats)
-        if gemms or self.equalize:
+        if gemms or self.equalize or any(affine.values()):
             ctx.model_changed(model)  # the rewrites above changed the model: tap it as it is now
         if self.smooth_alpha > 0:
             stats.summary["smoothed_layernorms"] = self._smooth(model, ctx, stats)
             ctx.model_changed(model)
-        ranges = self._calibrate(model, ctx)
+        name_nodes(model.graph)
+        ranges, samples = self._calibrate(model, ctx)
         stats.summary.update({"mode": "static", "calibrate": self.calibrate, "activations_type": self.activations,
                               "per_channel": per_channel, "calibration_feeds": len(ctx.calib or [])})
+        kept = self._kept_float(model.graph, ranges, samples, stats)
         rounded = self._gptq(model, ctx, stats, per_channel) if self.gptq else {}
         float_model = model.clone() if self.bias_correction else None
         if self.fallback == "auto":
-            counts, applied = self._with_fallback(model, ctx, stats, ranges, per_channel, rounded)
+            counts, applied = self._with_fallback(model, ctx, stats, ranges, per_channel, rounded, kept)
         else:
-            counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded)
+            counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded, kept)
         counts["matmul_add_to_gemm"] = gemms
         if float_model is not None:
             counts["bias_corrected"] = self._correct_biases(model, float_model, ctx, stats, applied)
@@ -290,31 +300,80 @@ class Quantize(Pass):
                         row["bias_shift_max"] = float(np.max(np.abs(delta)))
         return done
 
-    def _calibrate(self, model: ir.Model, ctx: Context) -> dict[str, Range]:
+    def _calibrate(self, model: ir.Model, ctx: Context) -> tuple[dict[str, Range], dict[str, np.ndarray]]:
+        """Each candidate tensor's range, and values sampled from it (for the collapse guard)."""
         names = candidate_tensors(model.graph, self.exclude)
-        ranges = collect_minmax(ctx.activations(model, names, desc="calibrating (ranges)"), names)
+        feeds = len(ctx.calib or [])
+        ranges, samples = collect_ranges_and_samples(ctx.activations(model, names, desc="calibrating (ranges)"),
+                                                     names, feeds)
         if self.calibrate != "minmax":
             hists = collect_histograms(ctx.activations(model, names, desc=f"calibrating ({self.calibrate})"), ranges)
             ranges = {n: choose_range(self.calibrate, hists[n], r, self.activations, percentile=self.percentile)
                       for n, r in ranges.items()}
-        return ranges
+        return ranges, samples
+
+    def _kept_float(self, graph: ir.Graph, ranges: dict[str, Range], samples: dict[str, np.ndarray],
+                    stats: PassStats) -> dict[str, str]:
+        """Nodes static mode keeps in float whatever else happens, by name, with the reason: range-sensitive
+        regions (normalizations, softmax, GELU, attention scores) and the chains after collapsed tensors."""
+        kept: dict[str, str] = {}
+        kinds: dict[str, int] = {}
+        for region in sensitive_regions(graph):
+            kinds[region.kind] = kinds.get(region.kind, 0) + 1
+            for node in region.nodes:
+                kept[node.name] = f"range-sensitive ({region.kind}): kept in float"
+        collapsed = collapsed_tensors(candidate_tensors(graph, self.exclude), ranges, samples, self.activations)
+        for node in float_chain(graph, collapsed):
+            kept.setdefault(node.name, "reads a tensor that 8 bits would destroy (collapse guard): kept in float")
+        if kinds:
+            stats.summary["range_sensitive_regions"] = dict(sorted(kinds.items()))
+        if collapsed:
+            stats.summary["collapsed_tensors"] = {k: round(v, 3) for k, v in sorted(collapsed.items())}
+            worst = max(collapsed, key=collapsed.get)
+            stats.notes.append(f"collapse guard: {len(collapsed)} tensors would lose most of their values in 8 bits "
+                               f"(worst '{worst}': {collapsed[worst]:.0%}); they and the element-wise ops after them "
+                               "stay float")
+        return kept
 
     def _apply(self, model: ir.Model, stats: PassStats, ranges: dict[str, Range], per_channel: bool,
-               exclude: list[str], rounded: dict[str, np.ndarray]) -> tuple[dict[str, int], _Applied]:
+               exclude: list[str], rounded: dict[str, np.ndarray],
+               kept: dict[str, str] | None = None) -> tuple[dict[str, int], _Applied]:
         plan = plan_static(model.graph, ranges, stats, exclude=exclude, per_channel=per_channel,
-                           concat_range_ratio=self.concat_range_ratio)
+                           concat_range_ratio=self.concat_range_ratio, activations=self.activations,
+                           float_nodes=kept)
         qps = group_qparams(plan, ranges, self.activations)
         applied = _Applied(list(plan.compute), {id(n): n.inputs[0].name for n in plan.compute},
                            {id(n): n.inputs[1].name for n in plan.compute})
         stats.layers = [{"node": node.name or node.op_type, "op": node.op_type, "weight": node.inputs[1].name,
                          "axis": axis} for node, _, axis in plan.weights]
-        counts = apply_static(model.graph, plan, qps, rounded)
+        counts = apply_static(model.graph, plan, qps, rounded, self.activations)
         counts["quantized_nodes"] = len(plan.compute) + len(plan.others)
+        counts["lstm_quantized"] = self._lstms(model, stats, exclude, kept or {})
         return counts, applied
 
+    def _lstms(self, model: ir.Model, stats: PassStats, exclude: list[str], kept: dict[str, str]) -> int:
+        """LSTM -> DynamicQuantizeLSTM (int8 weights); the number rewritten."""
+        taken = all_names(model.graph)
+        done = 0
+        for node in list(model.graph):
+            if not is_onnx_op(node, "LSTM"):
+                continue
+            if node.name in kept or matches_any(node, exclude):
+                stats.skip(node, kept.get(node.name, "excluded by the exclude option"))
+                continue
+            reason = lstm_declined(node)
+            if reason:
+                stats.skip(node, reason)
+                continue
+            quantize_lstm(model.graph, node, taken)
+            done += 1
+        if done:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return done
+
     def _with_fallback(self, model: ir.Model, ctx: Context, stats: PassStats, ranges: dict[str, Range],
-                       per_channel: bool, rounded: dict[str, np.ndarray]) -> tuple[dict[str, int], _Applied]:
-        name_nodes(model.graph)
+                       per_channel: bool, rounded: dict[str, np.ndarray],
+                       kept: dict[str, str]) -> tuple[dict[str, int], _Applied]:
         base = model.clone()
         compute, others = quantizable_nodes(base.graph, self.exclude)
         units = compute + others  # element-wise and data-movement nodes can be the sensitive ones too
@@ -322,16 +381,16 @@ class Quantize(Pass):
         def build(float_nodes: set[str]) -> ir.Model:
             candidate = base.clone()
             exclude = self.exclude + [glob.escape(n) for n in sorted(float_nodes)]
-            self._apply(candidate, PassStats(), ranges, per_channel, exclude, rounded)
+            self._apply(candidate, PassStats(), ranges, per_channel, exclude, rounded, kept)
             return candidate
 
         feeds = (ctx.calib.feeds if ctx.calib is not None else [])[:_FALLBACK_FEEDS]
         result = auto_fallback(build, units, OutputError(base, feeds, ctx.threads), float(ctx.tolerance))
         exclude = self.exclude + [glob.escape(n) for n in result.float_nodes]
-        counts, applied = self._apply(model, stats, ranges, per_channel, exclude, rounded)
-        kept = set(result.float_nodes)
+        counts, applied = self._apply(model, stats, ranges, per_channel, exclude, rounded, kept)
+        chosen = set(result.float_nodes)
         for row in stats.skipped:
-            if row["node"] in kept:
+            if row["node"] in chosen:
                 row["reason"] = "kept in float by fallback=auto (among the most sensitive layers)"
         for row in stats.layers:
             row["sensitivity"] = result.sensitivity.get(row["node"])

@@ -39,7 +39,6 @@ The pass is lossy (``exact = False``); the pipeline's validation reports the out
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 from typing import Literal
 
@@ -47,9 +46,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis import infer_shapes
+from onnxopt.analysis.stats import macs_by_node
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
-from onnxopt.errors import ModelError, UsageError
+from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.graph import (
     all_names,
     constant_array,
@@ -64,21 +64,24 @@ from onnxopt.graph import (
 from onnxopt.io import weight_bytes
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
 
+from . import speed
 from .affine import fold_affine
 from .bias import apply_shift, bias_targets, input_means, weight_shift
 from .calib import Range, choose_range, collect_histograms, collect_ranges_and_samples, weight_scales
 from .check import INTEGER_KERNELS, fusion_report
 from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
-from .fallback import OutputError, auto_fallback
+from .emulate import Emulator
+from .fallback import QUICK_FEEDS, Reference, groups_of, search
 from .gptq import accumulate_hessians, gptq_round
 from .guard import collapsed_tensors, float_chain
 from .layout import gemm_declined, stored_from_nk, weight_axis, weight_nk
 from .qdq import apply_static, group_qparams
 from .recurrent import MS_DOMAIN, lstm_declined, quantize_lstm
 from .regions import sensitive_regions
+from .score import Scores, Targets
 from .smooth import apply_smoothing, channel_absmax, smooth_targets
-from .static import SUPPORTED_OPS, candidate_tensors, matmul_add_to_gemm, name_nodes, plan_static, quantizable_nodes
+from .static import SUPPORTED_OPS, candidate_tensors, matmul_add_to_gemm, name_nodes, plan_static
 
 __all__ = ["Quantize", "QUANTIZED_OPS"]
 
@@ -88,17 +91,22 @@ QUANTIZED_OPS = INTEGER_KERNELS | {"QuantizeLinear", "DequantizeLinear", "Dynami
 _PER_CHANNEL_OPSET = 13
 _MIN_QDQ_OPSET = 10
 _DYNAMIC_OPSET = 11
-_FALLBACK_FEEDS = 8
+_FALLBACK_BUDGET_S = 60.0
+_SPEED_CHECK_MAX_BYTES = 1 << 30
+_SPEED_CACHE_MAX_BYTES = 256 << 20
 _FOLDABLE = frozenset({"BatchNormalization", "Constant", "Identity", "Dropout"})
 
 
 @dataclasses.dataclass
 class _Applied:
-    """What a static rewrite quantized: the compute nodes and their float input / weight names."""
+    """What a static rewrite quantized: the compute nodes and their float input / weight names, every
+    quantized node's name, and the fused activations (tensor -> clamp bound)."""
 
     compute: list[ir.Node]
     inputs: dict[int, str]
     weights: dict[int, str]
+    nodes: list[str] = dataclasses.field(default_factory=list)
+    fused: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
 @register_pass("quantize")
@@ -123,8 +131,13 @@ class Quantize(Pass):
     bits: int = option(4, "weight-only: bits per weight, 4 or 8")
     block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)")
     fallback: Literal["none", "auto"] = option(
-        "none", "auto: keep the most sensitive layers in float until --tolerance (rel L2) holds"
+        "auto", "static, auto: keep the fewest layer groups float that bring the outputs on calibration feeds within "
+        "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be"
     )
+    target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model")
+    target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep")
+    require_speedup: bool = option(True, "time int8 against float in ONNX Runtime (the run's threads); static mode "
+                                   "writes the float model when int8 is not faster, the other modes say so")
     smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)")
     gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error")
     equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)")
@@ -142,6 +155,10 @@ class Quantize(Pass):
             raise UsageError(f"quantize.smooth_alpha: {self.smooth_alpha} is not allowed (0 <= alpha < 1)")
         if not self.concat_range_ratio > 1.0:
             raise UsageError(f"quantize.concat_range_ratio: {self.concat_range_ratio} is not allowed (> 1)")
+        if not 0.0 < self.target_cosine <= 1.0:
+            raise UsageError(f"quantize.target_cosine: {self.target_cosine} is not allowed (0 < t <= 1)")
+        if not 0.0 <= self.target_argmax <= 1.0:
+            raise UsageError(f"quantize.target_argmax: {self.target_argmax} is not allowed (0 <= t <= 1)")
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
         stats = PassStats()
@@ -154,6 +171,8 @@ class Quantize(Pass):
         if self.mode == "static":
             calib = ctx.require_calib("quantize mode=static", "or --set quantize.mode=dynamic, which needs none")
             load_data(calib, input_specs(model))
+        given = model.clone()
+        self._float_reason: str | None = None
         if self.fold and (self.mode == "static" or _has_foldable(model)):
             folded = run_pass("fold", model)
             stats.summary["folded_batchnorm"] = folded.summary.get("batchnorm_folded", 0)
@@ -170,7 +189,7 @@ class Quantize(Pass):
                                  f"opset {opset} and onnx's version converter could not upgrade it")
             counts = apply_dynamic(model.graph, stats, exclude=self.exclude, per_channel=self.per_channel,
                                    conv=self.dynamic_conv)
-            counts["lstm_quantized"] = self._lstms(model, stats, self.exclude, {})
+            counts["lstm_quantized"] = len(self._lstms(model, stats, self.exclude, {}))
         else:
             hessians = self._weight_only_hessians(model, ctx) if self.gptq else None
             counts = apply_weight_only(model, stats, exclude=self.exclude, bits=self.bits, block_size=self.block_size,
@@ -178,20 +197,61 @@ class Quantize(Pass):
         stats.summary.update(counts)
         stats.summary["weight_bytes_before"] = bytes_before
         stats.summary["weight_bytes_after"] = weight_bytes(model)
-        stats.modified = any(v for v in counts.values() if isinstance(v, int)) or bool(
-            stats.summary.get("opset_upgraded"))
-        if not any(v for k, v in counts.items() if isinstance(v, int) and k != "matmul_add_to_gemm"):
+        quantized = any(v for k, v in counts.items() if isinstance(v, int) and k != "matmul_add_to_gemm")
+        if not quantized:
             stats.notes.append(_why_nothing(model, self.mode))
-        if self.check_fusion and stats.modified:
+            _restore(model, given, stats)
+            return stats
+        reason = self._float_reason or self._speed_check(model, given, ctx, stats)
+        if reason:
+            stats.notes.append(reason)
+            stats.summary["wrote_float_model"] = reason
+            _restore(model, given, stats)
+            return stats
+        stats.modified = True
+        if self.check_fusion:
             report = fusion_report(model, threads=ctx.threads)
             stats.summary.update({k: v for k, v in report.to_dict().items() if k != "ops"})
             stats.summary["ort_ops"] = report.ops
         return stats
 
+    def _speed_check(self, model: ir.Model, given: ir.Model, ctx: Context, stats: PassStats) -> str | None:
+        """Time the int8 model against the float model given to the pass (ONNX Runtime, the run's threads).
+
+        Returns why the float model is written instead (static mode, ``require_speedup``), else None; in the
+        other modes a slower result is only said.
+        """
+        if not self.require_speedup:
+            return None
+        size = weight_bytes(given)
+        if size > _SPEED_CHECK_MAX_BYTES:
+            stats.notes.append(f"speed not checked: the model holds {size / 2**30:.1f} GB of weights")
+            return None
+        try:
+            feed = (ctx.calib.feeds[0] if ctx.calib is not None and len(ctx.calib)
+                    else load_data("random:1", input_specs(given), dims=ctx.dims).feeds[0])
+            result = speed.measure(given, model, feed, threads=ctx.threads, cache=size <= _SPEED_CACHE_MAX_BYTES)
+        except (ModelError, UsageError) as exc:
+            stats.notes.append(f"speed not checked: {first_line(exc)}")
+            return None
+        if result is None:
+            stats.notes.append(f"speed not checked: one float run takes more than {speed.MAX_RUN_S:g}s")
+            return None
+        threads = f"{ctx.threads} threads" if ctx.threads else "default threads"
+        stats.summary["speed_ratio"] = round(result.ratio, 3)
+        stats.summary["speed_quartiles"] = [round(result.low, 3), round(result.high, 3)]
+        if result.faster(speed.MARGIN):
+            return None
+        said = (f"int8 is not faster than float on this machine: {result.describe()} of the float latency "
+                f"(ONNX Runtime, {threads})")
+        if self.mode == "static":
+            return f"{said}; wrote the float model (quantize.require_speedup=false keeps int8)"
+        stats.notes.append(f"{said}; the {self.mode} model is written for its size")
+        stats.summary["slower_than_float"] = True
+        return None
+
     # ------------------------------------------------------------------------------ static
     def _static(self, model: ir.Model, ctx: Context, stats: PassStats) -> dict[str, int]:
-        if self.fallback == "auto" and ctx.tolerance is None:
-            raise UsageError("quantize.fallback=auto needs --tolerance T (the relative L2 error the outputs may have)")
         per_channel = self.per_channel and _try_opset_upgrade(model, stats)
         affine = fold_affine(model.graph, self.exclude) if self.fold else {}
         stats.summary.update(affine)
@@ -211,13 +271,26 @@ class Quantize(Pass):
                               "per_channel": per_channel, "calibration_feeds": len(ctx.calib or [])})
         kept = self._kept_float(model.graph, ranges, samples, stats)
         rounded = self._gptq(model, ctx, stats, per_channel) if self.gptq else {}
-        float_model = model.clone() if self.bias_correction else None
-        if self.fallback == "auto":
-            counts, applied = self._with_fallback(model, ctx, stats, ranges, per_channel, rounded, kept)
-        else:
-            counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded, kept)
+        float_model = model.clone()
+        skipped = len(stats.skipped)
+        counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded, kept)
+        if self.fallback == "auto" and applied.nodes:
+            extra = self._fallback(model, float_model, ctx, stats, ranges, per_channel, kept, applied)
+            if extra:
+                del stats.skipped[skipped:]
+                rebuilt = float_model.clone()
+                counts, applied = self._apply(rebuilt, stats, ranges, per_channel, self.exclude, rounded,
+                                              {**kept, **extra})
+                model.graph = rebuilt.graph
+                model.opset_imports.update(rebuilt.opset_imports)
+                final = self._reference.scores(model)
+                stats.summary["fallback_scores"] = final.to_dict()
+                targets = Targets(self.target_cosine, self.target_argmax, ctx.tolerance)
+                if final.shortfall(targets) > 0:
+                    stats.notes.append(f"fallback=auto: ONNX Runtime's int8 kernels give {final.describe()} on the "
+                                       "calibration feeds, short of the targets its QDQ emulation met")
         counts["matmul_add_to_gemm"] = gemms
-        if float_model is not None:
+        if self.bias_correction:
             counts["bias_corrected"] = self._correct_biases(model, float_model, ctx, stats, applied)
         return counts
 
@@ -343,18 +416,22 @@ class Quantize(Pass):
                            float_nodes=kept)
         qps = group_qparams(plan, ranges, self.activations)
         applied = _Applied(list(plan.compute), {id(n): n.inputs[0].name for n in plan.compute},
-                           {id(n): n.inputs[1].name for n in plan.compute})
+                           {id(n): n.inputs[1].name for n in plan.compute},
+                           [n.name for n in plan.compute + plan.others],
+                           {name: f.clip_max for name, f in plan.fused.items()})
         stats.layers = [{"node": node.name or node.op_type, "op": node.op_type, "weight": node.inputs[1].name,
                          "axis": axis} for node, _, axis in plan.weights]
         counts = apply_static(model.graph, plan, qps, rounded, self.activations)
         counts["quantized_nodes"] = len(plan.compute) + len(plan.others)
-        counts["lstm_quantized"] = self._lstms(model, stats, exclude, kept or {})
+        lstms = self._lstms(model, stats, exclude, kept or {})
+        counts["lstm_quantized"] = len(lstms)
+        applied.nodes.extend(lstms)
         return counts, applied
 
-    def _lstms(self, model: ir.Model, stats: PassStats, exclude: list[str], kept: dict[str, str]) -> int:
-        """LSTM -> DynamicQuantizeLSTM (int8 weights); the number rewritten."""
+    def _lstms(self, model: ir.Model, stats: PassStats, exclude: list[str], kept: dict[str, str]) -> list[str]:
+        """LSTM -> DynamicQuantizeLSTM (int8 weights); the names of the nodes rewritten."""
         taken = all_names(model.graph)
-        done = 0
+        done = []
         for node in list(model.graph):
             if not is_onnx_op(node, "LSTM"):
                 continue
@@ -366,41 +443,72 @@ class Quantize(Pass):
                 stats.skip(node, reason)
                 continue
             quantize_lstm(model.graph, node, taken)
-            done += 1
+            done.append(node.name)
         if done:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return done
 
-    def _with_fallback(self, model: ir.Model, ctx: Context, stats: PassStats, ranges: dict[str, Range],
-                       per_channel: bool, rounded: dict[str, np.ndarray],
-                       kept: dict[str, str]) -> tuple[dict[str, int], _Applied]:
-        base = model.clone()
-        compute, others = quantizable_nodes(base.graph, self.exclude)
-        units = compute + others  # element-wise and data-movement nodes can be the sensitive ones too
+    # ------------------------------------------------------------------------------ fallback=auto
+    def _fallback(self, model: ir.Model, float_model: ir.Model, ctx: Context, stats: PassStats,
+                  ranges: dict[str, Range], per_channel: bool, kept: dict[str, str],
+                  applied: _Applied) -> dict[str, str]:
+        """The nodes to keep in float so that the outputs meet the targets (none when all-int8 does)."""
+        targets = Targets(self.target_cosine, self.target_argmax, ctx.tolerance)
+        check = Reference(float_model, ctx.require_calib("quantize fallback=auto").feeds, threads=ctx.threads)
+        self._reference = check
+        real = check.scores(model)
+        stats.summary["scores_all_quantized"] = real.to_dict()
+        if real.shortfall(targets) == 0:
+            return {}
+        groups = groups_of(float_model.graph, applied.nodes, macs_by_node(float_model, ctx.dims))
+        floats = {name: v.const_value for name, v in float_model.graph.initializers.items()}
+        lstms = {n.name: n for n in float_model.graph if is_onnx_op(n, "LSTM")}
+        with Emulator(model, floats, applied.fused, lstms, threads=ctx.threads) as emulator:
+            def emulated(extra: frozenset[str], quick: bool) -> Scores:
+                on = self._sites(float_model, ranges, per_channel, {**kept, **dict.fromkeys(extra, "")})
+                feeds = check.feeds[:QUICK_FEEDS] if quick else check.feeds
+                return check.compare(emulator.run(feeds, on))
 
-        def build(float_nodes: set[str]) -> ir.Model:
-            candidate = base.clone()
-            exclude = self.exclude + [glob.escape(n) for n in sorted(float_nodes)]
-            self._apply(candidate, PassStats(), ranges, per_channel, exclude, rounded, kept)
-            return candidate
+            # the emulation's error, scaled to what the real kernels give on the all-int8 model
+            base = {quick: emulated(frozenset(), quick) for quick in (False, True)}
+            real_quick = check.compare([list(o) for o in check.outputs_of(model)[:QUICK_FEEDS]])
 
-        feeds = (ctx.calib.feeds if ctx.calib is not None else [])[:_FALLBACK_FEEDS]
-        result = auto_fallback(build, units, OutputError(base, feeds, ctx.threads), float(ctx.tolerance))
-        exclude = self.exclude + [glob.escape(n) for n in result.float_nodes]
-        counts, applied = self._apply(model, stats, ranges, per_channel, exclude, rounded, kept)
-        chosen = set(result.float_nodes)
-        for row in stats.skipped:
-            if row["node"] in chosen:
-                row["reason"] = "kept in float by fallback=auto (among the most sensitive layers)"
-        for row in stats.layers:
-            row["sensitivity"] = result.sensitivity.get(row["node"])
-        stats.summary.update({"fallback_float_nodes": result.float_nodes, "fallback_error": result.error,
-                              "error_all_quantized": result.error_all_quantized})
-        verdict = "holds" if result.reached else "could not be reached"
-        stats.notes.append(f"fallback=auto: {len(result.float_nodes)} of {len(units)} quantized nodes kept in float; "
-                           f"rel_l2 {result.error:.4g} on {len(feeds)} calibration feeds (all quantized: "
-                           f"{result.error_all_quantized:.4g}); tolerance {ctx.tolerance:g} {verdict}")
-        return counts, applied
+            def evaluate(extra: frozenset[str], quick: bool) -> Scores:
+                return emulated(extra, quick).scaled(base[quick], real_quick if quick else real)
+
+            result = search(evaluate, groups, targets, order=[n.name for n in float_model.graph],
+                            budget_s=_FALLBACK_BUDGET_S)
+        stats.summary.update({"fallback_float_nodes": result.float_nodes, "fallback_groups": result.groups,
+                              "fallback_evaluations": result.evaluations,
+                              "fallback_seconds": round(result.seconds, 2),
+                              "fallback_error": result.scores.rel_l2,
+                              "error_all_quantized": result.scores_all_quantized.rel_l2})
+        verdict = "met" if result.reached else "not met (the closest set found is kept)"
+        stats.notes.append(
+            f"fallback=auto: {len(result.float_nodes)} of {len(applied.nodes)} quantized nodes kept in float "
+            f"({', '.join(result.groups) or 'single nodes'}) for {_describe(targets)} on {len(check.feeds)} "
+            f"calibration feeds: {verdict}; all int8 gave {result.scores_all_quantized.describe()}, now "
+            f"{result.scores.describe()} (emulated; {result.evaluations} evaluations, {result.seconds:.1f}s)")
+        if not result.reached:
+            self._float_reason = (f"int8 misses {_describe(targets)} on the calibration feeds unless most of the "
+                                  f"model stays float (best found: {result.scores.describe()}); wrote the float "
+                                  "model (lower quantize.target_cosine / target_argmax, or fallback=none, for int8)")
+            return {}
+        reason = "kept in float by fallback=auto: the outputs miss the targets with it in int8"
+        return dict.fromkeys(result.float_nodes, reason)
+
+    def _sites(self, float_model: ir.Model, ranges: dict[str, Range], per_channel: bool,
+               kept: dict[str, str]) -> set[str]:
+        """The quantization sites (tensors, weights, constants, LSTMs) a build keeping `kept` float would have."""
+        plan = plan_static(float_model.graph, ranges, PassStats(), exclude=self.exclude, per_channel=per_channel,
+                           concat_range_ratio=self.concat_range_ratio, activations=self.activations,
+                           float_nodes=kept)
+        sites = set(plan.acts)
+        sites.update(node.inputs[index].name for node, index, _ in plan.weights)
+        sites.update(node.inputs[index].name for node, index in plan.consts)
+        sites.update(n.name for n in float_model.graph if is_onnx_op(n, "LSTM") and n.name not in kept
+                     and not matches_any(n, self.exclude))
+        return sites
 
 
 def _why_nothing(model: ir.Model, mode: str) -> str:
@@ -418,6 +526,22 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
         extra = f" (its operators are from {', '.join(foreign)})" if foreign else ""
         return f"nothing quantized: the main graph has no node that mode={mode} quantizes{extra}"
     return "nothing quantized: every candidate node was declined (see skipped for the reasons)"
+
+
+def _describe(targets: Targets) -> str:
+    text = f"cosine >= {targets.cosine:g}, argmax agreement >= {targets.argmax:g}"
+    return text + (f", rel_l2 <= {targets.rel_l2:g}" if targets.rel_l2 is not None else "")
+
+
+def _restore(model: ir.Model, given: ir.Model, stats: PassStats) -> None:
+    """Put the model back as it was given to the pass (nothing quantized, or int8 not written)."""
+    imports = dict(given.opset_imports)
+    model.graph = given.graph
+    model.opset_imports.clear()
+    model.opset_imports.update(imports)
+    model.ir_version = given.ir_version
+    stats.modified = False
+    stats.summary.pop("opset_upgraded", None)
 
 
 def _has_foldable(model: ir.Model) -> bool:

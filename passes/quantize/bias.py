@@ -26,7 +26,7 @@ from onnxopt.registry import PassStats
 
 from .layout import gemm_declined, weight_nk
 
-__all__ = ["bias_targets", "input_means", "weight_shift", "apply_shift"]
+__all__ = ["bias_targets", "input_means", "weight_shift", "apply_shift", "dequantized"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,20 +66,23 @@ def input_means(stream: Iterator[dict[str, np.ndarray]], names: dict[str, str]) 
     return {k: sums[k] / max(counts[k], 1) for k in sums}
 
 
-def _dequantized_weight(dq: ir.Node) -> np.ndarray:
+def dequantized(dq: ir.Node) -> np.ndarray:
+    """The float value of a DequantizeLinear of a constant (per tensor or per axis), in float64."""
     q = np.asarray(dq.inputs[0].const_value.numpy()).astype(np.float64)
     s = np.asarray(dq.inputs[1].const_value.numpy(), dtype=np.float64)
-    if s.ndim == 1:
+    zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    z = np.asarray(zp_value.const_value.numpy(), dtype=np.float64) if zp_value is not None else np.zeros_like(s)
+    if s.ndim == 1 and q.ndim > 1:
         axis = dq.attributes.get_int("axis", 1)
         shape = [1] * q.ndim
         shape[axis] = -1
-        s = s.reshape(shape)
-    return q * s
+        s, z = s.reshape(shape), z.reshape(shape)
+    return (q - z) * s
 
 
 def weight_shift(node: ir.Node, w_float: np.ndarray, mu: np.ndarray) -> np.ndarray | None:
     """``(W - W') μ`` per output channel, or None when shapes do not line up."""
-    eps = np.asarray(w_float, dtype=np.float64) - _dequantized_weight(_dq(node.inputs[1]))
+    eps = np.asarray(w_float, dtype=np.float64) - dequantized(_dq(node.inputs[1]))
     if node.op_type == "Gemm":
         w_nk = weight_nk(node, eps)
         return w_nk @ mu if w_nk.shape[1] == mu.shape[0] else None

@@ -32,6 +32,8 @@ class Targets:
 
     cosine: float = 0.99
     argmax: float = 0.99
+    rel_l2: float | None = None
+    """A bound on every output's relative L2 error too (the run's --tolerance), or None."""
 
 
 @dataclasses.dataclass
@@ -64,11 +66,36 @@ class Scores:
         gap = max(0.0, targets.cosine - self.cosine)
         if self.argmax is not None:
             gap = max(gap, targets.argmax - self.argmax)
+        if targets.rel_l2 is not None:
+            gap = max(gap, self.rel_l2 - targets.rel_l2)
         return gap
+
+    def scaled(self, emulated: Scores, real: Scores) -> Scores:
+        """These (emulated) scores with each output's error (``1 - cosine``, rel L2, ``1 - argmax``) scaled by
+        how the real kernels' error compares with the emulation's on a reference model (both all int8)."""
+        out = []
+        for mine, emu, ref in zip(self.outputs, emulated.outputs, real.outputs):
+            cos = 1 - (1 - mine.cosine) * _ratio(1 - ref.cosine, 1 - emu.cosine)
+            rel = mine.rel_l2 * _ratio(ref.rel_l2, emu.rel_l2)
+            arg = None
+            if mine.argmax is not None and emu.argmax is not None and ref.argmax is not None:
+                arg = 1 - (1 - mine.argmax) * _ratio(1 - ref.argmax, 1 - emu.argmax)
+            out.append(OutputScore(mine.name, min(cos, 1.0), max(rel, 0.0), arg if arg is None else min(arg, 1.0)))
+        return Scores(out)
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"cosine": round(self.cosine, 6), "rel_l2": round(self.rel_l2, 6),
+                "argmax": None if self.argmax is None else round(self.argmax, 6)}
 
     def describe(self) -> str:
         text = f"cosine {self.cosine:.4f}, rel_l2 {self.rel_l2:.3g}"
         return text + (f", argmax agreement {self.argmax:.2%}" if self.argmax is not None else "")
+
+
+def _ratio(real: float, emulated: float) -> float:
+    if emulated <= 0 or real <= 0:
+        return 1.0
+    return float(np.clip(real / emulated, 0.25, 4.0))
 
 
 def class_outputs(graph: ir.Graph) -> dict[str, int | None]:

@@ -10,6 +10,7 @@ margin and only calls ``b`` faster when the pooled median is below ``1 - margin`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -18,16 +19,23 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
+from onnxopt.io import temp_model_file
 from onnxopt.runtime import run, session
 
-__all__ = ["SpeedComparison", "interleave", "compare_sessions", "compare_files", "decide"]
+__all__ = ["SpeedComparison", "interleave", "compare_sessions", "compare_files", "decide", "measure", "MARGIN",
+           "MAX_RUN_S"]
 
 logger = logging.getLogger(__name__)
 
 BLOCK_S = 0.05
 ROUNDS = 7
 WARMUP = 2
+MARGIN = 0.05
+"""int8 counts as faster only when its median ratio is below ``1 - MARGIN``."""
+MAX_RUN_S = 5.0
+"""A model whose one float run takes longer is not timed (the check would cost minutes)."""
 
 
 @dataclasses.dataclass
@@ -120,3 +128,65 @@ def decide(sess_a: Any, sess_b: Any, feed: dict[str, np.ndarray], *, margin: flo
     result = _summary(a, b, time.perf_counter() - t0)
     logger.debug("speed: %s", result.describe())
     return result
+
+
+# ------------------------------------------------------------------------------ the pass's check
+class _FloatSide:
+    """The float model's file and session, kept for the next check of the same model with the same threads
+    (``tune`` quantizes one model many times with different settings)."""
+
+    def __init__(self, key: tuple[Any, ...], model: ir.Model, threads: int | None) -> None:
+        self.key = key
+        self._stack = contextlib.ExitStack()
+        path = self._stack.enter_context(temp_model_file(model))
+        self.session = session(path, threads=threads)
+
+    def close(self) -> None:
+        self.session = None
+        self._stack.close()
+
+
+_cache: list[_FloatSide] = []
+
+
+def _fingerprint(model: ir.Model, threads: int | None) -> tuple[Any, ...]:
+    """What identifies a float model for the cache: its nodes and wiring, and its weight tensors by identity."""
+    nodes = tuple((n.op_type, n.name, tuple(v.name if v is not None else "" for v in n.inputs)) for n in model.graph)
+    weights = tuple((name, id(v.const_value)) for name, v in model.graph.initializers.items())
+    return threads, nodes, weights
+
+
+def _float_side(model: ir.Model, threads: int | None, cache: bool) -> _FloatSide:
+    key = _fingerprint(model, threads)
+    if _cache and _cache[0].key == key:
+        return _cache[0]
+    while _cache:
+        _cache.pop().close()
+    side = _FloatSide(key, model, threads)
+    if cache:
+        _cache.append(side)
+    return side
+
+
+def measure(float_model: ir.Model, quantized: ir.Model, feed: dict[str, np.ndarray], *,
+            threads: int | None, cache: bool = True) -> SpeedComparison | None:
+    """Latency of `quantized` over `float_model` on `feed` (`decide`), or None when one float run takes longer
+    than `MAX_RUN_S`. With `cache`, the float session is kept for the next call on the same model."""
+    side = _float_side(float_model, threads, cache)
+    try:
+        return _measure(side.session, quantized, feed, threads)
+    finally:
+        if not cache:
+            side.close()
+
+
+def _measure(float_sess: Any, quantized: ir.Model, feed: dict[str, np.ndarray],
+             threads: int | None) -> SpeedComparison | None:
+    t0 = time.perf_counter()
+    run(float_sess, feed)
+    one = time.perf_counter() - t0
+    if one > MAX_RUN_S:
+        return None
+    with temp_model_file(quantized) as path:
+        q_sess = session(path, threads=threads)
+        return decide(float_sess, q_sess, feed, margin=MARGIN, budget_s=max(2.0, 40 * one))

@@ -66,7 +66,6 @@ __all__ = [
     "plan_static",
     "matmul_add_to_gemm",
     "name_nodes",
-    "quantizable_nodes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,16 +169,6 @@ def name_nodes(graph: ir.Graph) -> None:
     for node in graph:
         if not node.name:
             node.name = unique_name(graph, node.op_type, taken)
-
-
-def quantizable_nodes(graph: ir.Graph, exclude: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Names of the compute nodes and of the other supported nodes that are not excluded."""
-    patterns = list(exclude)
-    compute, others = [], []
-    for node in graph:
-        if _is_supported(node) and not matches_any(node, patterns):
-            (compute if node.op_type in COMPUTE else others).append(node.name)
-    return compute, others
 
 
 # ------------------------------------------------------------------------------ pre-rewrite

@@ -91,7 +91,7 @@ QUANTIZED_OPS = INTEGER_KERNELS | {"QuantizeLinear", "DequantizeLinear", "Dynami
 _PER_CHANNEL_OPSET = 13
 _MIN_QDQ_OPSET = 10
 _DYNAMIC_OPSET = 11
-_FALLBACK_BUDGET_S = 60.0
+_FALLBACK_BUDGET_S = 30.0
 _SPEED_CHECK_MAX_BYTES = 1 << 30
 _SPEED_CACHE_MAX_BYTES = 256 << 20
 _FOLDABLE = frozenset({"BatchNormalization", "Constant", "Identity", "Dropout"})
@@ -490,10 +490,11 @@ class Quantize(Pass):
             f"calibration feeds: {verdict}; all int8 gave {result.scores_all_quantized.describe()}, now "
             f"{result.scores.describe()} (emulated; {result.evaluations} evaluations, {result.seconds:.1f}s)")
         if not result.reached:
-            self._float_reason = (f"int8 misses {_describe(targets)} on the calibration feeds unless most of the "
-                                  f"model stays float (best found: {result.scores.describe()}); wrote the float "
-                                  "model (lower quantize.target_cosine / target_argmax, or fallback=none, for int8)")
-            return {}
+            stats.notes.append(f"WARNING: int8 misses {_describe(targets)} on the calibration feeds without keeping "
+                               f"most of the model float; the closest int8 model found is written "
+                               f"({len(result.float_nodes)} nodes float: {result.scores.describe()}); "
+                               "quantize.target_cosine / target_argmax say what is enough")
+            stats.summary["targets_met"] = False
         reason = "kept in float by fallback=auto: the outputs miss the targets with it in int8"
         return dict.fromkeys(result.float_nodes, reason)
 

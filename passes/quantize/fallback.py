@@ -248,15 +248,22 @@ def search(evaluate: Evaluate, groups: Sequence[Group], targets: Targets, *, ord
         logger.debug("fallback: the groups within the cost cap recover %.3g of a %.3g shortfall: giving up",
                      affordable, ev.quick(empty))
         return result(empty, [], False)
+    group_cost = {g.nodes: g.cost for g in groups}
     current, labels = empty, []
     for g in ranked:
         if ev.short(current) == 0 or ev.spent or sum(cost[lb] for lb in labels) > MAX_FLOAT_COST:
             break
         current, labels = current | g.nodes, labels + [g.label]
     if ev.short(current) > 0:
-        best = min(ev.cache, key=lambda s: (ev.cache[s].shortfall(targets), len(s)))
+        affordable_sets = [s for s in ev.cache if _cost(s, group_cost) <= MAX_FLOAT_COST]
+        best = min(affordable_sets, key=lambda s: (ev.cache[s].shortfall(targets), len(s)))
         return result(best, labels if best == current else [], False)
     return result(_shrink(ev, current, order), labels, True)
+
+
+def _cost(nodes: frozenset[str], group_cost: dict[frozenset[str], float]) -> float:
+    """The float cost of a node set: the groups it is made of (a set that is not a union of groups costs 0)."""
+    return sum(c for g, c in group_cost.items() if g <= nodes) if nodes else 0.0
 
 
 def _shrink(ev: _Budget, current: frozenset[str], order: Sequence[str]) -> frozenset[str]:

@@ -39,6 +39,7 @@ The pass is lossy (``exact = False``); the pipeline's validation reports the out
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 from typing import Literal
 
@@ -71,6 +72,7 @@ from .calib import Range, choose_range, collect_histograms, collect_ranges_and_s
 from .check import INTEGER_KERNELS, fusion_report
 from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
+from .embedding import quantize_embeddings
 from .emulate import Emulator
 from .fallback import QUICK_FEEDS, Reference, groups_of, search
 from .gptq import accumulate_hessians, gptq_round
@@ -180,20 +182,24 @@ class Quantize(Pass):
                 ctx.model_changed(model)
         bytes_before = weight_bytes(model)
         infer_shapes(model)
+        self._measured: speed.SpeedComparison | None = None
+        self._transformer = False
         if self.mode == "static":
+            prepared = model.clone()
             counts = self._static(model, ctx, stats)
+            if self._transformer and not self._float_reason and counts.get("quantized_nodes"):
+                counts = self._static_or_dynamic(model, prepared, given, ctx, stats, counts)
         elif self.mode == "dynamic":
             opset = opset_version(model)
             if opset < _DYNAMIC_OPSET and not _try_opset_upgrade(model, stats):
                 raise ModelError(f"mode=dynamic needs opset {_DYNAMIC_OPSET} (DynamicQuantizeLinear); this model has "
                                  f"opset {opset} and onnx's version converter could not upgrade it")
-            counts = apply_dynamic(model.graph, stats, exclude=self.exclude, per_channel=self.per_channel,
-                                   conv=self.dynamic_conv)
-            counts["lstm_quantized"] = len(self._lstms(model, stats, self.exclude, {}))
+            counts = self._dynamic(model, stats)
         else:
             hessians = self._weight_only_hessians(model, ctx) if self.gptq else None
             counts = apply_weight_only(model, stats, exclude=self.exclude, bits=self.bits, block_size=self.block_size,
                                        hessians=hessians)
+            counts["embeddings_quantized"] = quantize_embeddings(model.graph, stats, self.exclude)
         stats.summary.update(counts)
         stats.summary["weight_bytes_before"] = bytes_before
         stats.summary["weight_bytes_after"] = weight_bytes(model)
@@ -215,6 +221,58 @@ class Quantize(Pass):
             stats.summary["ort_ops"] = report.ops
         return stats
 
+    def _dynamic(self, model: ir.Model, stats: PassStats, exclude: list[str] | None = None) -> dict[str, int]:
+        """Dynamic mode: MatMul/Gemm (and Conv on request) with DynamicQuantizeLinear, LSTMs, embedding tables."""
+        exclude = self.exclude if exclude is None else exclude
+        counts = apply_dynamic(model.graph, stats, exclude=exclude, per_channel=self.per_channel,
+                               conv=self.dynamic_conv)
+        counts["lstm_quantized"] = len(self._lstms(model, stats, exclude, {}))
+        counts["embeddings_quantized"] = quantize_embeddings(model.graph, stats, exclude)
+        return counts
+
+    def _static_or_dynamic(self, model: ir.Model, prepared: ir.Model, given: ir.Model, ctx: Context,
+                           stats: PassStats, counts: dict[str, int]) -> dict[str, int]:
+        """A transformer: build the dynamic model too, and keep whichever meets the targets and runs faster."""
+        if opset_version(prepared) < _DYNAMIC_OPSET:
+            return counts
+        # Dynamic, and dynamic with the MatMuls that read a GELU output left float: DynamicQuantizeLinear gives
+        # a whole activation one scale, and a GELU output's long positive tail leaves its many small values few levels.
+        gelu_fed = [n.name for n in prepared.graph if is_onnx_op(n, "MatMul")
+                    and "(activation)" in self._kept.get(_producer_past_constants(n.inputs[0]), "")]
+        variants = {"dynamic": self.exclude}
+        if gelu_fed:
+            variants["dynamic, GELU-fed MatMuls float"] = self.exclude + [glob.escape(n) for n in gelu_fed]
+        built = {}
+        for label, exclude in variants.items():
+            candidate = prepared.clone()
+            cand_stats = PassStats()
+            built[label] = (candidate, cand_stats, self._dynamic(candidate, cand_stats, exclude))
+        targets = Targets(self.target_cosine, self.target_argmax, ctx.tolerance)
+        check = Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)
+        feed = ctx.require_calib("quantize").feeds[0]
+        rows = {}
+        for label, candidate in [("static", model)] + [(k, v[0]) for k, v in built.items()]:
+            scores = check.scores(candidate)
+            timing = speed.measure(given, candidate, feed, threads=ctx.threads) if self.require_speedup else None
+            rows[label] = (scores.shortfall(targets), timing.ratio if timing else 1.0, scores, timing)
+        pick = min(rows, key=lambda k: (rows[k][0] > 0, rows[k][0], rows[k][1]))
+        said = "; ".join(f"{k}: {v[2].describe()}" + (f", {v[3].ratio:.2f}x float latency" if v[3] else "")
+                         for k, v in rows.items())
+        stats.summary["transformer_modes"] = {k: {**v[2].to_dict(), "latency_ratio": v[1]} for k, v in rows.items()}
+        self._measured = rows[pick][3]
+        if pick == "static":
+            stats.notes.append(f"transformer: static int8 kept ({said})")
+            return counts
+        stats.notes.append(f"transformer: {pick} chosen over static ({said}); quantize.mode=static with "
+                           "fallback=none forces static")
+        dyn, dyn_stats, dyn_counts = built[pick]
+        model.graph = dyn.graph
+        model.opset_imports.update(dyn.opset_imports)
+        stats.layers, stats.skipped = dyn_stats.layers, dyn_stats.skipped
+        stats.summary.update(dyn_stats.summary)
+        stats.summary["mode"] = "dynamic"
+        return dyn_counts
+
     def _speed_check(self, model: ir.Model, given: ir.Model, ctx: Context, stats: PassStats) -> str | None:
         """Time the int8 model against the float model given to the pass (ONNX Runtime, the run's threads).
 
@@ -230,7 +288,8 @@ class Quantize(Pass):
         try:
             feed = (ctx.calib.feeds[0] if ctx.calib is not None and len(ctx.calib)
                     else load_data("random:1", input_specs(given), dims=ctx.dims).feeds[0])
-            result = speed.measure(given, model, feed, threads=ctx.threads, cache=size <= _SPEED_CACHE_MAX_BYTES)
+            result = self._measured or speed.measure(given, model, feed, threads=ctx.threads,
+                                                     cache=size <= _SPEED_CACHE_MAX_BYTES)
         except (ModelError, UsageError) as exc:
             stats.notes.append(f"speed not checked: {first_line(exc)}")
             return None
@@ -400,6 +459,8 @@ class Quantize(Pass):
             kept.setdefault(node.name, "reads a tensor that 8 bits would destroy (collapse guard): kept in float")
         if kinds:
             stats.summary["range_sensitive_regions"] = dict(sorted(kinds.items()))
+        self._transformer = "attention" in kinds
+        self._kept = kept
         if collapsed:
             stats.summary["collapsed_tensors"] = {k: round(v, 3) for k, v in sorted(collapsed.items())}
             worst = max(collapsed, key=collapsed.get)
@@ -532,6 +593,15 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
 def _describe(targets: Targets) -> str:
     text = f"cosine >= {targets.cosine:g}, argmax agreement >= {targets.argmax:g}"
     return text + (f", rel_l2 <= {targets.rel_l2:g}" if targets.rel_l2 is not None else "")
+
+
+def _producer_past_constants(value: ir.Value | None) -> str:
+    """The name of the node that computes `value`, looking through element-wise ops by a constant."""
+    node = value.producer() if value is not None else None
+    while is_onnx_op(node, "Mul", "Div", "Add", "Sub") and any(is_constant(v) for v in node.inputs):
+        value = next((v for v in node.inputs if not is_constant(v)), None)
+        node = value.producer() if value is not None else None
+    return node.name if node is not None else ""
 
 
 def _restore(model: ir.Model, given: ir.Model, stats: PassStats) -> None:

@@ -94,6 +94,7 @@ _PER_CHANNEL_OPSET = 13
 _MIN_QDQ_OPSET = 10
 _DYNAMIC_OPSET = 11
 _FALLBACK_BUDGET_S = 30.0
+_TARGET_HEADROOM = 0.5
 _SPEED_CHECK_MAX_BYTES = 1 << 30
 _SPEED_CACHE_MAX_BYTES = 256 << 20
 _FOLDABLE = frozenset({"BatchNormalization", "Constant", "Identity", "Dropout"})
@@ -221,6 +222,12 @@ class Quantize(Pass):
             stats.summary["ort_ops"] = report.ops
         return stats
 
+    def _targets(self, ctx: Context) -> Targets:
+        """The targets held on the calibration feeds: halfway between the options and perfect, so that data
+        the calibration never saw still meets the options (a few calibration feeds are an optimistic sample)."""
+        return Targets(1 - (1 - self.target_cosine) * _TARGET_HEADROOM, 1 - (1 - self.target_argmax) * _TARGET_HEADROOM,
+                       ctx.tolerance * _TARGET_HEADROOM if ctx.tolerance is not None else None)
+
     def _dynamic(self, model: ir.Model, stats: PassStats, exclude: list[str] | None = None) -> dict[str, int]:
         """Dynamic mode: MatMul/Gemm (and Conv on request) with DynamicQuantizeLinear, LSTMs, embedding tables."""
         exclude = self.exclude if exclude is None else exclude
@@ -247,7 +254,7 @@ class Quantize(Pass):
             candidate = prepared.clone()
             cand_stats = PassStats()
             built[label] = (candidate, cand_stats, self._dynamic(candidate, cand_stats, exclude))
-        targets = Targets(self.target_cosine, self.target_argmax, ctx.tolerance)
+        targets = self._targets(ctx)
         check = Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)
         feed = ctx.require_calib("quantize").feeds[0]
         rows = {}
@@ -344,7 +351,7 @@ class Quantize(Pass):
                 model.opset_imports.update(rebuilt.opset_imports)
                 final = self._reference.scores(model)
                 stats.summary["fallback_scores"] = final.to_dict()
-                targets = Targets(self.target_cosine, self.target_argmax, ctx.tolerance)
+                targets = self._targets(ctx)
                 if final.shortfall(targets) > 0:
                     stats.notes.append(f"fallback=auto: ONNX Runtime's int8 kernels give {final.describe()} on the "
                                        "calibration feeds, short of the targets its QDQ emulation met")
@@ -514,7 +521,7 @@ class Quantize(Pass):
                   ranges: dict[str, Range], per_channel: bool, kept: dict[str, str],
                   applied: _Applied) -> dict[str, str]:
         """The nodes to keep in float so that the outputs meet the targets (none when all-int8 does)."""
-        targets = Targets(self.target_cosine, self.target_argmax, ctx.tolerance)
+        targets = self._targets(ctx)
         check = Reference(float_model, ctx.require_calib("quantize fallback=auto").feeds, threads=ctx.threads)
         self._reference = check
         real = check.scores(model)

@@ -29,15 +29,13 @@ Run from the repository root (a quiet machine for latency; counts and errors do 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ from onnxopt.passes.quantize.score import class_outputs, score_outputs, worst_sl
 from onnxopt.passes.quantize.speed import interleave
 
 import onnxopt
+from benchmarks.quantize import inside
 from onnxopt.data import load_data
 from onnxopt.io import file_size, load
 from onnxopt.runtime import run, session
@@ -94,17 +93,6 @@ class _Reader:
         self._it = iter(self._feeds)
 
 
-@contextlib.contextmanager
-def _inside(folder: Path) -> Iterator[None]:
-    """Run with `folder` as working directory: ORT's quantization tools drop temporary files into it."""
-    before = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -118,7 +106,7 @@ def ort_best(src: Path, dst: Path, calib: Sequence[dict[str, np.ndarray]]) -> di
     info: dict[str, Any] = {}
     pre = dst.with_name(dst.stem + "_pre.onnx")
     t0 = time.perf_counter()
-    with _inside(dst.parent):
+    with inside(dst.parent):
         for label, kw in (("full", {}), ("skip_symbolic_shape", {"skip_symbolic_shape": True}),
                           ("skip_optimization", {"skip_symbolic_shape": True, "skip_optimization": True})):
             try:
@@ -150,7 +138,7 @@ def ort_dynamic(src: Path, dst: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     t0 = time.perf_counter()
-    with _inside(dst.parent):
+    with inside(dst.parent):
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
     return {"tool_seconds": time.perf_counter() - t0}
 
@@ -185,8 +173,17 @@ def accuracy(src: Path, path: Path, feeds: Sequence[dict[str, np.ndarray]]) -> d
     scores = score_outputs(names, refs, outs, class_outputs(model.graph))
     worst = [worst_slice([r[k] for r in refs], [o[k] for o in outs]) for k in range(len(names))]
     worst = [w for w in worst if w is not None]
+    rows = [_row_cosine([r[k] for r in refs], [o[k] for o in outs]) for k in range(len(names))
+            if np.asarray(refs[0][k]).ndim == 2 and np.asarray(refs[0][k]).shape[1] > 16]
     return {"cosine": scores.cosine, "rel_l2": scores.rel_l2, "argmax": scores.argmax,
-            "worst_channel": max(worst) if worst else None}
+            "worst_channel": max(worst) if worst else None, "row_cosine": min(rows) if rows else None}
+
+
+def _row_cosine(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
+    """Mean cosine of the rows of a [batch, features] output (a sentence embedding per row)."""
+    a = np.concatenate([np.asarray(r, np.float64) for r in refs])
+    b = np.concatenate([np.asarray(o, np.float64) for o in outs])
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
 
 
 def kernels(path: Path) -> dict[str, int]:
@@ -245,8 +242,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-COLUMNS = ["model", "variant", "cosine", "rel_l2", "worst_channel", "argmax", "latency_t1", "latency_tdefault",
-           "size_x", "tool_seconds", "kernels"]
+COLUMNS = ["model", "variant", "cosine", "rel_l2", "worst_channel", "argmax", "row_cosine", "latency_t1",
+           "latency_tdefault", "size_x", "tool_seconds", "kernels"]
 
 
 def print_table(rows: list[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> None:

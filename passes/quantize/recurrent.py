@@ -70,7 +70,7 @@ def quantize_lstm(graph: ir.Graph, node: ir.Node, taken: set[str]) -> ir.Node:
     weights = [v for v in node.inputs[1:3] if v is not None]
     graph.remove(node, safe=True)
     for out, name, shape, typ in renames:
-        out.name, out.shape, out.type = name or None, shape, typ
+        out.name, out.shape, out.type = name, shape, typ
     for v in weights:
         if not v.uses() and not v.is_graph_output() and graph.initializers.get(v.name) is v:
             del graph.initializers[v.name]

@@ -117,7 +117,10 @@ class Quantize(Pass):
     """Quantize to int8 QDQ (static, calibrated), dynamic int8, or blockwise int4/int8 weights (lossy)."""
 
     exact = False
-    idempotent = True
+    # Not idempotent by that contract: whether int8 is written depends on a timing of this machine
+    # (require_speedup), so a second run on a model the first left float can measure int8 faster and quantize
+    # it. A quantized model is left as is (already quantized), which is the idempotence that matters.
+    idempotent = False
 
     mode: Literal["static", "dynamic", "weight-only"] = option(
         "static", "static (needs --calib), dynamic or weight-only"
@@ -174,11 +177,16 @@ class Quantize(Pass):
         if self.mode == "static":
             calib = ctx.require_calib("quantize mode=static", "or --set quantize.mode=dynamic, which needs none")
             load_data(calib, input_specs(model))
-        given = model.clone()
+        # The model as given, to write back when nothing is quantized or int8 is not faster. Past the size the
+        # speed check times, dynamic and weight-only modes keep no copy (it would keep every float weight alive).
+        keep_given = self.mode == "static" or weight_bytes(model) <= _SPEED_CHECK_MAX_BYTES
+        given = model.clone() if keep_given else None
         self._float_reason: str | None = None
+        folded_any = False
         if self.fold and (self.mode == "static" or _has_foldable(model)):
             folded = run_pass("fold", model)
             stats.summary["folded_batchnorm"] = folded.summary.get("batchnorm_folded", 0)
+            folded_any = folded.modified
             if folded.modified:
                 ctx.model_changed(model)
         bytes_before = weight_bytes(model)
@@ -207,9 +215,12 @@ class Quantize(Pass):
         quantized = any(v for k, v in counts.items() if isinstance(v, int) and k != "matmul_add_to_gemm")
         if not quantized:
             stats.notes.append(_why_nothing(model, self.mode))
-            _restore(model, given, stats)
+            if given is not None:
+                _restore(model, given, stats)
+            else:  # a big model keeps the exact folds it got
+                stats.modified = folded_any or bool(stats.summary.get("opset_upgraded"))
             return stats
-        reason = self._float_reason or self._speed_check(model, given, ctx, stats)
+        reason = self._float_reason or (self._speed_check(model, given, ctx, stats) if given is not None else None)
         if reason:
             stats.notes.append(reason)
             stats.summary["wrote_float_model"] = reason

@@ -10,12 +10,14 @@ when asked, are written with their weights in one external data file ``<name>.da
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -24,6 +26,8 @@ import onnx_ir as ir
 from onnxopt import sparse
 from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.graph import iter_graphs
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "load",
@@ -34,6 +38,7 @@ __all__ = [
     "weight_bytes",
     "check_output_path",
     "iter_proto_graphs",
+    "release_mapping",
 ]
 
 PROTOBUF_LIMIT = 2_000_000_000
@@ -158,12 +163,13 @@ def check_output_path(out: str | os.PathLike[str], model_path: str | os.PathLike
     return o
 
 
-def _inline_external(model: ir.Model) -> None:
-    """Bring external weights into memory so the model can be written as one file."""
+def _inline_external(model: ir.Model, keep: Collection[ir.Value] = ()) -> None:
+    """Bring external weights into memory so the model can be written as one file (`keep`: left as they are)."""
+    kept = {id(v) for v in keep}
     for graph in iter_graphs(model.graph):
         for value in graph.initializers.values():
             tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
+            if isinstance(tensor, ir.ExternalTensor) and id(value) not in kept:
                 value.const_value = ir.tensor(np.array(tensor.numpy()), name=tensor.name)
 
 
@@ -171,12 +177,106 @@ def _write(model: ir.Model, path: Path, external: bool) -> None:
     if external:
         ir.save(model, path, external_data=f"{path.name}.data")
         return
-    _inline_external(model)
-    proto = ir.to_proto(model)
+    streamed = _streamed_initializers(model)
+    _inline_external(model, keep=streamed)
+    proto = _proto_without(model, streamed)
     _drop_value_info(proto)
     # Weights a pass asked to store sparse go to the model's sparse_initializer list.
     sparse.apply_sparse_storage(proto)
-    onnx.save(proto, str(path))
+    with open(path, "wb") as fh:
+        fh.write(proto.SerializeToString())
+        del proto
+        for value in streamed:
+            _append_initializer(fh, value)
+
+
+# Initializers of at least this many bytes are written one by one after the rest of a one-file model
+# (`_append_initializer`), so that writing holds no second copy of every weight (``ir.to_proto`` then
+# ``SerializeToString`` held two).
+_STREAM_BYTES = 1 << 20
+_RAW_DTYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.INT8,
+    ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32,
+    ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL,
+})
+
+
+def _streamed_initializers(model: ir.Model) -> list[ir.Value]:
+    """The main graph's initializers that `_append_initializer` writes: big or external, plain numbers,
+    not marked for sparse storage (those are converted in the serialized model)."""
+    if sys.byteorder != "little":
+        return []
+    marked = set(sparse.marked_names(model))
+    out = []
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if (isinstance(tensor, (ir.Tensor, ir.ExternalTensor)) and tensor.dtype in _RAW_DTYPES and name not in marked
+                and (isinstance(tensor, ir.ExternalTensor) or tensor.nbytes >= _STREAM_BYTES)):
+            out.append(value)
+    return out
+
+
+def _proto_without(model: ir.Model, values: list[ir.Value]) -> onnx.ModelProto:
+    """``ir.to_proto(model)`` without the initializers `values` (taken out of the graph and put back)."""
+    graph = model.graph
+    for value in values:
+        graph.initializers.pop(value.name)
+    try:
+        return ir.to_proto(model)
+    finally:
+        for value in values:
+            graph.initializers.add(value)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+# Protobuf tags (field number << 3 | length-delimited): ModelProto.graph = 7, GraphProto.initializer = 5,
+# TensorProto.raw_data = 9.
+_GRAPH_TAG, _INITIALIZER_TAG, _RAW_DATA_TAG = b"\x3a", b"\x2a", b"\x4a"
+
+
+def _append_initializer(fh: BinaryIO, value: ir.Value) -> None:
+    """Append `value` to a serialized ModelProto as one more graph initializer, its data written from memory
+    (or the mapped external file) without a copy.
+
+    Protobuf merges a message field that occurs twice and appends to repeated fields, so a serialized
+    model followed by ``graph { initializer { ... } }`` reads as the model with that initializer added;
+    TensorProto fields may come in any order, so the raw data goes last, straight from the array.
+    """
+    tensor = value.const_value
+    header = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=tensor.shape.numpy())
+    if tensor.doc_string:
+        header.doc_string = tensor.doc_string
+    for key, text in tensor.metadata_props.items():
+        entry = header.metadata_props.add()
+        entry.key, entry.value = key, text
+    array = np.ascontiguousarray(tensor.numpy())
+    data = memoryview(array).cast("B") if array.size else b""
+    head = header.SerializeToString() + _RAW_DATA_TAG + _varint(len(data))
+    tensor_len = len(head) + len(data)
+    fh.write(_GRAPH_TAG + _varint(1 + len(_varint(tensor_len)) + tensor_len) + _INITIALIZER_TAG + _varint(tensor_len))
+    fh.write(head)
+    fh.write(data)
+    del data, array
+    release_mapping(tensor)
+
+
+def release_mapping(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap the data file of an external tensor that has been read, so the pages read leave this process's
+    resident memory (onnx_ir maps the file once per tensor and keeps the mapping while the tensor lives;
+    the tensor maps it again when read again). Callers drop their arrays of it first."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # an array still views the mapping: it is unmapped when that array goes
+            logger.debug("tensor %s is still viewed; left mapped", tensor.name)
 
 
 def iter_proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -245,6 +345,8 @@ def file_size(path: str | os.PathLike[str]) -> int:
     """Bytes on disk of a model file plus every external data file it references."""
     p = Path(path)
     total = p.stat().st_size
+    if not _contains(p, b"location"):
+        return total  # every external data reference has a "location" entry: this model has none
     proto = onnx.load(str(p), load_external_data=False)
     seen: set[str] = set()
     for g in iter_proto_graphs(proto.graph):
@@ -257,3 +359,14 @@ def file_size(path: str | os.PathLike[str]) -> int:
                         if f.is_file():
                             total += f.stat().st_size
     return total
+
+
+def _contains(path: Path, needle: bytes, block: int = 16 << 20) -> bool:
+    """Whether the file's bytes contain `needle`, read in blocks (a big model is not parsed nor held)."""
+    tail = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            if needle in tail + chunk[: len(needle) - 1] or needle in chunk:
+                return True
+            tail = (tail + chunk[-(len(needle) - 1):])[-(len(needle) - 1):]
+    return False

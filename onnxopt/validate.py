@@ -21,11 +21,13 @@ import onnx
 from onnxopt import sparse
 from onnxopt.data import Dataset
 from onnxopt.errors import ModelError, UsageError, first_line
+from onnxopt.io import iter_proto_graphs
 from onnxopt.metrics import METRICS
 from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 
-__all__ = ["OutputDiff", "Comparison", "compare_models", "check_model_file", "METRICS"]
+__all__ = ["OutputDiff", "Comparison", "compare_models", "check_model_file", "METRICS", "HeldOutputs",
+           "HELD_OUTPUT_BYTES"]
 
 
 
@@ -95,10 +97,14 @@ def check_model_file(path: str | os.PathLike[str], *, has_sparse: bool | None = 
     Conv/Gemm/MatMul input although ONNX Runtime reads it, so such a model is checked densified.
     A caller that knows whether the file holds sparse initializers says so in `has_sparse`, which
     spares reading the whole file once more to find out.
+
+    A model file above `WEIGHTLESS_CHECK_BYTES` (weights inside it) is read once and checked with its
+    big weights as references of the same name, type and shape (`_stub_weights`): the checker and shape
+    inference look only at those, and on the file itself each would parse every weight again (and shape
+    inference write a full copy). Reading the weights is ONNX Runtime's part of validation.
     """
     with tempfile.TemporaryDirectory(prefix="onnxopt-infer-") as tmp:
-        if has_sparse is not False:
-            path = _densified(Path(path), Path(tmp))
+        path = _checkable(Path(path), Path(tmp), has_sparse)
         try:
             onnx.checker.check_model(str(path), full_check=True)
         except Exception as exc:
@@ -111,14 +117,52 @@ def check_model_file(path: str | os.PathLike[str], *, has_sparse: bool | None = 
             raise ModelError(f"the optimized model fails strict shape inference: {first_line(exc)}") from None
 
 
-def _densified(path: Path, tmp: Path) -> Path:
-    proto = onnx.load(str(path), load_external_data=False)
-    if not proto.graph.sparse_initializer:
+# A model file bigger than this is checked with its big weights stubbed out (see `check_model_file`).
+WEIGHTLESS_CHECK_BYTES = 64 * 1024 * 1024
+_STUB_MIN_BYTES = 1024 * 1024
+_STUB_FILE = "weights.stub"
+
+
+def _checkable(path: Path, tmp: Path, has_sparse: bool | None) -> Path:
+    """The file to check for the model at `path`: itself, or a copy in `tmp` densified and/or stubbed."""
+    big = path.stat().st_size > WEIGHTLESS_CHECK_BYTES
+    if has_sparse is False and not big:
         return path
-    sparse.densify(proto)
-    dense = tmp / "dense.onnx"
-    onnx.save(proto, str(dense))
-    return dense
+    proto = onnx.load(str(path), load_external_data=False)
+    changed = False
+    if proto.graph.sparse_initializer:
+        sparse.densify(proto)
+        changed = True
+    if big:
+        changed = _stub_weights(proto, tmp) or changed
+    if not changed:
+        return path
+    checked = tmp / "checked.onnx"
+    onnx.save(proto, str(checked))
+    return checked
+
+
+def _stub_weights(proto: onnx.ModelProto, tmp: Path) -> bool:
+    """Replace the raw data of big initializers by an external reference to an empty file in `tmp` (the
+    checker asks that the file exists, shape inference reads no weight). Not when the model already has
+    external data (its references must stay valid); False when nothing was replaced."""
+    graphs = list(iter_proto_graphs(proto.graph))
+    inits = [t for g in graphs for t in g.initializer]
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
+        return False
+    stubbed = False
+    for t in inits:
+        if len(t.raw_data) >= _STUB_MIN_BYTES:
+            n = len(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", _STUB_FILE), ("offset", "0"), ("length", str(n))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            stubbed = True
+    if stubbed:
+        (tmp / _STUB_FILE).touch()
+    return stubbed
 
 
 def looks_like_scores(arr: np.ndarray) -> bool:
@@ -173,34 +217,105 @@ def compare_models(
     threads: int | None = None,
     desc: str = "validating",
 ) -> Comparison:
-    """Run both models on every feed of `data` and compare outputs by name."""
+    """Run both models on every feed of `data` and compare outputs by name.
+
+    The models run one after the other, never both loaded at once: model A runs on every feed and its
+    session is released, keeping only its outputs (`HeldOutputs`: in memory up to `HELD_OUTPUT_BYTES`,
+    on disk beyond), then model B runs and is compared feed by feed.
+    """
     if metric not in METRICS:
         raise UsageError(f"unknown metric '{metric}' (choose {', '.join(METRICS)})")
-    sa = session(path_a, threads=threads)
-    sb = session(path_b, threads=threads)
-    names_a = [o.name for o in sa.get_outputs()]
-    names_b = [o.name for o in sb.get_outputs()]
-    if names_a != names_b:
-        raise ModelError(f"the models' outputs differ: {names_a} vs {names_b}")
-    accs = {n: _Acc() for n in names_a}
-    correct_a = correct_b = labelled = 0
-    samples = 0
-    for i, feed in enumerate(progress(data.feeds, desc=desc)):
-        outs_a = run(sa, feed)
-        outs_b = run(sb, feed)
-        for name, a, b in zip(names_a, outs_a, outs_b):
-            accs[name].add(np.asarray(a), np.asarray(b))
-        first = next(iter(feed.values()))
-        samples += int(first.shape[0]) if first.ndim else 1
-        labels = data.labels[i] if i < len(data.labels) else None
-        if labels is not None:
-            score_out = next((k for k, o in enumerate(outs_a) if looks_like_scores(np.asarray(o))), None)
-            if score_out is not None:
-                lbl = np.asarray(labels).reshape(-1)
-                correct_a += int(np.sum(np.argmax(outs_a[score_out], axis=1) == lbl))
-                correct_b += int(np.sum(np.argmax(outs_b[score_out], axis=1) == lbl))
-                labelled += lbl.shape[0]
+    with HeldOutputs() as held:
+        names_a = _run_and_hold(path_a, data, held, threads=threads, desc=desc)
+        sb = session(path_b, threads=threads)
+        names_b = [o.name for o in sb.get_outputs()]
+        if names_a != names_b:
+            raise ModelError(f"the models' outputs differ: {names_a} vs {names_b}")
+        accs = {n: _Acc() for n in names_a}
+        correct_a = correct_b = labelled = 0
+        samples = 0
+        for i, feed in enumerate(progress(data.feeds, desc=desc)):
+            outs_a = held.take(i)
+            outs_b = run(sb, feed)
+            for name, a, b in zip(names_a, outs_a, outs_b):
+                accs[name].add(np.asarray(a), np.asarray(b))
+            first = next(iter(feed.values()))
+            samples += int(first.shape[0]) if first.ndim else 1
+            labels = data.labels[i] if i < len(data.labels) else None
+            if labels is not None:
+                score_out = next((k for k, o in enumerate(outs_a) if looks_like_scores(np.asarray(o))), None)
+                if score_out is not None:
+                    lbl = np.asarray(labels).reshape(-1)
+                    correct_a += int(np.sum(np.argmax(outs_a[score_out], axis=1) == lbl))
+                    correct_b += int(np.sum(np.argmax(outs_b[score_out], axis=1) == lbl))
+                    labelled += lbl.shape[0]
+        del sb
     outputs = [accs[n].result(n) for n in names_a]
     acc_a = correct_a / labelled if labelled else None
     acc_b = correct_b / labelled if labelled else None
     return Comparison(outputs, samples, len(data), acc_a, acc_b, metric, tolerance)
+
+
+def _run_and_hold(path: str | os.PathLike[str], data: Dataset, held: HeldOutputs, *, threads: int | None,
+                  desc: str) -> list[str]:
+    """Run the model at `path` on every feed into `held`; its output names. The session is gone on return."""
+    sess = session(path, threads=threads)
+    names = [o.name for o in sess.get_outputs()]
+    for feed in progress(data.feeds, desc=f"{desc} (original)"):
+        held.add(run(sess, feed))
+    del sess
+    return names
+
+
+# Outputs of the first model kept in memory for the comparison, in bytes; the rest go to a temporary folder.
+HELD_OUTPUT_BYTES = 256 * 1024 * 1024
+
+
+class HeldOutputs:
+    """The outputs of one model for a sequence of feeds, in memory up to `HELD_OUTPUT_BYTES` and in .npy
+    files beyond; `take(i)` hands feed i's outputs back once (read back from disk when they were spilled)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = HELD_OUTPUT_BYTES if limit is None else limit
+        self.in_memory = 0
+        self.spilled = 0
+        self._items: list[list[Any] | Path | None] = []
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def add(self, outputs: list[Any]) -> None:
+        nbytes = sum(o.nbytes for o in outputs if isinstance(o, np.ndarray))
+        spillable = all(isinstance(o, np.ndarray) and o.dtype != object for o in outputs)
+        if self.in_memory + nbytes <= self.limit or not spillable:
+            self._items.append(list(outputs))
+            self.in_memory += nbytes
+            return
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="onnxopt-outputs-")
+        path = Path(self._dir.name) / f"{len(self._items)}.npz"
+        np.savez(path, *outputs)
+        self._items.append(path)
+        self.spilled += nbytes
+
+    def take(self, i: int) -> list[Any]:
+        item = self._items[i]
+        self._items[i] = None
+        if isinstance(item, Path):
+            with np.load(item) as npz:
+                out = [npz[f"arr_{k}"] for k in range(len(npz.files))]
+            item.unlink()
+            return out
+        if item is None:
+            raise IndexError(f"outputs of feed {i} were already taken")
+        return item
+
+    def close(self) -> None:
+        self._items.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> HeldOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxopt import io, sparse
 from onnxopt.analysis import ModelStats, model_stats
 from onnxopt.analysis.stats import NONZERO_COUNT_LIMIT
-from onnxopt.bench import BenchResult, bench
+from onnxopt.bench import TABLE_LIMIT_BYTES, BenchResult, bench
 from onnxopt.context import Context
 from onnxopt.data import Dataset, input_specs, load_data
 from onnxopt.pipeline import PassRecord, PassSpec, Pipeline
@@ -191,8 +191,8 @@ def optimize(
         size_after = io.file_size(staged)
         latency = None
         if latency_runs > 0:
-            latency = bench([src_path, staged], runs=latency_runs, threads=threads, dims=dims,
-                            batch=batch, data=eval_ds, memory=False, budget_s=10.0)
+            latency = bench([src_path, staged], runs=latency_runs, threads=threads, dims=dims, batch=batch,
+                            data=eval_ds, memory=False, budget_s=10.0, skip_above=TABLE_LIMIT_BYTES)
         return Result(
             model=work,
             passes=records,

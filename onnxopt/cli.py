@@ -269,7 +269,8 @@ def _cmd_bench(argv: Sequence[str]) -> int:
             f"{lat.throughput:.1f}", "-" if lat.peak_mb is None else f"{lat.peak_mb:.0f}", f"{ratio:.3f}x",
         ])
     print(table(rows, ["model", "min ms", "median ms", "p90 ms", "samples/s", "peak MB", "vs first"]))
-    print(f"{args.provider.upper()} provider, {res.latencies[0].runs} interleaved runs, batch {res.latencies[0].batch}"
+    print(f"{args.provider.upper()} provider, {res.latencies[0].runs} runs ({res.method}), "
+          f"batch {res.latencies[0].batch}"
           + (f", {args.threads} threads" if args.threads else ""))
     return EXIT_OK
 

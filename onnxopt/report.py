@@ -56,7 +56,7 @@ def result_table(result: Any) -> str:
         ["MACs", human_count(b.macs), human_count(a.macs), _ratio(b.macs, a.macs)],
         ["nodes", str(b.nodes), str(a.nodes), _ratio(b.nodes, a.nodes)],
     ]
-    if result.latency is not None:
+    if result.latency is not None and result.latency.latencies:
         la, lb = result.latency.latencies
         rows.append(["latency (ORT CPU, median)", f"{la.median_ms:.3f} ms", f"{lb.median_ms:.3f} ms",
                      _ratio(la.median_ms, lb.median_ms)])
@@ -65,6 +65,8 @@ def result_table(result: Any) -> str:
         rows.append(["accuracy", f"{v.accuracy_a * 100:.2f}%", f"{v.accuracy_b * 100:.2f}%",
                      f"{(v.accuracy_b - v.accuracy_a) * 100:+.2f} pt"])
     text = table(rows, ["", "before", "after", "change"])
+    if result.latency is not None:
+        text += f"\nlatency: {result.latency.skipped or result.latency.method}"
     if v is not None:
         for o in v.outputs:
             line = f"output '{o.name}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"

@@ -73,6 +73,10 @@ class BenchResult:
     skipped: str | None = None  # why nothing was timed (then `latencies` is empty)
 
     @property
+    def interleaved(self) -> bool:
+        return self.method == INTERLEAVED
+
+    @property
     def ratios(self) -> list[float]:
         """Median latency of each model over the first model's (below 1: faster)."""
         if not self.latencies:

@@ -105,7 +105,8 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     p.add_argument("--bench-runs", type=int, default=50, metavar="N",
-                   help="interleaved latency runs per model for the table, within 10 s "
+                   help="latency runs per model for the table, within 10 s: interleaved in one process, one "
+                   "child process per model when both exceed 1 GiB, not timed above 2 GiB in one "
                    "(0: skip timing; default 50)")
     add_shared_arguments(p)
     return p

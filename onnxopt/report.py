@@ -58,15 +58,16 @@ def result_table(result: Any) -> str:
     ]
     if result.latency is not None and result.latency.latencies:
         la, lb = result.latency.latencies
-        rows.append(["latency (ORT CPU, median)", f"{la.median_ms:.3f} ms", f"{lb.median_ms:.3f} ms",
+        how = "" if result.latency.interleaved else ", separate processes"  # interleaved unless said
+        rows.append([f"latency (ORT CPU, median{how})", f"{la.median_ms:.3f} ms", f"{lb.median_ms:.3f} ms",
                      _ratio(la.median_ms, lb.median_ms)])
     v = result.validation
     if v is not None and v.accuracy_a is not None and v.accuracy_b is not None:
         rows.append(["accuracy", f"{v.accuracy_a * 100:.2f}%", f"{v.accuracy_b * 100:.2f}%",
                      f"{(v.accuracy_b - v.accuracy_a) * 100:+.2f} pt"])
     text = table(rows, ["", "before", "after", "change"])
-    if result.latency is not None:
-        text += f"\nlatency: {result.latency.skipped or result.latency.method}"
+    if result.latency is not None and result.latency.skipped:
+        text += f"\nlatency: {result.latency.skipped}"
     if v is not None:
         for o in v.outputs:
             line = f"output '{o.name}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"

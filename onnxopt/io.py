@@ -217,18 +217,12 @@ def _streamed_initializers(model: ir.Model) -> list[ir.Value]:
 
 
 def _proto_without(model: ir.Model, values: list[ir.Value]) -> onnx.ModelProto:
-    """``ir.to_proto(model)`` without the initializers `values`."""
-    with _set_aside(model.graph, values):
-        return ir.to_proto(model)
-
-
-@contextlib.contextmanager
-def _set_aside(graph: ir.Graph, values: list[ir.Value]) -> Iterator[None]:
-    """`graph` without the initializers `values` for the duration (they are put back, at the end)."""
+    """``ir.to_proto(model)`` without the initializers `values` (taken out of the graph and put back)."""
+    graph = model.graph
     for value in values:
         graph.initializers.pop(value.name)
     try:
-        yield
+        return ir.to_proto(model)
     finally:
         for value in values:
             graph.initializers.add(value)
@@ -250,29 +244,12 @@ _GRAPH_TAG, _INITIALIZER_TAG, _RAW_DATA_TAG = b"\x3a", b"\x2a", b"\x4a"
 
 def _append_initializer(fh: BinaryIO, value: ir.Value) -> None:
     """Append `value` to a serialized ModelProto as one more graph initializer, its data written from memory
-    (or the mapped external file) without a copy (see `_append_record`)."""
-    tensor = value.const_value
-    array = np.ascontiguousarray(tensor.numpy())
-    _append_record(fh, _tensor_header(value), memoryview(array).cast("B") if array.size else b"")
-    del array
-    release_mapping(tensor)
+    (or the mapped external file) without a copy.
 
-
-def _append_reference(fh: BinaryIO, value: ir.Value, location: str) -> None:
-    """Append `value` to a serialized ModelProto as an initializer whose data is at the same offset and length
-    of the external file `location` (relative to the model's folder) as in its own file."""
-    tensor = value.const_value
-    header = _tensor_header(value)
-    header.data_location = onnx.TensorProto.EXTERNAL
-    for key, text in (("location", location), ("offset", tensor.offset), ("length", tensor.length)):
-        if text is not None:
-            entry = header.external_data.add()
-            entry.key, entry.value = key, str(text)
-    _append_record(fh, header, None)
-
-
-def _tensor_header(value: ir.Value) -> onnx.TensorProto:
-    """The TensorProto of an initializer without its data, as onnx_ir serializes it."""
+    Protobuf merges a message field that occurs twice and appends to repeated fields, so a serialized
+    model followed by ``graph { initializer { ... } }`` reads as the model with that initializer added;
+    TensorProto fields may come in any order, so the raw data goes last, straight from the array.
+    """
     tensor = value.const_value
     header = onnx.TensorProto(name=value.name, data_type=tensor.dtype.value, dims=tensor.shape.numpy())
     if tensor.doc_string:
@@ -280,24 +257,15 @@ def _tensor_header(value: ir.Value) -> onnx.TensorProto:
     for key, text in tensor.metadata_props.items():
         entry = header.metadata_props.add()
         entry.key, entry.value = key, text
-    return header
-
-
-def _append_record(fh: BinaryIO, header: onnx.TensorProto, data: memoryview | bytes | None) -> None:
-    """Append ``graph { initializer { header, raw_data: data } }`` to a serialized ModelProto.
-
-    Protobuf merges a message field that occurs twice and appends to repeated fields, so a serialized
-    model followed by such a record reads as the model with that initializer added; TensorProto fields
-    may come in any order, so the raw data goes last, written straight from the caller's buffer.
-    """
-    head = header.SerializeToString()
-    if data is not None:
-        head += _RAW_DATA_TAG + _varint(len(data))
-    size = len(head) + (len(data) if data is not None else 0)
-    fh.write(_GRAPH_TAG + _varint(1 + len(_varint(size)) + size) + _INITIALIZER_TAG + _varint(size))
+    array = np.ascontiguousarray(tensor.numpy())
+    data = memoryview(array).cast("B") if array.size else b""
+    head = header.SerializeToString() + _RAW_DATA_TAG + _varint(len(data))
+    tensor_len = len(head) + len(data)
+    fh.write(_GRAPH_TAG + _varint(1 + len(_varint(tensor_len)) + tensor_len) + _INITIALIZER_TAG + _varint(tensor_len))
     fh.write(head)
-    if data is not None:
-        fh.write(data)
+    fh.write(data)
+    del data, array
+    release_mapping(tensor)
 
 
 def release_mapping(tensor: ir.TensorProtocol | None) -> None:
@@ -358,53 +326,19 @@ def save(
 
 @contextlib.contextmanager
 def temp_model_file(model: ir.Model, name: str = "model.onnx") -> Iterator[Path]:
-    """A path to a temporary copy of `model`, for ONNX Runtime (which must get a path).
-
-    Weights of the main graph still in an external data file are not copied: the copy refers to a hard
-    link of that file in its temporary folder (ONNX Runtime reads external data only from inside the
-    model's folder, and follows symbolic links out of it to refuse them). Where no hard link can be made
-    (another file system, no permission), they are copied like the other weights.
-    """
+    """A path to a temporary copy of `model`, for ONNX Runtime (which must get a path)."""
     tmpdir = Path(tempfile.mkdtemp(prefix="onnxopt-"))
     try:
         path = tmpdir / name
-        links = _linked_external_data(model, tmpdir, name)
-        linked = [v for v in model.graph.initializers.values() if id(v) in links]
-        with _set_aside(model.graph, linked):
-            external = any(True for _ in _external_tensors(model)) or weight_bytes(model) > _TEMP_EXTERNAL_BYTES
-            if external:
-                ir.save(model, path, external_data=f"{name}.data")
-            else:
-                ir.save(model, path)
-        with open(path, "ab") as fh:
-            for value in linked:
-                _append_reference(fh, value, links[id(value)])
+        has_external = any(True for _ in _external_tensors(model))
+        external = has_external or weight_bytes(model) > _TEMP_EXTERNAL_BYTES
+        if external:
+            ir.save(model, path, external_data=f"{name}.data")
+        else:
+            ir.save(model, path)
         yield path
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _linked_external_data(model: ir.Model, folder: Path, name: str) -> dict[int, str]:
-    """Hard-link into `folder` every external data file the main graph's initializers read; for each
-    initializer whose file could be linked, {id(value): the link's name}."""
-    links: dict[str, str | None] = {}
-    out: dict[int, str] = {}
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if not isinstance(tensor, ir.ExternalTensor):
-            continue
-        source = os.path.realpath(tensor.path)
-        if source not in links:
-            link = f"{name}.linked{len(links)}"
-            try:
-                os.link(source, folder / link)
-                links[source] = link
-            except OSError as exc:
-                logger.debug("cannot hard-link %s (%s); its weights are copied", source, exc)
-                links[source] = None
-        if links[source] is not None:
-            out[id(value)] = links[source]
-    return out
 
 
 def file_size(path: str | os.PathLike[str]) -> int:

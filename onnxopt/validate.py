@@ -27,7 +27,7 @@ from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 
 __all__ = ["OutputDiff", "Comparison", "compare_models", "check_model_file", "METRICS", "HeldOutputs",
-           "HELD_OUTPUT_BYTES"]
+           "HELD_OUTPUT_BYTES", "hold_outputs"]
 
 
 
@@ -220,51 +220,52 @@ def compare_models(
     """Run both models on every feed of `data` and compare outputs by name.
 
     The models run one after the other, never both loaded at once: model A runs on every feed and its
-    session is released, keeping only its outputs (`HeldOutputs`: in memory up to `HELD_OUTPUT_BYTES`,
+    session is released, keeping only its outputs (`hold_outputs`: in memory up to `HELD_OUTPUT_BYTES`,
     on disk beyond), then model B runs and is compared feed by feed.
     """
     if metric not in METRICS:
         raise UsageError(f"unknown metric '{metric}' (choose {', '.join(METRICS)})")
-    with HeldOutputs() as held:
-        names_a = _run_and_hold(path_a, data, held, threads=threads, desc=desc)
-        sb = session(path_b, threads=threads)
-        names_b = [o.name for o in sb.get_outputs()]
-        if names_a != names_b:
-            raise ModelError(f"the models' outputs differ: {names_a} vs {names_b}")
-        accs = {n: _Acc() for n in names_a}
-        correct_a = correct_b = labelled = 0
-        samples = 0
-        for i, feed in enumerate(progress(data.feeds, desc=desc)):
-            outs_a = held.take(i)
-            outs_b = run(sb, feed)
-            for name, a, b in zip(names_a, outs_a, outs_b):
-                accs[name].add(np.asarray(a), np.asarray(b))
-            first = next(iter(feed.values()))
-            samples += int(first.shape[0]) if first.ndim else 1
-            labels = data.labels[i] if i < len(data.labels) else None
-            if labels is not None:
-                score_out = next((k for k, o in enumerate(outs_a) if looks_like_scores(np.asarray(o))), None)
-                if score_out is not None:
-                    lbl = np.asarray(labels).reshape(-1)
-                    correct_a += int(np.sum(np.argmax(outs_a[score_out], axis=1) == lbl))
-                    correct_b += int(np.sum(np.argmax(outs_b[score_out], axis=1) == lbl))
-                    labelled += lbl.shape[0]
-        del sb
+    held = hold_outputs(path_a, data, threads=threads, desc=desc)  # A's session is gone on return
+    sb = session(path_b, threads=threads)
+    names_a = held.names
+    names_b = [o.name for o in sb.get_outputs()]
+    if names_a != names_b:
+        raise ModelError(f"the models' outputs differ: {names_a} vs {names_b}")
+    accs = {n: _Acc() for n in names_a}
+    correct_a = correct_b = labelled = 0
+    samples = 0
+    for i, feed in enumerate(progress(data.feeds, desc=desc)):
+        outs_a = held.take(i)
+        outs_b = run(sb, feed)
+        for name, a, b in zip(names_a, outs_a, outs_b):
+            accs[name].add(np.asarray(a), np.asarray(b))
+        first = next(iter(feed.values()))
+        samples += int(first.shape[0]) if first.ndim else 1
+        labels = data.labels[i] if i < len(data.labels) else None
+        if labels is not None:
+            score_out = next((k for k, o in enumerate(outs_a) if looks_like_scores(np.asarray(o))), None)
+            if score_out is not None:
+                lbl = np.asarray(labels).reshape(-1)
+                correct_a += int(np.sum(np.argmax(outs_a[score_out], axis=1) == lbl))
+                correct_b += int(np.sum(np.argmax(outs_b[score_out], axis=1) == lbl))
+                labelled += lbl.shape[0]
+    del sb
+    held.close()
     outputs = [accs[n].result(n) for n in names_a]
     acc_a = correct_a / labelled if labelled else None
     acc_b = correct_b / labelled if labelled else None
     return Comparison(outputs, samples, len(data), acc_a, acc_b, metric, tolerance)
 
 
-def _run_and_hold(path: str | os.PathLike[str], data: Dataset, held: HeldOutputs, *, threads: int | None,
-                  desc: str) -> list[str]:
-    """Run the model at `path` on every feed into `held`; its output names. The session is gone on return."""
+def hold_outputs(path: str | os.PathLike[str], data: Dataset, *, threads: int | None = None,
+                 desc: str = "validating") -> HeldOutputs:
+    """Run the model at `path` on every feed of `data` and keep its outputs; its session is gone on return."""
     sess = session(path, threads=threads)
-    names = [o.name for o in sess.get_outputs()]
+    held = HeldOutputs([o.name for o in sess.get_outputs()])
     for feed in progress(data.feeds, desc=f"{desc} (original)"):
         held.add(run(sess, feed))
     del sess
-    return names
+    return held
 
 
 # Outputs of the first model kept in memory for the comparison, in bytes; the rest go to a temporary folder.
@@ -272,10 +273,12 @@ HELD_OUTPUT_BYTES = 256 * 1024 * 1024
 
 
 class HeldOutputs:
-    """The outputs of one model for a sequence of feeds, in memory up to `HELD_OUTPUT_BYTES` and in .npy
-    files beyond; `take(i)` hands feed i's outputs back once (read back from disk when they were spilled)."""
+    """The outputs (called `names`) of one model for a sequence of feeds, in memory up to `HELD_OUTPUT_BYTES`
+    and in .npz files beyond; `take(i)` hands feed i's outputs back once (read back from disk when they were
+    spilled). The files go with `close`, or with the object."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, names: list[str], limit: int | None = None) -> None:
+        self.names = names
         self.limit = HELD_OUTPUT_BYTES if limit is None else limit
         self.in_memory = 0
         self.spilled = 0

@@ -100,7 +100,7 @@ def test_outputs_spilled_to_disk_compare_the_same(tmp_path: Path, monkeypatch: p
 
 def test_held_outputs_go_to_disk_past_the_limit_and_come_back_once() -> None:
     outs = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, np.int64)]
-    with validate.HeldOutputs(limit=50) as held:
+    with validate.HeldOutputs(["a", "b"], limit=50) as held:
         held.add(outs)  # 56 bytes: past 50, so on disk
         held.add([np.zeros(2, np.float32)])  # 8 bytes: in memory
         assert held.spilled == 56 and held.in_memory == 8

@@ -291,3 +291,16 @@ def test_big_file_checks_stub_weights_and_still_catch_shape_errors(tmp_path: Pat
     path.write_bytes(bad.SerializeToString())
     with pytest.raises(ModelError, match="shape inference|checker"):
         validate.check_model_file(path, has_sparse=False)
+
+
+def test_counting_nonzeros_unmaps_the_weights_it_read(tmp_path: Path) -> None:
+    from onnxopt.analysis import model_stats
+
+    model = io.load(_external_mlp(tmp_path))
+    tensors = [v.const_value for v in model.graph.initializers.values()]
+    stats = model_stats(model, count_nonzero=True)
+    assert stats.nonzero == sum(int(np.count_nonzero(t.numpy())) for t in tensors)
+    for t in tensors:
+        t.release()
+    model_stats(model, count_nonzero=True)
+    assert all(t.raw is None for t in tensors)

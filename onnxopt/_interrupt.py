@@ -1,0 +1,47 @@
+"""Ctrl-C while the ``onnxopt`` program starts or ends: one line on stderr, exit code 130, no traceback.
+
+Between these, `onnxopt.cli.main` lets an interrupt unwind as KeyboardInterrupt, so that staged files are
+removed on the way out. Only the program installs the handler (imported as a library, onnxopt leaves
+signals alone); this module imports nothing but the standard library's os, signal and sys.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+__all__ = ["running_as_program", "quiet_interrupts", "interrupts_are_quiet", "unwinding_interrupts"]
+
+_PROGRAM_NAMES = ("onnxopt", "__main__.py")
+
+
+def _quiet_exit(signum: int, frame: object) -> None:
+    os.write(2, b"onnxopt: interrupted\n")
+    os._exit(130)
+
+
+def running_as_program() -> bool:
+    """True when this process is the ``onnxopt`` command (the console script or ``python -m onnxopt``)."""
+    argv = getattr(sys, "argv", None) or [""]
+    return os.path.basename(argv[0]) in _PROGRAM_NAMES
+
+
+def quiet_interrupts() -> None:
+    """From now on an interrupt (SIGINT, SIGTERM) prints one line and exits 130 at once."""
+    signal.signal(signal.SIGINT, _quiet_exit)
+    signal.signal(signal.SIGTERM, _quiet_exit)
+
+
+def interrupts_are_quiet() -> bool:
+    return signal.getsignal(signal.SIGINT) is _quiet_exit
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def unwinding_interrupts() -> None:
+    """From now on SIGINT and SIGTERM raise KeyboardInterrupt (finally blocks and cleanup run)."""
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)

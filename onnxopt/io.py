@@ -133,12 +133,27 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
 
 
 def source_files(model: ir.Model | str | os.PathLike[str]) -> list[Path]:
-    """The files a model was loaded from: the model file and every external-data file it references
-    (for a path that `load` has not read, just the path)."""
+    """The files a model was loaded from: the model file and every external-data file it references.
+
+    For a path that `load` has not read, the file is parsed (without its weights) to find them; a file
+    that cannot be parsed yields just itself (loading it will say what is wrong).
+    """
     if isinstance(model, ir.Model):
         return list(_SOURCES.get(model, []))
     p = Path(model)
-    return list(_SOURCES_BY_PATH.get(p.resolve(), [p]))
+    known = _SOURCES_BY_PATH.get(p.resolve())
+    if known is not None:
+        return list(known)
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not there or not a model: nothing more to protect than the path itself
+        return [p]
+    found: dict[Path, None] = {}
+    for _, tensor in tensors.iter_tensors(proto):
+        ref = tensors.external_location(tensor) if tensor.data_location == onnx.TensorProto.EXTERNAL else None
+        if ref is not None and ref[0] and (p.parent / ref[0]).is_file():
+            found[(p.parent / ref[0]).resolve()] = None
+    return [p, *found]
 
 
 def _set_base_dir(model: ir.Model, base_dir: Path) -> None:

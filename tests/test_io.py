@@ -351,3 +351,11 @@ def test_attribute_tensors_read_external_data_from_the_models_folder(tmp_path: P
     model = io.load(tmp_path / "m" / "c.onnx")
     assert io.source_files(model)[1] == (tmp_path / "m" / "c.bin").resolve()
     np.testing.assert_array_equal(model.graph.node(0).attributes["value"].value.numpy(), c)
+
+
+def test_source_files_of_a_model_not_loaded_yet_include_its_external_data(tmp_path: Path) -> None:
+    model = _external_copy(tmp_path / "in", "fresh.onnx")
+    assert io.source_files(model) == [model, (tmp_path / "in" / "fresh.onnx.data").resolve()]
+    with pytest.raises(UsageError, match="external data file 'fresh.onnx.data'"):
+        io.check_targets({"report": tmp_path / "in" / "fresh.onnx.data"}, io.source_files(model))
+    assert io.source_files(tmp_path / "missing.onnx") == [tmp_path / "missing.onnx"]

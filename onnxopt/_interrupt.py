@@ -13,7 +13,7 @@ import sys
 
 __all__ = ["running_as_program", "quiet_interrupts", "interrupts_are_quiet", "unwinding_interrupts"]
 
-_PROGRAM_NAMES = ("onnxopt", "__main__.py")
+_OWN_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__main__.py")
 
 
 def _quiet_exit(signum: int, frame: object) -> None:
@@ -22,9 +22,16 @@ def _quiet_exit(signum: int, frame: object) -> None:
 
 
 def running_as_program() -> bool:
-    """True when this process is the ``onnxopt`` command (the console script or ``python -m onnxopt``)."""
+    """True when this process is the ``onnxopt`` command: the console script, or ``python -m onnxopt``
+    (whose argv[0] is this package's own ``__main__.py``; another program's is not)."""
     argv = getattr(sys, "argv", None) or [""]
-    return os.path.basename(argv[0]) in _PROGRAM_NAMES
+    first = argv[0] or ""
+    if os.path.splitext(os.path.basename(first))[0] == "onnxopt":
+        return True
+    if first == "-m":  # python -m is still importing the package: the original command line names it
+        orig = list(getattr(sys, "orig_argv", []))
+        return any(a == "-m" and b in ("onnxopt", "onnxopt.cli") for a, b in zip(orig, orig[1:]))
+    return os.path.basename(first) == "__main__.py" and os.path.abspath(first) == _OWN_MAIN
 
 
 def quiet_interrupts() -> None:

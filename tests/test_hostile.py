@@ -541,3 +541,16 @@ def test_real_models_run_with_default_options(name: str, tmp_path: Path, capsys)
     assert "note: random feeds:" in out and "not gated" in out
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx"]
+
+
+def test_only_the_onnxopt_program_takes_over_interrupts(monkeypatch) -> None:
+    from onnxopt import _interrupt
+
+    assert not _interrupt.interrupts_are_quiet()  # imported by this test run: signals left alone
+    for argv, orig, expected in ((["/venv/bin/onnxopt"], [], True), ([_interrupt._OWN_MAIN], [], True),
+                                 (["-m"], ["python", "-m", "onnxopt", "x.onnx"], True),
+                                 (["-m"], ["python", "-m", "pytest"], False),
+                                 (["/venv/lib/pytest/__main__.py"], [], False), (["tool.py"], [], False)):
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setattr(sys, "orig_argv", orig, raising=False)
+        assert _interrupt.running_as_program() is expected, argv

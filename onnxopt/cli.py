@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any, NoReturn  # noqa: E402
 
 from onnxopt import __version__  # noqa: E402
-from onnxopt.errors import OnnxoptError, UsageError, first_line, printable  # noqa: E402
+from onnxopt.errors import OnnxoptError, UsageError, first_line, printable, safe_name  # noqa: E402
 from onnxopt.limits import (  # noqa: E402
     DRIFT_COSINE,
     DRIFT_TOP1,
@@ -333,7 +333,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     stats = model_stats(model, dims)
     size = io.file_size(args.model)
     outputs = [
-        f"{v.name} {v.dtype.name if v.dtype else '?'}"
+        f"{safe_name(v.name)} {v.dtype.name if v.dtype else '?'}"
         f"[{','.join(str(d) for d in v.shape.dims) if v.shape is not None else '?'}]"
         for v in model.graph.outputs
     ]
@@ -350,16 +350,16 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
         }
         print(json.dumps(doc, indent=2))
         return EXIT_OK
-    print(f"model     {args.model}")
-    print(f"producer  {model.producer_name or '-'} {model.producer_version or ''}".rstrip())
-    opset_text = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in opsets.items())
+    print(printable(f"model     {args.model}"))
+    print(printable(f"producer  {model.producer_name or '-'} {model.producer_version or ''}".rstrip()))
+    opset_text = ", ".join(f"{safe_name(d or 'ai.onnx')}:{v}" for d, v in opsets.items())
     print(f"opsets    {opset_text}  (IR {model.ir_version})")
     for s in input_specs(model):
         print(f"input     {s.describe()}")
     for o in outputs:
         print(f"output    {o}")
     print(stats_table(stats, size))
-    print("ops       " + ", ".join(f"{k} {v}" for k, v in stats.op_histogram.items()))
+    print("ops       " + ", ".join(f"{safe_name(k)} {v}" for k, v in stats.op_histogram.items()))
     return EXIT_OK
 
 

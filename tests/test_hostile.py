@@ -554,3 +554,10 @@ def test_only_the_onnxopt_program_takes_over_interrupts(monkeypatch) -> None:
         monkeypatch.setattr(sys, "argv", argv)
         monkeypatch.setattr(sys, "orig_argv", orig, raising=False)
         assert _interrupt.running_as_program() is expected, argv
+
+
+def test_inspect_escapes_names_from_the_model(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "evil.onnx"
+    onnx.save(_named("in\x1b]0;title\x07"), str(path))
+    code, out, err = _run(["inspect", path], capsys)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and r"in\x1b]0;title\x07" in out, err

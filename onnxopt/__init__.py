@@ -11,8 +11,8 @@ import sys
 
 from onnxopt import _interrupt
 
-if _interrupt.running_as_program():  # the onnxopt command: Ctrl-C while it starts is one line, exit 130
-    _interrupt.quiet_interrupts()
+if _interrupt.running_as_program():  # the onnxopt command (console script, python -m onnxopt[.cli]):
+    _interrupt.quiet_interrupts()  # Ctrl-C while it starts is one line and exit 130, before anything loads
 
 import importlib  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402

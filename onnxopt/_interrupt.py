@@ -1,8 +1,10 @@
 """Ctrl-C while the ``onnxopt`` program starts or ends: one line on stderr, exit code 130, no traceback.
 
-Between these, `onnxopt.cli.main` lets an interrupt unwind as KeyboardInterrupt, so that staged files are
-removed on the way out. Only the program installs the handler (imported as a library, onnxopt leaves
-signals alone); this module imports nothing but the standard library's os, signal and sys.
+``onnxopt/__init__`` installs the handler first thing when the process is the program (imported as a
+library, onnxopt leaves signals alone); between start-up and exit, `onnxopt.cli.main` lets an interrupt
+unwind as KeyboardInterrupt, so that staged files are removed on the way out. What runs before the
+package's first line (the interpreter's own start-up: site, ``.pth`` files) is out of reach. This module
+imports nothing but the standard library's os, signal and sys.
 """
 
 from __future__ import annotations

@@ -15,25 +15,19 @@ one line with non-printable characters escaped (names from a model may hold any)
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+import logging
+import math
 import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
-from onnxopt import _interrupt
-
-if __name__ == "__main__" or _interrupt.running_as_program():
-    _interrupt.quiet_interrupts()  # before the imports below: an interrupt while they load is one line too
-
-import argparse  # noqa: E402  (after the handler: an interrupt while importing is handled too)
-import importlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import textwrap  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from typing import Any, NoReturn  # noqa: E402
-
-from onnxopt import __version__  # noqa: E402
-from onnxopt.errors import OnnxoptError, UsageError, first_line, printable, safe_name  # noqa: E402
-from onnxopt.limits import (  # noqa: E402
+from onnxopt import __version__, _interrupt
+from onnxopt.errors import OnnxoptError, UsageError, first_line, printable, safe_name
+from onnxopt.limits import (
     DRIFT_COSINE,
     DRIFT_TOP1,
     MAX_RECIPE_DEPTH,
@@ -44,7 +38,7 @@ from onnxopt.limits import (  # noqa: E402
     check_threads,
     check_tolerance,
 )
-from onnxopt.metrics import METRICS  # noqa: E402
+from onnxopt.metrics import METRICS
 
 __all__ = [
     "main",

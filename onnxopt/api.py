@@ -176,7 +176,8 @@ def optimize(
         count_nonzero = io.weight_bytes(work) <= NONZERO_COUNT_LIMIT
         before = model_stats(work, dims, count_nonzero=count_nonzero)
         size_before = io.file_size(src_path)
-        ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads)
+        ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads,
+                      sample=eval_ds.feeds[0])
         records = pipeline.run(work, ctx)
         staged = stage.path / (target.name if target is not None else "optimized.onnx")
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT

@@ -23,9 +23,10 @@ import onnx_ir as ir
 from onnxopt import io, sparse
 from onnxopt.analysis import ModelStats, model_stats
 from onnxopt.analysis.stats import NONZERO_COUNT_LIMIT
-from onnxopt.bench import BenchResult, bench
+from onnxopt.bench import BenchResult
 from onnxopt.context import Context
 from onnxopt.data import Dataset, input_specs, load_data
+from onnxopt.latency import Verdict, measure, run_passes
 from onnxopt.pipeline import PassRecord, PassSpec, Pipeline
 from onnxopt.validate import Comparison, check_model_file, compare_models
 
@@ -47,6 +48,7 @@ class Result:
     size_after: int
     latency: BenchResult | None
     input_kind: str
+    speed: Verdict | None = None
     _staged: Path | None = None
     _workspace: Any = None
     _stage: Any = None
@@ -76,6 +78,11 @@ class Result:
     def passed(self) -> bool:
         return self.validation is None or self.validation.passed
 
+    @property
+    def slower(self) -> bool:
+        """The optimized model ran slower than the original in this run's timing (`onnxopt.latency`)."""
+        return self.speed is not None and self.speed.slower
+
     def to_proto(self) -> onnx.ModelProto:
         return ir.to_proto(self.model)
 
@@ -99,7 +106,8 @@ class Result:
             "after": {**self.after.to_dict(), "file_bytes": self.size_after},
             "passes": [r.to_dict() for r in self.passes],
             "validation": self.validation.to_dict() if self.validation else None,
-            "latency": self.latency.to_dict() if self.latency else None,
+            "latency": {**self.latency.to_dict(), **(self.speed.to_dict() if self.speed else {})}
+            if self.latency else None,
         }
 
 
@@ -178,7 +186,7 @@ def optimize(
         size_before = io.file_size(src_path)
         ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads,
                       sample=eval_ds.feeds[0])
-        records = pipeline.run(work, ctx)
+        records, snapshots = run_passes(pipeline, work, ctx, ws.path if latency_runs > 0 else None)
         staged = stage.path / (target.name if target is not None else "optimized.onnx")
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT
         io.save(work, staged, external_data=ext)
@@ -190,10 +198,10 @@ def optimize(
             )
         after = model_stats(work, dims, count_nonzero=count_nonzero)
         size_after = io.file_size(staged)
-        latency = None
+        latency, speed = None, None
         if latency_runs > 0:
-            latency = bench([src_path, staged], runs=latency_runs, threads=threads, dims=dims,
-                            batch=batch, data=eval_ds, memory=False, budget_s=10.0)
+            latency, speed = measure(src_path, staged, snapshots, pipeline.passes, runs=latency_runs,
+                                     threads=threads, dims=dims, batch=batch, data=eval_ds)
         return Result(
             model=work,
             passes=records,
@@ -204,6 +212,7 @@ def optimize(
             size_after=size_after,
             latency=latency,
             input_kind=kind,
+            speed=speed,
             _staged=staged,
             _workspace=ws,
             _stage=stage,

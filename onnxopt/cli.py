@@ -6,8 +6,9 @@ verb is one entry there plus its module, whose function takes the arguments afte
 returns the exit code; it builds its parser with `Parser` and `add_shared_arguments` (``--dims``,
 ``--batch``, ``--threads``, ``--debug``, ``--data``) and calls `setup_logging`.
 
-User errors print one line and exit 2; a tolerance exceeded exits 1; anything else is a bug and
-exits 3, with a traceback only under ``--debug``.
+User errors print one line and exit 2; a tolerance exceeded (or, under ``--require-faster``, a model
+measured slower than the original) exits 1; anything else is a bug and exits 3, with a traceback only
+under ``--debug``.
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def _optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="rel_l2", choices=METRICS,
                    help="what --tolerance bounds: relative L2 error (default), max abs error, 1-cosine, "
                    "1-top-1 agreement, or accuracy drop (needs labels)")
+    p.add_argument("--require-faster", action="store_true",
+                   help="exit 1 when the optimized model is measured slower than the original (median more than "
+                   "2%% over it; the table is still printed and the file written, as with --tolerance); "
+                   "needs the timing (--bench-runs above 0)")
     p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     p.add_argument("--bench-runs", type=int, default=50, metavar="N",
@@ -116,6 +121,7 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
     setup_logging(args)
     from onnxopt import io
     from onnxopt.api import optimize
+    from onnxopt.latency import speed_gate
     from onnxopt.pipeline import apply_sets, parse_passes, read_recipe
     from onnxopt.report import result_table
 
@@ -133,6 +139,8 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
         raise UsageError("name the passes with --passes P1,P2 or --recipe FILE (see: onnxopt passes)")
     if args.bench_runs < 0:
         raise UsageError("--bench-runs must be 0 or more")
+    if args.require_faster and args.bench_runs == 0:
+        raise UsageError("--require-faster needs the latency measurement: drop --bench-runs 0")
     io.check_output_path(args.output, args.model)
     if args.report:
         io.check_output_path(args.report, args.model)
@@ -159,10 +167,11 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
         doc = {"model": str(args.model), "output": str(out), **result.to_dict()}
         Path(args.report).write_text(json.dumps(doc, indent=2, default=str))
     print(f"wrote {out}")
+    slow = speed_gate(result, args.require_faster)
     if not result.passed:
         print(f"onnxopt: output error exceeds the tolerance: {result.validation.describe()}", file=sys.stderr)
         return EXIT_TOLERANCE
-    return EXIT_OK
+    return EXIT_TOLERANCE if slow else EXIT_OK
 
 
 def _pass_line(rec: Any) -> str:

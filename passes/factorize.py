@@ -94,6 +94,7 @@ class Factorize(Pass):
 
     exact = False
     idempotent = False
+    speed = True
 
     method: Literal["tucker", "spatial"] = option("tucker", "k×k convs: tucker (1×1, k×k, 1×1) or spatial (k×1, 1×k)")
     rank_by: Literal["ratio", "energy", "macs"] = option(

@@ -1,0 +1,172 @@
+"""Latency of an optimize run, pass by pass: is the optimized model slower, and which pass did it?
+
+When the run times its result (the table's latency row) and speed passes run (a pass class with
+``speed = True``: factorize, channels, quantize), `run_passes` keeps a copy of the model before the
+first speed pass (when passes ran before it) and after every speed pass that is not the last step.
+`measure` then times the original, those copies and the final model interleaved, in one
+`onnxopt.bench.bench` call (the runs rotate over the models, so load from other processes hits all
+alike), and `Verdict` says whether the final model is slower than the original by more than
+`SLOWER_MARGIN`, naming the speed pass whose step cost the most. Without speed passes only the
+original and the final model are timed, as before, and the verdict has no per-pass rows.
+
+The command line prints `Verdict.warning` as one ``WARNING:`` line and, under ``--require-faster``,
+exits 1 when the verdict is slower (the table is printed and the file written first, as with
+``--tolerance``). The JSON report carries ``latency.slower``, ``latency.suspect`` and ``latency.per_pass``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxopt import io
+from onnxopt.bench import BenchResult, bench
+from onnxopt.context import Context
+from onnxopt.data import Dataset
+from onnxopt.pipeline import PassRecord, Pipeline, Step
+from onnxopt.registry import Pass
+
+__all__ = ["SLOWER_MARGIN", "Snapshot", "PassLatency", "Verdict", "run_passes", "measure", "is_speed_pass"]
+
+SLOWER_MARGIN = 0.02
+"""A result counts as slower past this fraction over the original's median (the noise of a short run)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The model as it was after pass `after` (step `index` of the pipeline), saved at `path`."""
+
+    after: str
+    index: int
+    speed: bool
+    path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class PassLatency:
+    """Latency after a pass: `ratio` to the original, `step` to the model timed just before it."""
+
+    after: str
+    speed: bool
+    ratio: float
+    step: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"after": self.after, "speed_pass": self.speed, "ratio": round(self.ratio, 4),
+                "step": round(self.step, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether the optimized model is slower than the original in the run's own measurement."""
+
+    ratio: float
+    slower: bool
+    speed_passes: tuple[str, ...]
+    per_pass: tuple[PassLatency, ...]
+    suspect: str | None
+    threads: int | None
+
+    def warning(self) -> str | None:
+        """One ``WARNING:`` line when speed passes ran and the result is slower, else None."""
+        if not self.slower or not self.speed_passes:
+            return None
+        threads = f"{self.threads} threads" if self.threads else "ONNX Runtime's default threads"
+        text = (f"WARNING: the optimized model is slower than the original: latency {self.ratio:.3f}x "
+                f"(median of interleaved runs, {threads})")
+        if self.suspect is not None:
+            step = next(p.step for p in self.per_pass if p.after == self.suspect)
+            text += f"; most likely from pass '{self.suspect}' ({step:.3f}x the model before it)"
+        return text + "; --require-faster makes this exit 1"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"slower": self.slower, "margin": SLOWER_MARGIN, "suspect": self.suspect,
+                "per_pass": [p.to_dict() for p in self.per_pass]}
+
+
+def is_speed_pass(step: Step) -> bool:
+    return isinstance(step, Pass) and bool(getattr(type(step), "speed", False))
+
+
+def _step_label(step: Step) -> str:
+    return (type(step).name if isinstance(step, Pass) else "") or type(step).__name__
+
+
+def run_passes(pipeline: Pipeline, model: ir.Model, ctx: Context,
+               workdir: Path | None) -> tuple[list[PassRecord], list[Snapshot]]:
+    """Run `pipeline` on `model`; with a `workdir` and speed passes among the steps, save the snapshots
+    that `measure` times (see the module doc). Without them this is ``pipeline.run(model, ctx)``."""
+    steps = pipeline.passes
+    marks = _snapshot_points(steps) if workdir is not None else []
+    if not marks:
+        return pipeline.run(model, ctx), []
+    assert workdir is not None
+    records: list[PassRecord] = []
+    snapshots: list[Snapshot] = []
+    start = 0
+    for end in [*marks, len(steps) - 1]:
+        records += Pipeline(steps[start:end + 1]).run(model, ctx)
+        start = end + 1
+        if end < len(steps) - 1:
+            path = workdir / f"after-{end:02d}-{_step_label(steps[end])}.onnx"
+            io.save(model, path)
+            snapshots.append(Snapshot(_step_label(steps[end]), end, is_speed_pass(steps[end]), path))
+    return records, snapshots
+
+
+def _snapshot_points(steps: list[Step]) -> list[int]:
+    """Step indices after which the model is saved: the step before the first speed pass, every speed
+    pass; never the last step (the final model is timed anyway)."""
+    speed = [i for i, step in enumerate(steps) if is_speed_pass(step)]
+    if not speed:
+        return []
+    points = ([speed[0] - 1] if speed[0] > 0 else []) + speed
+    return [i for i in points if i < len(steps) - 1]
+
+
+def measure(original: Path, final: Path, snapshots: list[Snapshot], steps: list[Step], *, runs: int,
+            threads: int | None, dims: dict[str, int], batch: int | None,
+            data: Dataset) -> tuple[BenchResult, Verdict]:
+    """Time the original, the snapshots and the final model interleaved (`steps`: the pipeline's passes);
+    the two-model result for the table (original, final) and the verdict."""
+    paths = [original, *(s.path for s in snapshots), final]
+    result = bench(paths, runs=runs, threads=threads, dims=dims, batch=batch, data=data, memory=False,
+                   budget_s=10.0)
+    ratios = result.ratios
+    speed_names = tuple(_step_label(step) for step in steps if is_speed_pass(step))
+    points = [(s.after, s.speed) for s in snapshots]
+    if steps:
+        points.append((_step_label(steps[-1]), is_speed_pass(steps[-1])))
+    per_pass = []
+    previous = 1.0
+    for (after, speed), ratio in zip(points, ratios[1:]):
+        per_pass.append(PassLatency(after, speed, ratio, ratio / previous if previous > 0 else float("nan")))
+        previous = ratio
+    final_ratio = ratios[-1]
+    slower = final_ratio > 1.0 + SLOWER_MARGIN
+    blamed = [p for p in per_pass if p.speed]
+    suspect = max(blamed, key=lambda p: p.step).after if slower and blamed else None
+    two = BenchResult([result.latencies[0], result.latencies[-1]], result.provider, result.threads)
+    rows = tuple(per_pass) if speed_names else ()
+    return two, Verdict(final_ratio, slower, speed_names, rows, suspect, threads)
+
+
+def speed_gate(result: Any, require_faster: bool) -> int:
+    """The command line's end of it: print the verdict's ``WARNING:`` line (stderr) and return 1 when
+    `require_faster` and the optimized model was slower, else 0."""
+    import sys
+
+    verdict: Verdict | None = result.speed
+    if verdict is None:
+        return 0
+    line = verdict.warning()
+    if line:
+        print(line, file=sys.stderr)
+    if require_faster and verdict.slower:
+        print(f"onnxopt: the optimized model is slower than the original (latency {verdict.ratio:.3f}x, more than "
+              f"{SLOWER_MARGIN:.0%} over it): exit 1 for --require-faster", file=sys.stderr)
+        return 1
+    return 0

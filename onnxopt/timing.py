@@ -64,6 +64,7 @@ __all__ = [
     "machine_key",
     "simd_width",
     "sample_feed",
+    "timed_block",
     "tapped_shapes",
     "CACHE_DAYS",
     "MODEL_BLOCK_MS",
@@ -158,7 +159,7 @@ class RuntimeTimer:
         for block in range(most):
             order = (0, 1) if block % 2 == 0 else (1, 0)
             for i in order:
-                per_run[i].append(_timed_block(sessions[i], feeds[i], reps[i]))
+                per_run[i].append(timed_block(sessions[i], feeds[i], reps[i]))
             ratios.append(per_run[1][-1] / max(per_run[0][-1], 1e-12))
             done = len(ratios) >= least
             if done and _one_side(ratios[-least:], limit):
@@ -171,7 +172,7 @@ class RuntimeTimer:
         """Runs per block so that a block lasts at least `block_ms` (after the warm-up runs)."""
         for _ in range(self.warmup):
             sess.run(None, feed)
-        one = statistics.median(_timed_block(sess, feed, 1) for _ in range(3))
+        one = statistics.median(timed_block(sess, feed, 1) for _ in range(3))
         return max(1, math.ceil(block_ms / max(one, 1e-6)))
 
 
@@ -180,7 +181,7 @@ def _feed_for(sess: Any, feed: Feed) -> Feed:
     return {k: v for k, v in feed.items() if k in names}
 
 
-def _timed_block(sess: Any, feed: Feed, repeats: int) -> float:
+def timed_block(sess: Any, feed: Feed, repeats: int) -> float:
     """Milliseconds per run over `repeats` back-to-back runs."""
     t0 = time.perf_counter()
     for _ in range(repeats):

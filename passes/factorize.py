@@ -32,9 +32,11 @@ unknown) drop by at least ``min_saving``; otherwise it is listed as skipped with
 whitened by the second moment ``E[xᵀx] = L Lᵀ`` of its input (input channels, or vertical patches
 for the spatial method) and Tucker's output mode uses ``E[y yᵀ]`` of the layer output, so at equal
 rank the truncation minimises the error of the layer's output on data instead of on the weights
-(see ``_lowrank``). ``verify_speed=true`` times each candidate alone in ONNX Runtime (the layer and its chain
-as two one-input models at the layer's input shape, interleaved runs) and keeps only the substitutions
-that run at least ``min_speedup`` faster.
+(see ``_lowrank``). ``verify_speed=true`` (the default) times each candidate alone in ONNX Runtime (the
+layer and its chain as two one-input models at the input shape the layer sees on the run's sample feed,
+`onnxopt.timing.compare`) and keeps only the substitutions that run at least ``min_speedup`` faster;
+then it times the whole model against the model before the pass and drops the substitutions with the
+smallest measured gain until the model is not slower (`_SpeedCheck`).
 
 Names survive: the last node of a chain takes the original node's name and output name; new weights
 record the original weight name as their origin.

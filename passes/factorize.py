@@ -62,7 +62,7 @@ from onnxopt.analysis.fitting import Moments
 from onnxopt.analysis.layers import ConvGeometry, Linear, linear_of
 from onnxopt.analysis.stats import dim_values, macs_by_node
 from onnxopt.context import Context
-from onnxopt.errors import UsageError
+from onnxopt.errors import ModelError, UsageError
 from onnxopt.graph import (
     all_names,
     constant_array,
@@ -507,8 +507,11 @@ class _SpeedCheck:
 
     def choose(self, layers: list[_Layer]) -> list[tuple[_Layer, Ranks]]:
         self.feed = timing.sample_feed(self.model, self.ctx)
-        self.shapes = timing.tapped_shapes(self.model, self.ctx,
-                                           sorted({la.node.inputs[0].name for la in layers}), self.feed)
+        try:
+            self.shapes = timing.tapped_shapes(self.model, self.ctx,
+                                               sorted({la.node.inputs[0].name for la in layers}), self.feed)
+        except ModelError as exc:  # layers are then timed at their declared shapes (symbolic dims: --dims)
+            self.stats.notes.append(f"factorize: layer shapes not tapped ({exc}); timing at declared shapes")
         declined: dict[int, tuple[_Layer, str]] = {}
         timed: dict[tuple[int, Ranks], timing.Measurement | str] = {}
         kept: list[tuple[_Layer, Ranks]] = []
@@ -552,8 +555,11 @@ class _SpeedCheck:
         original = _micro_model([layer.original_stage()], list(shape), layer.dtype, bias, opset)
         factored = _micro_model(stages, list(shape), layer.dtype, bias, opset)
         feed = {"x": _random_input(shape, layer.dtype)}
-        return timing.compare(original, factored, feed, threads=self.ctx.threads, limit=self.limit,
-                              max_blocks=self.p.verify_runs)
+        try:
+            return timing.compare(original, factored, feed, threads=self.ctx.threads, limit=self.limit,
+                                  max_blocks=self.p.verify_runs)
+        except ModelError as exc:
+            return f"cannot be timed alone in ONNX Runtime: {exc}"
 
     def _whole_model(self, kept: list[tuple[_Layer, Ranks]]) -> list[tuple[_Layer, Ranks]]:
         """The largest set of kept substitutions, by measured gain, with which the model is not slower."""

@@ -67,7 +67,7 @@ class Verdict:
     slower: bool
     speed_passes: tuple[str, ...]
     per_pass: tuple[PassLatency, ...]
-    suspect: str | None
+    suspect: PassLatency | None
     threads: int | None
 
     def warning(self) -> str | None:
@@ -78,12 +78,12 @@ class Verdict:
         text = (f"WARNING: the optimized model is slower than the original: latency {self.ratio:.3f}x "
                 f"(median of interleaved runs, {threads})")
         if self.suspect is not None:
-            step = next(p.step for p in self.per_pass if p.after == self.suspect)
-            text += f"; most likely from pass '{self.suspect}' ({step:.3f}x the model before it)"
+            text += f"; most likely from pass '{self.suspect.after}' ({self.suspect.step:.3f}x the model before it)"
         return text + "; --require-faster makes this exit 1"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"slower": self.slower, "margin": SLOWER_MARGIN, "suspect": self.suspect,
+        return {"slower": self.slower, "margin": SLOWER_MARGIN,
+                "suspect": None if self.suspect is None else self.suspect.after,
                 "per_pass": [p.to_dict() for p in self.per_pass]}
 
 
@@ -148,7 +148,7 @@ def measure(original: Path, final: Path, snapshots: list[Snapshot], steps: list[
     final_ratio = ratios[-1]
     slower = final_ratio > 1.0 + SLOWER_MARGIN
     blamed = [p for p in per_pass if p.speed]
-    suspect = max(blamed, key=lambda p: p.step).after if slower and blamed else None
+    suspect = max(blamed, key=lambda p: p.step) if slower and blamed else None
     two = BenchResult([result.latencies[0], result.latencies[-1]], result.provider, result.threads)
     rows = tuple(per_pass) if speed_names else ()
     return two, Verdict(final_ratio, slower, speed_names, rows, suspect, threads)

@@ -331,8 +331,8 @@ def _heavy(tmp_path: Path) -> Path:
 @pytest.fixture
 def speed_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two speed passes for the gate: `bloat` adds a heavy branch, `trim` takes it out (outputs unchanged)."""
+    registry.list_passes()  # the built-in passes register before the registry is copied
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    registry.list_passes()
 
     @register_pass("bloat")
     class Bloat(Pass):
@@ -388,6 +388,36 @@ def test_require_faster_exits_0_on_a_faster_model(tmp_path: Path, speed_passes,
     latency = json.loads(report.read_text())["latency"]
     assert latency["slower"] is False and latency["suspect"] is None
     assert [p["after"] for p in latency["per_pass"]] == ["trim", "fold"] and latency["per_pass"][0]["ratio"] < 0.5
+
+
+@pytest.mark.parametrize(("medians", "slower", "suspect"), [
+    ([1.0, 0.8, 1.2, 1.1], True, "factorize"),    # fold helped, factorize cost 1.5x, quantize helped a little
+    ([1.0, 0.8, 0.7, 1.0], False, None),          # back to the original's time: not slower
+    ([1.0, 1.0, 1.01, 1.03], True, "quantize"),   # just past the margin; quantize's step is the larger
+])
+def test_the_verdict_blames_the_speed_pass_with_the_largest_step(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 medians, slower, suspect) -> None:
+    from onnxopt import latency
+    from onnxopt.bench import BenchResult, Latency
+
+    def fake_bench(paths, **kwargs):
+        assert len(paths) == len(medians)
+        return BenchResult([Latency(str(p), 5, 1, m, m, m, m, 1.0 / m) for p, m in zip(paths, medians)], "cpu", None)
+
+    monkeypatch.setattr(latency, "bench", fake_bench)
+    pipeline = [make_pass("fold"), make_pass("factorize"), make_pass("quantize")]
+    assert [latency.is_speed_pass(p) for p in pipeline] == [False, True, True]
+    snapshots = [latency.Snapshot("fold", 0, False, tmp_path / "a.onnx"),
+                 latency.Snapshot("factorize", 1, True, tmp_path / "b.onnx")]
+    two, verdict = latency.measure(tmp_path / "o.onnx", tmp_path / "f.onnx", snapshots, pipeline, runs=5,
+                                   threads=None, dims={}, batch=None, data=None)
+    assert len(two.latencies) == 2 and verdict.ratio == pytest.approx(medians[-1])
+    assert verdict.slower is slower and (verdict.suspect.after if verdict.suspect else None) == suspect
+    assert [p.after for p in verdict.per_pass] == ["fold", "factorize", "quantize"]
+    line = verdict.warning()
+    assert (line is not None) is slower
+    if line:
+        assert line.startswith("WARNING:") and f"pass '{suspect}'" in line and "\n" not in line
 
 
 def test_require_faster_needs_the_timing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -420,6 +420,19 @@ def test_the_verdict_blames_the_speed_pass_with_the_largest_step(monkeypatch: py
         assert line.startswith("WARNING:") and f"pass '{suspect}'" in line and "\n" not in line
 
 
+@pytest.mark.parametrize(("names", "points"), [
+    (["fold", "factorize"], [0]),                      # the model before the first speed pass; the last is final
+    (["factorize"], []),
+    (["fold", "factorize", "quantize"], [0, 1]),
+    (["factorize", "fold", "quantize", "fold"], [0, 2]),
+    (["fold", "prune"], []),                           # no speed pass: original and final only
+])
+def test_snapshots_are_taken_around_speed_passes(names: list[str], points: list[int]) -> None:
+    from onnxopt.latency import _snapshot_points
+
+    assert _snapshot_points([make_pass(n) for n in names]) == points
+
+
 def test_require_faster_needs_the_timing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = cli.main([str(MODELS / "digits_mlp.onnx"), "--passes", "fold", "-o", str(tmp_path / "o.onnx"),
                      "--bench-runs", "0", "--require-faster"])

@@ -118,7 +118,7 @@ def _optimize(model: Path, data: str, pipeline: str, out: Path, fresh: bool) -> 
     if run.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr}")
     doc = json.loads(report.read_text())
-    doc["warning"] = [line for line in run.stderr.splitlines() if line.startswith("WARNING:")]
+    doc["warning"] = [line for line in run.stderr.splitlines() if "WARNING:" in line]
     return doc
 
 

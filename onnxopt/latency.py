@@ -9,7 +9,7 @@ alike), and `Verdict` says whether the final model is slower than the original b
 `SLOWER_MARGIN`, naming the speed pass whose step cost the most. Without speed passes only the
 original and the final model are timed, as before, and the verdict has no per-pass rows.
 
-The command line prints `Verdict.warning` as one ``WARNING:`` line and, under ``--require-faster``,
+The command line prints `Verdict.warning` as one ``onnxopt: WARNING:`` line and, under ``--require-faster``,
 exits 1 when the verdict is slower (the table is printed and the file written first, as with
 ``--tolerance``). The JSON report carries ``latency.slower``, ``latency.suspect`` and ``latency.per_pass``.
 """
@@ -71,11 +71,11 @@ class Verdict:
     threads: int | None
 
     def warning(self) -> str | None:
-        """One ``WARNING:`` line when speed passes ran and the result is slower, else None."""
+        """The warning (one line) when speed passes ran and the result is slower, else None."""
         if not self.slower or not self.speed_passes:
             return None
         threads = f"{self.threads} threads" if self.threads else "ONNX Runtime's default threads"
-        text = (f"WARNING: the optimized model is slower than the original: latency {self.ratio:.3f}x "
+        text = (f"the optimized model is slower than the original: latency {self.ratio:.3f}x "
                 f"(median of interleaved runs, {threads})")
         if self.suspect is not None:
             text += f"; most likely from pass '{self.suspect.after}' ({self.suspect.step:.3f}x the model before it)"
@@ -155,8 +155,8 @@ def measure(original: Path, final: Path, snapshots: list[Snapshot], steps: list[
 
 
 def speed_gate(result: Any, require_faster: bool) -> int:
-    """The command line's end of it: print the verdict's ``WARNING:`` line (stderr) and return 1 when
-    `require_faster` and the optimized model was slower, else 0."""
+    """The command line's end of it: print the verdict's warning as one ``onnxopt: WARNING:`` line on stderr
+    (as the drift warnings are) and return 1 when `require_faster` and the optimized model was slower."""
     import sys
 
     verdict: Verdict | None = result.speed
@@ -164,7 +164,7 @@ def speed_gate(result: Any, require_faster: bool) -> int:
         return 0
     line = verdict.warning()
     if line:
-        print(line, file=sys.stderr)
+        print(f"onnxopt: WARNING: {line}", file=sys.stderr)
     if require_faster and verdict.slower:
         print(f"onnxopt: the optimized model is slower than the original (latency {verdict.ratio:.3f}x, more than "
               f"{SLOWER_MARGIN:.0%} over it): exit 1 for --require-faster", file=sys.stderr)

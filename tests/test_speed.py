@@ -368,7 +368,7 @@ def test_require_faster_exits_1_on_a_slower_model_and_names_the_pass(tmp_path: P
                      "--require-faster"])
     captured = capsys.readouterr()
     assert code == 1 and out.is_file()  # the file is written, as with --tolerance
-    warnings = [line for line in captured.err.splitlines() if line.startswith("WARNING:")]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("onnxopt: WARNING:")]
     assert len(warnings) == 1 and "pass 'bloat'" in warnings[0] and "latency" in warnings[0]
     assert "--require-faster" in captured.err and "wrote" in captured.out
     latency = json.loads(report.read_text())["latency"]
@@ -417,7 +417,7 @@ def test_the_verdict_blames_the_speed_pass_with_the_largest_step(monkeypatch: py
     line = verdict.warning()
     assert (line is not None) is slower
     if line:
-        assert line.startswith("WARNING:") and f"pass '{suspect}'" in line and "\n" not in line
+        assert line.startswith("the optimized model is slower") and f"pass '{suspect}'" in line and "\n" not in line
 
 
 @pytest.mark.parametrize(("names", "points"), [

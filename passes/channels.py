@@ -278,6 +278,10 @@ def _faster_plan(model: ir.Model, ctx: Context, groups: list[Group], candidates:
             trial = load(before, check=False)
             trial_groups = build_channel_graph(trial, ctx.dims)
             tgroups = trial_groups.groups()
+            if [g.name for g in tgroups] != [g.name for g in groups]:  # a saved copy must group alike
+                stats.notes.append("channels: the cut was not timed (a copy of the model groups its channels "
+                                   "differently); cut by MACs")
+                return plan
             removed = {e for g in candidates for u in sub.get(id(g), []) for e in tgroups[index[id(g)]].units[u]}
             remove_units(trial, trial_groups, removed, compensate=False)
             infer_shapes(trial)

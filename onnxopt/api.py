@@ -200,7 +200,7 @@ def optimize(
         size_after = io.file_size(staged)
         latency, speed = None, None
         if latency_runs > 0:
-            latency, speed = measure(src_path, staged, snapshots, pipeline.passes, runs=latency_runs,
+            latency, speed = measure(src_path, staged, snapshots, pipeline.passes, records, runs=latency_runs,
                                      threads=threads, dims=dims, batch=batch, data=eval_ds)
         return Result(
             model=work,

@@ -6,8 +6,10 @@ first speed pass (when passes ran before it) and after every speed pass that is 
 `measure` then times the original, those copies and the final model interleaved, in one
 `onnxopt.bench.bench` call (the runs rotate over the models, so load from other processes hits all
 alike), and `Verdict` says whether the final model is slower than the original by more than
-`SLOWER_MARGIN`, naming the speed pass whose step cost the most. Without speed passes only the
-original and the final model are timed, as before, and the verdict has no per-pass rows.
+`SLOWER_MARGIN` (confirmed in interleaved blocks, `onnxopt.timing.compare`, before it is said),
+naming the speed pass that changed the model and whose step cost the most. Speed passes that ran but
+changed nothing are not blamed (and raise no warning). Without speed passes only the original and the
+final model are timed, as before, and the verdict has no per-pass rows.
 
 The command line prints `Verdict.warning` as one ``onnxopt: WARNING:`` line and, under ``--require-faster``,
 exits 1 when the verdict is slower (the table is printed and the file written first, as with
@@ -22,7 +24,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxopt import io
+from onnxopt import io, timing
 from onnxopt.bench import BenchResult, bench
 from onnxopt.context import Context
 from onnxopt.data import Dataset
@@ -47,7 +49,8 @@ class Snapshot:
 
 @dataclasses.dataclass(frozen=True)
 class PassLatency:
-    """Latency after a pass: `ratio` to the original, `step` to the model timed just before it."""
+    """Latency after a pass: `ratio` to the original, `step` to the model timed just before it; `speed`: a
+    speed pass that changed the model (the ones a slowdown is blamed on)."""
 
     after: str
     speed: bool
@@ -55,7 +58,7 @@ class PassLatency:
     step: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"after": self.after, "speed_pass": self.speed, "ratio": round(self.ratio, 4),
+        return {"after": self.after, "speed_change": self.speed, "ratio": round(self.ratio, 4),
                 "step": round(self.step, 4)}
 
 
@@ -69,20 +72,23 @@ class Verdict:
     per_pass: tuple[PassLatency, ...]
     suspect: PassLatency | None
     threads: int | None
+    check: timing.Measurement | None = None
 
     def warning(self) -> str | None:
-        """The warning (one line) when speed passes ran and the result is slower, else None."""
+        """The warning (one line) when speed passes changed the model and the result is slower, else None."""
         if not self.slower or not self.speed_passes:
             return None
         threads = f"{self.threads} threads" if self.threads else "ONNX Runtime's default threads"
-        text = (f"the optimized model is slower than the original: latency {self.ratio:.3f}x "
-                f"(median of interleaved runs, {threads})")
+        how = (f"median of {self.check.blocks} interleaved blocks" if self.check is not None
+               else "median of interleaved runs")
+        text = f"the optimized model is slower than the original: latency {self.ratio:.3f}x ({how}, {threads})"
         if self.suspect is not None:
             text += f"; most likely from pass '{self.suspect.after}' ({self.suspect.step:.3f}x the model before it)"
         return text + "; --require-faster makes this exit 1"
 
     def to_dict(self) -> dict[str, Any]:
         return {"slower": self.slower, "margin": SLOWER_MARGIN,
+                "check": None if self.check is None else self.check.to_dict(),
                 "suspect": None if self.suspect is None else self.suspect.after,
                 "per_pass": [p.to_dict() for p in self.per_pass]}
 
@@ -127,31 +133,39 @@ def _snapshot_points(steps: list[Step]) -> list[int]:
     return [i for i in points if i < len(steps) - 1]
 
 
-def measure(original: Path, final: Path, snapshots: list[Snapshot], steps: list[Step], *, runs: int,
-            threads: int | None, dims: dict[str, int], batch: int | None,
-            data: Dataset) -> tuple[BenchResult, Verdict]:
-    """Time the original, the snapshots and the final model interleaved (`steps`: the pipeline's passes);
-    the two-model result for the table (original, final) and the verdict."""
+def measure(original: Path, final: Path, snapshots: list[Snapshot], steps: list[Step], records: list[PassRecord],
+            *, runs: int, threads: int | None, dims: dict[str, int], batch: int | None,
+            data: Dataset | None) -> tuple[BenchResult, Verdict]:
+    """Time the original, the snapshots and the final model interleaved (`steps` and `records`: the
+    pipeline's passes and what they did); the two-model result for the table (original, final) and the
+    verdict. A final model that the interleaved runs find slower is timed again against the original in
+    blocks (`onnxopt.timing.compare`, the median of block ratios) before it is called slower: single runs
+    of a model on a shared machine are noisy, and a gate must not fail on noise."""
     paths = [original, *(s.path for s in snapshots), final]
     result = bench(paths, runs=runs, threads=threads, dims=dims, batch=batch, data=data, memory=False,
                    budget_s=10.0)
     ratios = result.ratios
-    speed_names = tuple(_step_label(step) for step in steps if is_speed_pass(step))
-    points = [(s.after, s.speed) for s in snapshots]
-    if steps:
-        points.append((_step_label(steps[-1]), is_speed_pass(steps[-1])))
+    changed = [bool(r.stats.modified) for r in records] + [False] * (len(steps) - len(records))
+    acting = [i for i, step in enumerate(steps) if is_speed_pass(step) and changed[i]]
+    indices = [s.index for s in snapshots] + ([len(steps) - 1] if steps else [])
     per_pass = []
     previous = 1.0
-    for (after, speed), ratio in zip(points, ratios[1:]):
-        per_pass.append(PassLatency(after, speed, ratio, ratio / previous if previous > 0 else float("nan")))
+    for i, ratio in zip(indices, ratios[1:]):
+        per_pass.append(PassLatency(_step_label(steps[i]), i in acting, ratio,
+                                    ratio / previous if previous > 0 else float("nan")))
         previous = ratio
-    final_ratio = ratios[-1]
+    final_ratio, check = ratios[-1], None
+    if final_ratio > 1.0 + SLOWER_MARGIN and data is not None and len(data):
+        check = timing.compare(original, final, data.feeds[0], threads=threads, limit=1.0 + SLOWER_MARGIN,
+                               block_ms=timing.MODEL_BLOCK_MS)
+        final_ratio = check.ratio
     slower = final_ratio > 1.0 + SLOWER_MARGIN
     blamed = [p for p in per_pass if p.speed]
     suspect = max(blamed, key=lambda p: p.step) if slower and blamed else None
     two = BenchResult([result.latencies[0], result.latencies[-1]], result.provider, result.threads)
-    rows = tuple(per_pass) if speed_names else ()
-    return two, Verdict(final_ratio, slower, speed_names, rows, suspect, threads)
+    speed_names = tuple(_step_label(steps[i]) for i in acting)
+    rows = tuple(per_pass) if any(is_speed_pass(step) for step in steps) else ()
+    return two, Verdict(final_ratio, slower, speed_names, rows, suspect, threads, check)
 
 
 def speed_gate(result: Any, require_faster: bool) -> int:

@@ -390,13 +390,7 @@ def test_require_faster_exits_0_on_a_faster_model(tmp_path: Path, speed_passes,
     assert [p["after"] for p in latency["per_pass"]] == ["trim", "fold"] and latency["per_pass"][0]["ratio"] < 0.5
 
 
-@pytest.mark.parametrize(("medians", "slower", "suspect"), [
-    ([1.0, 0.8, 1.2, 1.1], True, "factorize"),    # fold helped, factorize cost 1.5x, quantize helped a little
-    ([1.0, 0.8, 0.7, 1.0], False, None),          # back to the original's time: not slower
-    ([1.0, 1.0, 1.01, 1.03], True, "quantize"),   # just past the margin; quantize's step is the larger
-])
-def test_the_verdict_blames_the_speed_pass_with_the_largest_step(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                                 medians, slower, suspect) -> None:
+def _fake_bench(monkeypatch: pytest.MonkeyPatch, medians: list[float]) -> None:
     from onnxopt import latency
     from onnxopt.bench import BenchResult, Latency
 
@@ -405,12 +399,33 @@ def test_the_verdict_blames_the_speed_pass_with_the_largest_step(monkeypatch: py
         return BenchResult([Latency(str(p), 5, 1, m, m, m, m, 1.0 / m) for p, m in zip(paths, medians)], "cpu", None)
 
     monkeypatch.setattr(latency, "bench", fake_bench)
+
+
+def _records(steps: list[Pass], changed: list[bool]) -> list:
+    from onnxopt.pipeline import PassRecord
+
+    return [PassRecord(type(s).name, {}, PassStats(modified=c), 0.0) for s, c in zip(steps, changed)]
+
+
+def _verdict(tmp_path: Path, changed: list[bool], data=None):
+    from onnxopt import latency
+
     pipeline = [make_pass("fold"), make_pass("factorize"), make_pass("quantize")]
-    assert [latency.is_speed_pass(p) for p in pipeline] == [False, True, True]
     snapshots = [latency.Snapshot("fold", 0, False, tmp_path / "a.onnx"),
                  latency.Snapshot("factorize", 1, True, tmp_path / "b.onnx")]
-    two, verdict = latency.measure(tmp_path / "o.onnx", tmp_path / "f.onnx", snapshots, pipeline, runs=5,
-                                   threads=None, dims={}, batch=None, data=None)
+    return latency.measure(tmp_path / "o.onnx", tmp_path / "f.onnx", snapshots, pipeline,
+                           _records(pipeline, changed), runs=5, threads=None, dims={}, batch=None, data=data)
+
+
+@pytest.mark.parametrize(("medians", "slower", "suspect"), [
+    ([1.0, 0.8, 1.2, 1.1], True, "factorize"),    # fold helped, factorize cost 1.5x, quantize helped a little
+    ([1.0, 0.8, 0.7, 1.0], False, None),          # back to the original's time: not slower
+    ([1.0, 1.0, 1.01, 1.03], True, "quantize"),   # just past the margin; quantize's step is the larger
+])
+def test_the_verdict_blames_the_speed_pass_with_the_largest_step(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                 medians, slower, suspect) -> None:
+    _fake_bench(monkeypatch, medians)
+    two, verdict = _verdict(tmp_path, [True, True, True])
     assert len(two.latencies) == 2 and verdict.ratio == pytest.approx(medians[-1])
     assert verdict.slower is slower and (verdict.suspect.after if verdict.suspect else None) == suspect
     assert [p.after for p in verdict.per_pass] == ["fold", "factorize", "quantize"]
@@ -418,6 +433,31 @@ def test_the_verdict_blames_the_speed_pass_with_the_largest_step(monkeypatch: py
     assert (line is not None) is slower
     if line:
         assert line.startswith("the optimized model is slower") and f"pass '{suspect}'" in line and "\n" not in line
+
+
+def test_a_speed_pass_that_changed_nothing_is_not_blamed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fake_bench(monkeypatch, [1.0, 0.8, 1.2, 1.3])
+    _, verdict = _verdict(tmp_path, [True, False, True])
+    assert verdict.slower and verdict.suspect.after == "quantize"
+    _, verdict = _verdict(tmp_path, [True, False, False])
+    assert verdict.slower and verdict.suspect is None and verdict.warning() is None  # slower, but not theirs
+
+
+def test_a_slower_verdict_is_confirmed_in_blocks_before_it_is_said(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    from onnxopt.data import Dataset
+
+    for name in ("o", "f"):
+        onnx.save(_matmul_stack(1), str(tmp_path / f"{name}.onnx"))
+    data = Dataset([{"x": np.zeros((32, 128), np.float32)}], [None], "test")
+    _fake_bench(monkeypatch, [1.0, 0.8, 1.2, 1.1])  # the single runs say 1.1x
+    with timing.use_timer(Scripted(lambda a, b: 0.99)):  # the blocks say it is not
+        _, verdict = _verdict(tmp_path, [True, True, True], data)
+    assert not verdict.slower and verdict.check is not None and verdict.ratio == pytest.approx(0.99)
+    assert verdict.to_dict()["check"]["ratio"] == pytest.approx(0.99)
+    with timing.use_timer(Scripted(lambda a, b: 1.3)):
+        _, verdict = _verdict(tmp_path, [True, True, True], data)
+    assert verdict.slower and "median of 5 interleaved blocks" in verdict.warning()
 
 
 @pytest.mark.parametrize(("names", "points"), [

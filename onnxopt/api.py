@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnxopt import io, sparse
 from onnxopt.analysis import ModelStats, model_stats
 from onnxopt.analysis.stats import NONZERO_COUNT_LIMIT
-from onnxopt.bench import TABLE_LIMIT_BYTES, BenchResult, bench
+from onnxopt.bench import TABLE_LIMIT_BYTES, BenchResult
 from onnxopt.context import Context
 from onnxopt.data import Dataset, InputSpec, Sizes, input_specs, load_data, needs_probe, probe_random_sizes
 from onnxopt.errors import UsageError
@@ -42,6 +42,7 @@ from onnxopt.limits import (
     check_tolerance,
 )
 from onnxopt.metrics import METRICS
+from onnxopt.latency import Verdict, measure, run_passes
 from onnxopt.pipeline import PassRecord, PassSpec, Pipeline
 from onnxopt.validate import Comparison, check_model_file, compare_models
 
@@ -65,6 +66,7 @@ class Result:
     input_kind: str
     feeds_note: str | None = None
     """How random feeds were sized, when that was chosen for the user (the command line prints it)."""
+    speed: Verdict | None = None
     _staged: Path | None = None
     _workspace: Any = None
     _staging: io.Staging | None = None
@@ -119,6 +121,11 @@ class Result:
     def passed(self) -> bool:
         return self.validation is None or self.validation.passed
 
+    @property
+    def slower(self) -> bool:
+        """The optimized model ran slower than the original in this run's timing (`onnxopt.latency`)."""
+        return self.speed is not None and self.speed.slower
+
     def to_proto(self) -> onnx.ModelProto:
         return ir.to_proto(self.model)
 
@@ -145,7 +152,8 @@ class Result:
             "after": {**self.after.to_dict(), "file_bytes": self.size_after},
             "passes": [r.to_dict() for r in self.passes],
             "validation": validation,
-            "latency": self.latency.to_dict() if self.latency else None,
+            "latency": {**self.latency.to_dict(), **(self.speed.to_dict() if self.speed else {})}
+            if self.latency else None,
         }
 
 
@@ -289,8 +297,9 @@ def optimize(
         count_nonzero = io.weight_bytes(work) <= NONZERO_COUNT_LIMIT
         before = model_stats(work, dims, count_nonzero=count_nonzero)
         size_before = io.file_size(src_path)
-        ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads)
-        records = pipeline.run(work, ctx)
+        ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads,
+                      sample=eval_ds.feeds[0])
+        records, snapshots = run_passes(pipeline, work, ctx, ws.path if latency_runs > 0 else None)
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT
         if target is not None:
             staged = staging.add_model(work, target, external=ext)
@@ -304,10 +313,11 @@ def optimize(
                                         threads=threads, drift_cosine=drift_cosine, drift_top1=drift_top1)
         after = model_stats(work, dims, count_nonzero=count_nonzero)
         size_after = io.file_size(staged)
-        latency = None
+        latency, speed = None, None
         if latency_runs > 0:
-            latency = bench([src_path, staged], runs=latency_runs, threads=threads, dims=dims, batch=batch,
-                            data=eval_ds, memory=False, budget_s=10.0, skip_above=TABLE_LIMIT_BYTES)
+            latency, speed = measure(src_path, staged, snapshots, pipeline.passes, records, runs=latency_runs,
+                                     threads=threads, dims=dims, batch=batch, data=eval_ds,
+                                     skip_above=TABLE_LIMIT_BYTES)
         return Result(
             model=work,
             passes=records,
@@ -319,6 +329,7 @@ def optimize(
             latency=latency,
             input_kind=kind,
             feeds_note=feeds_note,
+            speed=speed,
             _staged=staged,
             _workspace=ws,
             _staging=staging if target is not None else None,

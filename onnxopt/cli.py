@@ -6,7 +6,8 @@ verb is one entry there plus its module, whose function takes the arguments afte
 returns the exit code; it builds its parser with `Parser` and `add_shared_arguments` (``--dims``,
 ``--batch``, ``--threads``, ``--debug``, ``--data``) and calls `setup_logging`.
 
-User errors print one line and exit 2; a tolerance exceeded exits 1; anything else is a bug and
+User errors print one line and exit 2; a tolerance exceeded (or, under ``--require-faster``, a model
+measured slower than the original) exits 1; anything else is a bug and
 exits 3, with a traceback only under ``--debug``. Every number is range-checked while the arguments
 are parsed (`onnxopt.limits`), so a bad one fails before any model is read. What reaches stderr is
 one line with non-printable characters escaped (names from a model may hold any); an interrupt
@@ -153,6 +154,10 @@ def _optimize_parser() -> argparse.ArgumentParser:
                    help="what --tolerance bounds: relative L2 error (default), max abs error, 1-cosine, "
                    "1-top-1 agreement, or accuracy drop (needs labels)")
     _add_drift_arguments(p)
+    p.add_argument("--require-faster", action="store_true",
+                   help="exit 1 when the optimized model is measured slower than the original (median more than "
+                   "2%% over it; the table is still printed and the file written, as with --tolerance); "
+                   "needs the timing (--bench-runs above 0)")
     p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     p.add_argument("--bench-runs", type=_whole("--bench-runs", check_runs), default=50, metavar="N",
@@ -247,9 +252,12 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
     args = _optimize_parser().parse_args(argv)
     setup_logging(args)
     check_tolerance(args.tolerance, args.metric)
+    if args.require_faster and args.bench_runs == 0:
+        raise UsageError("--require-faster needs the latency measurement: drop --bench-runs 0")
     specs = _pass_specs(args)
     dims = parse_dims(args.dims)
     from onnxopt.api import optimize
+    from onnxopt.latency import speed_gate
     from onnxopt.report import result_table
 
     external = True if args.external_data else None
@@ -286,10 +294,11 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
     for warning in result.validation.warnings() if result.validation else []:
         print(f"onnxopt: WARNING: {warning}", file=sys.stderr)
     print(f"wrote {printable(str(out))}")
+    slow = speed_gate(result, args.require_faster)
     if not result.passed:
         print(f"onnxopt: output error exceeds the tolerance: {result.validation.describe()}", file=sys.stderr)
         return EXIT_TOLERANCE
-    return EXIT_OK
+    return EXIT_TOLERANCE if slow else EXIT_OK
 
 
 def _pass_line(rec: Any) -> str:

@@ -38,7 +38,8 @@ class Context:
     """Shared by the passes of one pipeline run.
 
     ``original_path`` is a file of the model as it was before the first pass (the teacher for
-    distillation, the reference for validation); ``calib`` the checked calibration feeds.
+    distillation, the reference for validation); ``calib`` the checked calibration feeds; ``sample``
+    one evaluation feed, the shapes a speed check times at (never data to fit on).
     """
 
     original_path: Path | None = None
@@ -46,6 +47,7 @@ class Context:
     dims: dict[str, int] = dataclasses.field(default_factory=dict)
     tolerance: float | None = None
     threads: int | None = None
+    sample: dict[str, np.ndarray] | None = None
     _original: ir.Model | None = dataclasses.field(default=None, repr=False, compare=False)
     _taps: dict[int, _CachedTaps] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 

@@ -104,12 +104,15 @@ class Pass:
 
     Class attributes: ``exact`` claims outputs are preserved to float rounding (tested against ORT);
     ``idempotent`` claims a second run with the same options reports ``modified=False`` and leaves
-    the model byte-identical (tests/test_registry.py runs every such pass twice to check it).
+    the model byte-identical (tests/test_registry.py runs every such pass twice to check it);
+    ``speed`` says the pass exists to make the model faster, so the pipeline times the model after it
+    and warns when the result is slower than the original (`onnxopt.latency`).
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     idempotent: ClassVar[bool] = False
+    speed: ClassVar[bool] = False
 
     def call(self, model: ir.Model, ctx: Context | None) -> PassStats:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -102,6 +102,7 @@ class Quantize(Pass):
 
     exact = False
     idempotent = True
+    speed = True
 
     mode: Literal["static", "dynamic", "weight-only"] = option(
         "static", "static (needs --calib), dynamic or weight-only"

@@ -31,6 +31,7 @@ from onnxopt.bench import TABLE_LIMIT_BYTES, BenchResult
 from onnxopt.context import Context
 from onnxopt.data import Dataset, InputSpec, Sizes, input_specs, load_data, needs_probe, probe_random_sizes
 from onnxopt.errors import UsageError
+from onnxopt.latency import Verdict, measure, run_passes
 from onnxopt.limits import (
     DRIFT_COSINE,
     DRIFT_TOP1,
@@ -42,7 +43,6 @@ from onnxopt.limits import (
     check_tolerance,
 )
 from onnxopt.metrics import METRICS
-from onnxopt.latency import Verdict, measure, run_passes
 from onnxopt.pipeline import PassRecord, PassSpec, Pipeline
 from onnxopt.validate import Comparison, check_model_file, compare_models
 

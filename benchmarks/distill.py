@@ -149,7 +149,8 @@ def transformer_table(workdir: Path) -> None:
     print(f"\n2. digits transformer, held-out relative L2 error per layer output (teacher accuracy "
           f"{_accuracy(TRANSFORMER, x, labels):.2%})")
     cases = [("prune sparsity=0.6", [("prune", {"sparsity": 0.6})]),
-             ("factorize rank_by=ratio rank_ratio=0.25", [("factorize", {"rank_by": "ratio", "rank_ratio": 0.25, **MAC_ONLY})])]
+             ("factorize rank_by=ratio rank_ratio=0.25",
+              [("factorize", {"rank_by": "ratio", "rank_ratio": 0.25, **MAC_ONLY})])]
     for label, passes in cases:
         student = _compress(TRANSFORMER, passes, workdir)
         model, stats, seconds = _distill(student, TRANSFORMER)

@@ -321,8 +321,8 @@ def _cmd_passes(argv: Sequence[str]) -> int:
             name: {
                 "summary": cls.summary(),
                 "exact": cls.exact,
-                "options": [{"name": s.name, "type": s.type_name, "default": s.default, "doc": s.doc}
-                            for s in option_specs(cls)],
+                "options": [{"name": s.name, "type": s.type_name, "default": s.default, "doc": s.doc,
+                             "read_when": s.condition or None} for s in option_specs(cls)],
             }
             for name, cls in passes.items()
         }
@@ -332,7 +332,8 @@ def _cmd_passes(argv: Sequence[str]) -> int:
         tag = " [exact]" if cls.exact else ""
         print(f"{name}{tag}: {cls.summary()}")
         for s in option_specs(cls):
-            print(f"    {s.name} ({s.type_name}, default {s.default!r}): {s.doc}")
+            when = f" [read when {s.condition}]" if s.when else ""
+            print(f"    {s.name} ({s.type_name}, default {s.default!r}){when}: {s.doc}")
     return EXIT_OK
 
 

@@ -26,7 +26,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from onnxopt.context import Context
 from onnxopt.errors import OnnxoptError, UsageError
-from onnxopt.registry import Pass, PassStats, get_pass, make_pass, root_cause
+from onnxopt.registry import Pass, PassStats, call_pass, get_pass, make_pass, root_cause
 
 __all__ = ["Pipeline", "PassRecord", "PassFailure", "PassSpec", "parse_passes", "read_recipe", "apply_sets"]
 
@@ -91,7 +91,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             if isinstance(step, Pass):
-                stats, options = step.call(model, ctx), step.options()
+                stats, options = call_pass(step, model, ctx), step.options()
             else:
                 stats, options = _run_ir_pass(step, model), _public_attributes(step)
         except Exception as exc:

@@ -65,7 +65,7 @@ class Channels(Pass):
     exact = False
     idempotent = False
 
-    ratio: float = option(0.3, "fraction of each group's channels to remove, in [0, 1)")
+    ratio: float = option(0.3, "fraction of each group's channels to remove, in [0, 1)", when={"macs": None})
     macs: float | None = option(None, "instead of ratio: fraction of the model's MACs to remove, in (0, 1)")
     importance: Literal["l1", "l2", "bn", "activation"] = option(
         "l2", "channel score: filter norm (l1, l2), BatchNorm scale (bn) or mean |activation| (needs --calib)")

@@ -131,7 +131,7 @@ class Distill(Pass):
     layers: list[str] = option([], "refit only these layers (node names or op types, globs); empty: all")
     holdout: float = option(0.25, "share of transfer feeds held out to check each refit generalizes, in [0, 1)")
     logits: bool = option(False, "finally fit the classifier head to the teacher's soft outputs")
-    T: float = option(4.0, "temperature of the soft outputs for the logits step (> 0)")
+    T: float = option(4.0, "temperature of the soft outputs for the logits step (> 0)", when={"logits": True})
     teacher: str | None = option(None, "teacher model file (default: the model before the pipeline)")
 
     def __post_init__(self) -> None:

@@ -98,17 +98,22 @@ class Factorize(Pass):
     method: Literal["tucker", "spatial"] = option("tucker", "k×k convs: tucker (1×1, k×k, 1×1) or spatial (k×1, 1×k)")
     rank_by: Literal["ratio", "energy", "macs"] = option(
         "energy", "rank choice: ratio (rank_ratio), energy (keep that energy), macs (global macs_target)")
-    rank_ratio: float = option(0.5, "rank_by=ratio: fraction of each full rank to keep, in (0, 1]")
-    energy: float = option(0.9, "rank_by=energy: fraction of squared singular values to keep, in (0, 1]")
-    macs_target: float = option(0.5, "rank_by=macs: fraction of the model's MACs to reach, in (0, 1]")
+    rank_ratio: float = option(0.5, "rank_by=ratio: fraction of each full rank to keep, in (0, 1]",
+                               when={"rank_by": "ratio"})
+    energy: float = option(0.9, "rank_by=energy: fraction of squared singular values to keep, in (0, 1]",
+                           when={"rank_by": "energy"})
+    macs_target: float = option(0.5, "rank_by=macs: fraction of the model's MACs to reach, in (0, 1]",
+                                when={"rank_by": "macs"})
     round_to: int = option(4, "round ranks up to a multiple of this (>= 1)")
     min_saving: float = option(
         0.2, "substitute only if a layer's MACs drop by this fraction, in [-1, 1) (below 0 lets layers grow)")
     data_aware: bool = option(False, "whiten by calibration activations (needs --calib)")
-    damping: float = option(0.01, "data_aware: ridge added to the activation second moment, × its mean diagonal")
+    damping: float = option(0.01, "data_aware: ridge added to the activation second moment, × its mean diagonal",
+                            when={"data_aware": True})
     verify_speed: bool = option(False, "time each candidate in ONNX Runtime; keep only faster substitutions")
-    verify_runs: int = option(30, "verify_speed: timed runs per layer (>= 3)")
-    min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, in [0, 1)")
+    verify_runs: int = option(30, "verify_speed: timed runs per layer (>= 3)", when={"verify_speed": True})
+    min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, in [0, 1)",
+                                when={"verify_speed": True})
     exclude: list[str] = option([], "node names (globs) or op types to leave alone")
 
     def __post_init__(self) -> None:

@@ -93,7 +93,7 @@ class Fold(Pass):
 
     batchnorm: bool = option(True, "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul")
     constants: bool = option(True, "evaluate nodes whose inputs are all constant")
-    max_fold_mb: float = option(64.0, "largest tensor (MB) constant folding may create")
+    max_fold_mb: float = option(64.0, "largest tensor (MB) constant folding may create", when={"constants": True})
     dedup: bool = option(True, "store identical initializers once")
 
     def __post_init__(self) -> None:

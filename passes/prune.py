@@ -92,11 +92,14 @@ class Prune(Pass):
     idempotent = True
 
     sparsity: float | None = option(
-        None, f"fraction of prunable weights to zero, in [0, 1) ({DEFAULT_SPARSITY} when threshold is not given)"
+        None, f"fraction of prunable weights to zero, in [0, 1) ({DEFAULT_SPARSITY} when threshold is not given)",
+        when={"threshold": None, "pattern": "unstructured"},
     )
-    threshold: float | None = option(None, "instead of sparsity: zero every weight with |w| <= threshold")
+    threshold: float | None = option(None, "instead of sparsity: zero every weight with |w| <= threshold",
+                                     when={"criterion": "magnitude", "pattern": "unstructured"})
     scope: Literal["global", "layer"] = option(
-        "global", "global: one ranking over all layers (LAMP-normalised scores); layer: the same sparsity per tensor"
+        "global", "global: one ranking over all layers (LAMP-normalised scores); layer: the same sparsity per tensor",
+        when={"threshold": None, "pattern": "unstructured"},
     )
     criterion: Literal["magnitude", "activation"] = option(
         "magnitude", "magnitude: |w|; activation: |w| x input activation norm on --calib data (Wanda)"

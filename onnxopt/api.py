@@ -26,6 +26,7 @@ from onnxopt.analysis.stats import NONZERO_COUNT_LIMIT
 from onnxopt.bench import BenchResult, bench
 from onnxopt.context import Context
 from onnxopt.data import Dataset, input_specs, load_data
+from onnxopt.errors import UsageError
 from onnxopt.pipeline import PassRecord, PassSpec, Pipeline
 from onnxopt.validate import Comparison, check_model_file, compare_models
 
@@ -139,13 +140,18 @@ def optimize(
     threads: int | None = None,
     output: str | os.PathLike[str] | None = None,
     external_data: bool | None = None,
+    initializer_inputs: str = "constant",
 ) -> Result:
     """Run `passes` on `model` (path, ModelProto, onnx_ir.Model or graphsurgeon Graph).
 
     `calib` and `data` take any data spec (see `onnxopt.data`); validation runs on `data`, else
     on the calibration feeds, else on random feeds. With `output`, the optimized model is staged
     in that file's folder so `Result.save(output)` only renames it. The input is never changed.
+    `initializer_inputs` says how an IR < 4 model's weights, all listed as graph inputs, are read:
+    "constant" (as ONNX Runtime reads them) or "input" (overridable; passes leave them alone).
     """
+    if initializer_inputs not in ("constant", "input"):
+        raise UsageError(f"initializer_inputs is 'constant' or 'input', not {initializer_inputs!r}")
     kind = _input_kind(model)
     target = Path(output) if output is not None else None
     if target is not None:
@@ -176,7 +182,8 @@ def optimize(
         count_nonzero = io.weight_bytes(work) <= NONZERO_COUNT_LIMIT
         before = model_stats(work, dims, count_nonzero=count_nonzero)
         size_before = io.file_size(src_path)
-        ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads)
+        ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads,
+                      initializer_inputs=initializer_inputs)  # type: ignore[arg-type]
         records = pipeline.run(work, ctx)
         staged = stage.path / (target.name if target is not None else "optimized.onnx")
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT

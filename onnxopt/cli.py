@@ -104,6 +104,9 @@ def _optimize_parser() -> argparse.ArgumentParser:
                    "1-top-1 agreement, or accuracy drop (needs labels)")
     p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
+    p.add_argument("--keep-initializer-inputs", action="store_true",
+                   help="IR < 4 models: keep weights listed as graph inputs overridable (default: constants, "
+                   "as ONNX Runtime reads them, so passes may compress them)")
     p.add_argument("--bench-runs", type=int, default=50, metavar="N",
                    help="interleaved latency runs per model for the table, within 10 s "
                    "(0: skip timing; default 50)")
@@ -150,6 +153,7 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
         threads=args.threads,
         output=args.output,
         external_data=True if args.external_data else None,
+        initializer_inputs="input" if args.keep_initializer_inputs else "constant",
     )
     out = result.save(args.output, external_data=True if args.external_data else None)
     print(result_table(result))

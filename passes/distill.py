@@ -59,7 +59,7 @@ from onnxopt.analysis.layers import Linear, linear_of
 from onnxopt.context import Context
 from onnxopt.data import Dataset
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import is_constant, origin_of
+from onnxopt.graph import is_constant, origin_of, prepare_weights
 from onnxopt.io import load
 from onnxopt.progress import progress
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
@@ -187,6 +187,7 @@ class Distill(Pass):
         if not self.teacher:
             return ctx.original_model()  # loaded once per pipeline, shapes inferred
         teacher = load(path, check=False)
+        prepare_weights(teacher, ctx.initializer_inputs)  # weights read as the student's are
         infer_shapes(teacher)
         return teacher
 

@@ -25,19 +25,16 @@ All rewrites are exact up to float rounding (BN folding reorders one multiply-ad
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
-from onnx_ir.passes.common import (
-    DeduplicateHashedInitializersPass,
-    LiftConstantsToInitializersPass,
-    RemoveUnusedNodesPass,
-)
+from onnx_ir.passes.common import DeduplicateHashedInitializersPass, RemoveUnusedNodesPass
 
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
@@ -49,6 +46,7 @@ from onnxopt.graph import (
     is_default_domain,
     is_onnx_op,
     iter_graphs,
+    lift_constant_nodes,
     new_initializer,
     only_used_by,
     opset_version,
@@ -108,7 +106,7 @@ class Fold(Pass):
         nodes_before = count_nodes(model)
         max_bytes = int(self.max_fold_mb * 1024 * 1024)
         steps = [
-            _Step(counts, lambda m: {"constants_lifted": _lift_constants(m)}),
+            _Step(counts, lambda m: {"constants_lifted": lift_constant_nodes(m)}),
             _Step(counts, lambda m: {"identity_removed": _remove_identities(m, stats)}),
             _Step(counts, _infer_shapes),
             _Step(counts, lambda m: {"bias_adds_folded": _fold_bias_adds(m, stats)}),
@@ -124,9 +122,13 @@ class Fold(Pass):
             raise root_cause(exc) from None
         if self.dedup:  # once, after folding: hashing reads every weight
             before = count_initializers(model)
-            DeduplicateHashedInitializersPass()(model)
+            with _counted_dedup_skips() as skipped:
+                DeduplicateHashedInitializersPass()(model)
             RemoveUnusedNodesPass()(model)
             counts["initializers_deduplicated"] += before - count_initializers(model)
+            if skipped.count:
+                stats.notes.append(f"{skipped.count} initializers that are graph inputs or outputs were not "
+                                   "deduplicated (a feed or a reader outside may tell them apart)")
         stats.summary = {k: v for k, v in counts.items() if v} or {"nodes": nodes_before}
         stats.summary["nodes_removed"] = nodes_before - count_nodes(model)
         stats.modified = any(counts.values())
@@ -152,6 +154,32 @@ class _Step(ir.passes.InPlacePass):
         for key, n in done.items():
             self.counts[key] += n
         return ir.passes.PassResult(model, any(n > 0 for n in done.values()))
+
+
+class _DedupSkips(logging.Filter):
+    """Drops (and counts) onnx_ir's warning line per initializer it leaves out of deduplication."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Skipped deduplication"):
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _counted_dedup_skips() -> Iterator[_DedupSkips]:
+    """An IR-3 model lists every weight as a graph input; one summary note beats a line per weight."""
+    log = logging.getLogger(DeduplicateHashedInitializersPass.__module__)
+    counter = _DedupSkips()
+    log.addFilter(counter)
+    try:
+        yield counter
+    finally:
+        log.removeFilter(counter)
 
 
 def _infer_shapes(model: ir.Model) -> dict[str, int]:
@@ -181,13 +209,6 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
         for name, value in list(graph.initializers.items()):
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 del graph.initializers[name]
-
-
-# ------------------------------------------------------------------------------ 1. constants
-def _lift_constants(model: ir.Model) -> int:
-    before = count_nodes(model)
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return before - count_nodes(model)
 
 
 # ------------------------------------------------------------------------------ 2. identities

@@ -228,6 +228,8 @@ ALWAYS_READ = {
 # the value the option selects when the mode is not set, or None when the mode's default reads it already).
 READ_UNDER_A_MODE = [
     ("fold", "max_fold_mb", 8.0, "constants", False, None),
+    ("fold", "eval_seconds", 1.0, "constants", False, None),
+    ("fold", "eval_budget", 5.0, "constants", False, None),
     ("prune", "sparsity", 0.7, "threshold", 0.1, None),
     ("prune", "sparsity", 0.7, "pattern", "2:4", None),
     ("prune", "scope", "layer", "threshold", 0.1, None),

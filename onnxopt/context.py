@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from onnxopt.data import Dataset
 from onnxopt.errors import UsageError
-from onnxopt.graph import InitializerInputs, iter_graphs, prepare_weights
+from onnxopt.graph import InitializerInputs, iter_graphs, prepare_weights, require_finite
 from onnxopt.progress import progress
 from onnxopt.runtime import TapSession
 
@@ -50,12 +50,20 @@ class Context:
     threads: int | None = None
     initializer_inputs: InitializerInputs = "constant"
     _original: ir.Model | None = dataclasses.field(default=None, repr=False, compare=False)
+    _calib_checked: bool = dataclasses.field(default=False, repr=False, compare=False)
     _taps: dict[int, _CachedTaps] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def require_calib(self, who: str, hint: str = "") -> Dataset:
+        """The calibration feeds, checked once to hold only finite numbers; UsageError naming `who` without them."""
         if self.calib is None or len(self.calib) == 0:
             extra = f" ({hint})" if hint else ""
             raise UsageError(f"{who} needs calibration data: give --calib DATA (e.g. random:32){extra}")
+        if not self._calib_checked:
+            for i, feed in enumerate(self.calib.feeds):
+                for name, array in feed.items():
+                    require_finite(array, f"calibration data '{self.calib.source}': feed {i}, input '{name}'",
+                                   "statistics of it would be meaningless", error=UsageError)
+            self._calib_checked = True
         return self.calib
 
     def activations(

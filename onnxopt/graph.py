@@ -5,7 +5,8 @@ What more than one pass asks of a graph lives here, once: which domain is ONNX's
 initializer that is not also an overridable graph input), the graph and its subgraphs
 (`iter_graphs`), the default opset and raising it (`opset_version`, `upgrade_opset`), names, new
 initializers and rewiring, and what the pipeline does before the first pass so that every pass sees
-weights the same way (`lift_constant_nodes`, `weights_from_inputs`).
+weights the same way (`lift_constant_nodes`, `weights_from_inputs`). `require_finite` is the one guard
+numeric routines call before math that non-finite numbers break.
 
 Contract kept here: a new tensor that stands for an old one records it in the metadata prop
 ``onnxopt.origin``, so validation and distillation can pair student and teacher tensors.
@@ -20,7 +21,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.errors import first_line
+from onnxopt.errors import ModelError, OnnxoptError, first_line
 
 __all__ = [
     "ORIGIN",
@@ -47,6 +48,7 @@ __all__ = [
     "weights_from_inputs",
     "InitializerInputs",
     "prepare_weights",
+    "require_finite",
 ]
 
 logger = logging.getLogger(__name__)
@@ -331,3 +333,19 @@ def prepare_weights(model: ir.Model, initializer_inputs: InitializerInputs = "co
         notes.append(f"{lifted} Constant node{'s' if lifted != 1 else ''} became initializers (names kept), "
                      "so every pass reads them as weights")
     return notes
+
+
+def require_finite(
+    array: np.ndarray, what: str, hint: str = "", *, error: type[OnnxoptError] = ModelError
+) -> np.ndarray:
+    """`array` when every number in it is finite, else a one-line `error` (ModelError: exit 2) naming `what`.
+
+    Call it on the data a numeric routine (SVD, least squares, ranges, scales) is about to read:
+    NaN and infinities make those fail deep inside (or silently give garbage).
+    """
+    data = np.asarray(array)
+    if np.issubdtype(data.dtype, np.inexact) and not np.all(np.isfinite(data)):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        extra = f"; {hint}" if hint else ""
+        raise error(f"{what} holds {bad} NaN or infinite value{'s' if bad != 1 else ''}{extra}")
+    return array

@@ -45,7 +45,15 @@ from onnxopt.analysis.channel_groups import ChannelGraph, Consumer, Fixup, Group
 from onnxopt.analysis.layers import linear_of
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import constant_array, iter_graphs, new_initializer, only_used_by, opset_version, set_weight
+from onnxopt.graph import (
+    constant_array,
+    iter_graphs,
+    new_initializer,
+    only_used_by,
+    opset_version,
+    require_finite,
+    set_weight,
+)
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 from onnxopt.runtime import TapSession
 
@@ -244,6 +252,7 @@ def _filter_scores(cg: ChannelGraph, g: Group, order: int) -> np.ndarray:
         w = constant_array(p.node.inputs[p.weight_index])
         if w is None:
             continue
+        require_finite(w, f"weight '{p.node.inputs[p.weight_index].name}'", "its channels cannot be ranked")
         moved = np.moveaxis(np.asarray(w, dtype=np.float64), p.axis, 0).reshape(w.shape[p.axis], -1)
         if p.bias_index is not None:
             b = np.asarray(constant_array(p.node.inputs[p.bias_index]), dtype=np.float64).reshape(-1)

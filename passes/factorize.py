@@ -69,6 +69,7 @@ from onnxopt.graph import (
     iter_graphs,
     new_initializer,
     opset_version,
+    require_finite,
     take_over_output,
     unique_name,
 )
@@ -267,7 +268,8 @@ class _Layer:
         self.node = linear.node
         self.kind = kind
         self.geometry = linear.geometry
-        self.raw = np.asarray(linear.weight.value.const_value.numpy())
+        self.raw = require_finite(np.asarray(linear.weight.value.const_value.numpy()),
+                                  f"weight '{linear.weight.name}' of {self.node.name or self.node.op_type}")
         self.dtype = self.raw.dtype
         self.moments: dict[str, Moments] = {}
         self.in_shape = dim_values(self.node.inputs[0].shape, dims)
@@ -318,7 +320,8 @@ class _Layer:
             self._add("in", plan.k, lr.channel_rows(x) if self.geometry is not None else x.reshape(-1, plan.k))
 
     def decompose(self, damping: float | None) -> None:
-        moments = {key: m.second_moment() for key, m in self.moments.items()}
+        moments = {key: require_finite(m.second_moment(), f"activation statistics of {self.node.name or self.kind}")
+                   for key, m in self.moments.items()}
         self.plan.decompose(damping, moments.get("in"), moments.get("out"))
 
     # ------------------------------------------------------------------ substitution

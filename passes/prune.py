@@ -42,7 +42,7 @@ from onnxopt.analysis import infer_shapes
 from onnxopt.analysis.layers import conv_geometry
 from onnxopt.context import Context
 from onnxopt.errors import UsageError
-from onnxopt.graph import set_weight
+from onnxopt.graph import require_finite, set_weight
 from onnxopt.io import weight_bytes
 from onnxopt.registry import Pass, PassStats, option, register_pass
 from onnxopt.sparse import mark_sparse, sparse_nbytes
@@ -249,7 +249,8 @@ def _nothing_prunable(stats: PassStats) -> PassStats:
 
 
 def _weight(target: Target) -> np.ndarray:
-    return np.asarray(target.value.const_value.numpy())
+    return require_finite(np.asarray(target.value.const_value.numpy()), f"weight '{target.name}'",
+                          "its magnitudes cannot be ranked")
 
 
 def _zipped(array: np.ndarray) -> int:
@@ -415,4 +416,5 @@ def _feature_norms(model: ir.Model, ctx: Context, keys: list[FeatureKey]) -> dic
             ax = axis % x.ndim
             part = np.sum(np.square(x), axis=tuple(i for i in range(x.ndim) if i != ax))
             sums[(name, axis)] = part if (name, axis) not in sums else sums[(name, axis)] + part
-    return {key: np.sqrt(value) for key, value in sums.items()}
+    return {key: np.sqrt(require_finite(value, f"activation '{key[0]}' on the calibration data"))
+            for key, value in sums.items()}

@@ -433,3 +433,49 @@ def test_shape_inference_of_a_range_bomb_stays_small(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "inferred [1099511627776]" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------- non-finite numbers
+def _mlp(w1: np.ndarray) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", F32, ["n", 16])], [("y", F32, ["n", 8])],
+                      {"w1": w1, "w2": RNG.standard_normal((16, 8)).astype(np.float32)})
+
+
+def _nan_weight() -> np.ndarray:
+    w = RNG.standard_normal((16, 16)).astype(np.float32)
+    w[3, 5] = np.nan
+    return w
+
+
+NON_FINITE = [
+    # (case, weight of fc1, calibration data, passes, what the message names)
+    ("factorize", "nan", None, ["factorize"], "weight 'w1' of fc1 holds 1 NaN or infinite value"),
+    ("quantize-static", "nan", "random:4", ["quantize"], "holds"),
+    ("quantize-dynamic", "nan", None, [("quantize", {"mode": "dynamic"})], "weight 'w1' holds 1 NaN"),
+    ("quantize-weight-only", "nan", None, [("quantize", {"mode": "weight-only"})], "weight 'w1' holds 1 NaN"),
+    ("prune", "nan", None, ["prune"], "weight 'w1' holds 1 NaN or infinite value; its magnitudes cannot be ranked"),
+    ("channels", "nan", None, ["channels"], "weight 'w1' holds 1 NaN or infinite value; its channels cannot be ranked"),
+    ("quantize-all-nan-activation", "all-nan", "random:4", ["quantize"], "activation 'h' on the calibration data"),
+    ("distill-nan-calibration", "ok", "nan", ["prune", "distill"], "calibration data"),
+    ("quantize-inf-calibration", "ok", "inf", ["quantize"], "feed 0, input 'x' holds 1 NaN or infinite value"),
+    ("factorize-data-aware", "ok", "nan", [("factorize", {"data_aware": True})], "calibration data"),
+    ("prune-activation", "ok", "nan", [("prune", {"criterion": "activation"})], "calibration data"),
+]
+
+
+@pytest.mark.parametrize(("case", "weight", "calib", "passes", "needle"), NON_FINITE, ids=[c[0] for c in NON_FINITE])
+def test_non_finite_weights_and_data_are_one_line_user_errors(case, weight, calib, passes, needle,
+                                                              tmp_path: Path) -> None:
+    w1 = {"nan": _nan_weight(), "all-nan": np.full((16, 16), np.nan, np.float32),
+          "ok": RNG.standard_normal((16, 16)).astype(np.float32)}[weight]
+    src = save_model(_mlp(w1), tmp_path / "m.onnx")
+    if calib in ("nan", "inf"):
+        x = RNG.standard_normal((8, 16)).astype(np.float32)
+        x[0, 0] = np.nan if calib == "nan" else np.inf
+        calib = [{"x": x}]
+    with pytest.raises((ModelError, UsageError)) as err:
+        optimize(src, passes, calib=calib, validate=False)
+    text = str(err.value)
+    assert needle in text and "NaN or infinite" in text and "\n" not in text, text

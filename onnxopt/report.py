@@ -1,12 +1,17 @@
-"""The before/after table printed by the command line, and number formatting."""
+"""The before/after table printed by the command line, the validation verdict, and number formatting.
+
+The verdict line never says "pass" without a tolerance: it says ``not gated``. Names from the model
+are escaped (`onnxopt.errors.safe_name`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from onnxopt.analysis import ModelStats
+from onnxopt.errors import safe_name
 
-__all__ = ["human_bytes", "human_count", "table", "result_table", "stats_table"]
+__all__ = ["human_bytes", "human_count", "table", "result_table", "stats_table", "output_line", "comparison_table"]
 
 
 def human_bytes(n: float) -> str:
@@ -56,22 +61,56 @@ def result_table(result: Any) -> str:
         ["MACs", human_count(b.macs), human_count(a.macs), _ratio(b.macs, a.macs)],
         ["nodes", str(b.nodes), str(a.nodes), _ratio(b.nodes, a.nodes)],
     ]
-    if result.latency is not None:
+    if result.latency is not None and result.latency.latencies:
         la, lb = result.latency.latencies
-        rows.append(["latency (ORT CPU, median)", f"{la.median_ms:.3f} ms", f"{lb.median_ms:.3f} ms",
+        how = "" if result.latency.interleaved else ", separate processes"  # interleaved unless said
+        rows.append([f"latency (ORT CPU, median{how})", f"{la.median_ms:.3f} ms", f"{lb.median_ms:.3f} ms",
                      _ratio(la.median_ms, lb.median_ms)])
     v = result.validation
     if v is not None and v.accuracy_a is not None and v.accuracy_b is not None:
         rows.append(["accuracy", f"{v.accuracy_a * 100:.2f}%", f"{v.accuracy_b * 100:.2f}%",
                      f"{(v.accuracy_b - v.accuracy_a) * 100:+.2f} pt"])
     text = table(rows, ["", "before", "after", "change"])
+    if result.latency is not None and result.latency.skipped:
+        text += f"\nlatency: {result.latency.skipped}"
     if v is not None:
         for o in v.outputs:
-            line = f"output '{o.name}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"
-            if o.top1 is not None:
-                line += f", top-1 agreement {o.top1 * 100:.2f}%"
-            text += "\n" + line
+            text += "\n" + output_line(o)
         text += f"\nvalidation on {v.samples} samples: {v.describe()}"
+    return text
+
+
+def _nonfinite(o: Any) -> str:
+    if not (o.nonfinite_a or o.nonfinite_b):
+        return ""
+    return (f", non-finite values: original {o.nonfinite_a}, optimized {o.nonfinite_b}"
+            + (f" ({o.new_nonfinite} where the original is finite)" if o.new_nonfinite else ""))
+
+
+def output_line(o: Any) -> str:
+    """One output's agreement (an `onnxopt.validate.OutputDiff`)."""
+    if o.exact:
+        return (f"output '{safe_name(o.name)}' (not floating point, compared exactly): "
+                f"{o.mismatches} of {o.elements} elements differ")
+    line = f"output '{safe_name(o.name)}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"
+    if o.top1 is not None:
+        line += f", top-1 agreement {o.top1 * 100:.2f}%"
+    return line + _nonfinite(o)
+
+
+def comparison_table(cmp: Any) -> str:
+    """Per-output rows of an `onnxopt.validate.Comparison` (``onnxopt compare``), with accuracy when known."""
+    rows = []
+    for o in cmp.outputs:
+        if o.exact:
+            rows.append([safe_name(o.name), "-", "-", "-", "-", f"{o.mismatches}/{o.elements} differ"])
+            continue
+        nonfinite = f"{o.nonfinite_a}/{o.nonfinite_b}" if (o.nonfinite_a or o.nonfinite_b) else "-"
+        rows.append([safe_name(o.name), f"{o.max_abs:.4g}", f"{o.rel_l2:.4g}", f"{o.cosine:.6f}",
+                     "-" if o.top1 is None else f"{o.top1 * 100:.2f}%", nonfinite])
+    text = table(rows, ["output", "max abs", "rel L2", "cosine", "top-1 agree", "non-finite A/B"])
+    if cmp.accuracy_a is not None and cmp.accuracy_b is not None:
+        text += f"\naccuracy: A {cmp.accuracy_a * 100:.2f}%  B {cmp.accuracy_b * 100:.2f}%"
     return text
 
 

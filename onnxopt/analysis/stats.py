@@ -209,9 +209,9 @@ def model_stats(
 
     ``count_nonzero=None`` counts nonzeros only below `NONZERO_COUNT_LIMIT` weight bytes.
     """
-    if count_nonzero is None:
-        from onnxopt.io import weight_bytes
+    from onnxopt.io import release_mapping, weight_bytes
 
+    if count_nonzero is None:
         count_nonzero = weight_bytes(model) <= NONZERO_COUNT_LIMIT
     infer_shapes(model)
     hist: Counter[str] = Counter()
@@ -241,6 +241,7 @@ def model_stats(
             params += int(tensor.size)
             if count_nonzero:
                 nonzero += int(np.count_nonzero(tensor.numpy()))
+                release_mapping(tensor)  # the pages read for counting leave the resident set
     macs = macs_by_node(model, dims)
     known = [m for m in macs.values() if m is not None]
     unknown = sum(1 for m in macs.values() if m is None)

@@ -65,7 +65,7 @@ from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 
 from .bias import apply_shift, bias_targets, input_means, weight_shift
 from .calib import Range, choose_range, collect_histograms, collect_minmax, weight_scales
-from .check import INTEGER_KERNELS, fusion_report
+from .check import INTEGER_KERNELS, fusion_check_skipped, fusion_report
 from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
 from .fallback import OutputError, auto_fallback
@@ -186,7 +186,10 @@ class Quantize(Pass):
             stats.summary.get("opset_upgraded"))
         if not any(v for k, v in counts.items() if isinstance(v, int) and k != "matmul_add_to_gemm"):
             stats.notes.append(_why_nothing(model, self.mode))
-        if self.check_fusion and stats.modified:
+        if self.check_fusion and stats.modified and (skipped := fusion_check_skipped(model)):
+            stats.notes.append(skipped)
+        elif self.check_fusion and stats.modified:
+            ctx.model_changed(model)  # a tapping session of the float model goes before ORT loads the result
             report = fusion_report(model, threads=ctx.threads)
             stats.summary.update({k: v for k, v in report.to_dict().items() if k != "ops"})
             stats.summary["ort_ops"] = report.ops

@@ -248,6 +248,7 @@ def optimize(
     also_writes: Mapping[str, str | os.PathLike[str]] | None = None,
     drift_cosine: float = DRIFT_COSINE,
     drift_top1: float = DRIFT_TOP1,
+    initializer_inputs: str = "constant",
 ) -> Result:
     """Run `passes` on `model` (path, ModelProto, onnx_ir.Model or graphsurgeon Graph).
 
@@ -257,7 +258,11 @@ def optimize(
     `also_writes` ({label: path}, e.g. a report the caller writes with `Result.save(companions=)`)
     are checked before any work. `drift_cosine`/`drift_top1` set what the comparison calls severe
     drift (0 turns a check off). The input is never changed.
+    `initializer_inputs` says how an IR < 4 model's weights, all listed as graph inputs, are read:
+    "constant" (as ONNX Runtime reads them) or "input" (overridable; passes leave them alone).
     """
+    if initializer_inputs not in ("constant", "input"):
+        raise UsageError(f"initializer_inputs is 'constant' or 'input', not {initializer_inputs!r}")
     dims = _checked_numbers(metric, tolerance, dims, batch, latency_runs, threads, drift_cosine, drift_top1)
     if tolerance is not None and not validate:
         raise UsageError("a tolerance needs validation: drop --no-validate or --tolerance")
@@ -298,7 +303,7 @@ def optimize(
         before = model_stats(work, dims, count_nonzero=count_nonzero)
         size_before = io.file_size(src_path)
         ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads,
-                      sample=eval_ds.feeds[0])
+                      sample=eval_ds.feeds[0], initializer_inputs=initializer_inputs)  # type: ignore[arg-type]
         records, snapshots = run_passes(pipeline, work, ctx, ws.path if latency_runs > 0 else None)
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT
         if target is not None:

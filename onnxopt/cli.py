@@ -160,6 +160,9 @@ def _optimize_parser() -> argparse.ArgumentParser:
                    "needs the timing (--bench-runs above 0)")
     p.add_argument("--no-validate", action="store_true", help="skip checker and ONNX Runtime comparison")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
+    p.add_argument("--keep-initializer-inputs", action="store_true",
+                   help="IR < 4 models: keep weights listed as graph inputs overridable (default: constants, "
+                   "as ONNX Runtime reads them, so passes may compress them)")
     p.add_argument("--bench-runs", type=_whole("--bench-runs", check_runs), default=50, metavar="N",
                    help="latency runs per model for the table, within 10 s: interleaved in one process, one "
                    "child process per model when both exceed 1 GiB, not timed above 2 GiB in one "
@@ -278,6 +281,7 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
         also_writes={"report": args.report} if args.report else None,
         drift_cosine=args.drift_cosine,
         drift_top1=args.drift_top1,
+        initializer_inputs="input" if args.keep_initializer_inputs else "constant",
     )
     try:  # everything that can fail runs before the one commit that writes the report, then the model
         text = "\n".join([result_table(result), *(_pass_line(rec) for rec in result.passes)])
@@ -474,8 +478,8 @@ def _cmd_passes(argv: Sequence[str]) -> int:
             name: {
                 "summary": cls.summary(),
                 "exact": cls.exact,
-                "options": [{"name": s.name, "type": s.type_name, "default": s.default, "doc": s.doc}
-                            for s in option_specs(cls)],
+                "options": [{"name": s.name, "type": s.type_name, "default": s.default, "doc": s.doc,
+                             "read_when": s.condition or None} for s in option_specs(cls)],
             }
             for name, cls in passes.items()
         }
@@ -485,7 +489,8 @@ def _cmd_passes(argv: Sequence[str]) -> int:
         tag = " [exact]" if cls.exact else ""
         print(f"{name}{tag}: {cls.summary()}")
         for s in option_specs(cls):
-            print(f"    {s.name} ({s.type_name}, default {s.default!r}): {s.doc}")
+            when = f" [read when {s.condition}]" if s.when else ""
+            print(f"    {s.name} ({s.type_name}, default {s.default!r}){when}: {s.doc}")
     return EXIT_OK
 
 

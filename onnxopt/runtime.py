@@ -143,7 +143,7 @@ class TapSession:
             self._stack.close()
             raise
         self._outputs = [o.name for o in self._sess.get_outputs()]
-        self._inputs = {v.name for v in values if v.is_graph_input()}
+        self._inputs = {v.name for v in values if v.is_graph_input() and v.const_value is None}
         self._consts = {v.name: v.const_value.numpy() for v in values if v.const_value is not None}
 
     def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -46,7 +46,15 @@ from onnxopt.analysis.channel_groups import ChannelGraph, Consumer, Fixup, Group
 from onnxopt.analysis.layers import linear_of
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import constant_array, iter_graphs, new_initializer, only_used_by, opset_version, set_weight
+from onnxopt.graph import (
+    constant_array,
+    iter_graphs,
+    new_initializer,
+    only_used_by,
+    opset_version,
+    require_finite,
+    set_weight,
+)
 from onnxopt.io import load, temp_model_file
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
 from onnxopt.runtime import TapSession
@@ -68,7 +76,7 @@ class Channels(Pass):
     idempotent = False
     speed = True
 
-    ratio: float = option(0.3, "fraction of each group's channels to remove, in [0, 1)")
+    ratio: float = option(0.3, "fraction of each group's channels to remove, in [0, 1)", when={"macs": None})
     macs: float | None = option(None, "instead of ratio: fraction of the model's MACs to remove, in (0, 1)")
     importance: Literal["l1", "l2", "bn", "activation"] = option(
         "l2", "channel score: filter norm (l1, l2), BatchNorm scale (bn) or mean |activation| (needs --calib)")
@@ -80,7 +88,8 @@ class Channels(Pass):
     reconstruct: bool = option(False, "refit consumer weights by least squares on --calib data")
     verify_speed: bool = option(
         True, "time the cut model against the uncut one; keep the largest cut that is faster (false: MACs only)")
-    min_speedup: float = option(0.05, "verify_speed: a cut must make the model this fraction faster, in [0, 1)")
+    min_speedup: float = option(0.05, "verify_speed: a cut must make the model this fraction faster, in [0, 1)",
+                                when={"verify_speed": True})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -326,6 +335,7 @@ def _filter_scores(cg: ChannelGraph, g: Group, order: int) -> np.ndarray:
         w = constant_array(p.node.inputs[p.weight_index])
         if w is None:
             continue
+        require_finite(w, f"weight '{p.node.inputs[p.weight_index].name}'", "its channels cannot be ranked")
         moved = np.moveaxis(np.asarray(w, dtype=np.float64), p.axis, 0).reshape(w.shape[p.axis], -1)
         if p.bias_index is not None:
             b = np.asarray(constant_array(p.node.inputs[p.bias_index]), dtype=np.float64).reshape(-1)

@@ -70,6 +70,7 @@ from onnxopt.graph import (
     iter_graphs,
     new_initializer,
     opset_version,
+    require_finite,
     take_over_output,
     unique_name,
 )
@@ -101,18 +102,24 @@ class Factorize(Pass):
     method: Literal["tucker", "spatial"] = option("tucker", "k×k convs: tucker (1×1, k×k, 1×1) or spatial (k×1, 1×k)")
     rank_by: Literal["ratio", "energy", "macs"] = option(
         "energy", "rank choice: ratio (rank_ratio), energy (keep that energy), macs (global macs_target)")
-    rank_ratio: float = option(0.5, "rank_by=ratio: fraction of each full rank to keep, in (0, 1]")
-    energy: float = option(0.9, "rank_by=energy: fraction of squared singular values to keep, in (0, 1]")
-    macs_target: float = option(0.5, "rank_by=macs: fraction of the model's MACs to reach, in (0, 1]")
+    rank_ratio: float = option(0.5, "rank_by=ratio: fraction of each full rank to keep, in (0, 1]",
+                               when={"rank_by": "ratio"})
+    energy: float = option(0.9, "rank_by=energy: fraction of squared singular values to keep, in (0, 1]",
+                           when={"rank_by": "energy"})
+    macs_target: float = option(0.5, "rank_by=macs: fraction of the model's MACs to reach, in (0, 1]",
+                                when={"rank_by": "macs"})
     round_to: int = option(4, "round ranks up to a multiple of this (>= 1)")
     min_saving: float = option(
         0.2, "substitute only if a layer's MACs drop by this fraction, in [-1, 1) (below 0 lets layers grow)")
     data_aware: bool = option(False, "whiten by calibration activations (needs --calib)")
-    damping: float = option(0.01, "data_aware: ridge added to the activation second moment, × its mean diagonal")
+    damping: float = option(0.01, "data_aware: ridge added to the activation second moment, × its mean diagonal",
+                            when={"data_aware": True})
     verify_speed: bool = option(
         True, "keep a substitution only if it runs faster in ONNX Runtime, alone and in the model (false: MACs only)")
-    verify_runs: int = option(9, "verify_speed: most interleaved timing blocks per check (>= 3)")
-    min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, in [0, 1)")
+    verify_runs: int = option(9, "verify_speed: most interleaved timing blocks per check (>= 3)",
+                              when={"verify_speed": True})
+    min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, in [0, 1)",
+                                when={"verify_speed": True})
     exclude: list[str] = option([], "node names (globs) or op types to leave alone")
 
     def __post_init__(self) -> None:
@@ -267,7 +274,8 @@ class _Layer:
         self.node = linear.node
         self.kind = kind
         self.geometry = linear.geometry
-        self.raw = np.asarray(linear.weight.value.const_value.numpy())
+        self.raw = require_finite(np.asarray(linear.weight.value.const_value.numpy()),
+                                  f"weight '{linear.weight.name}' of {self.node.name or self.node.op_type}")
         self.dtype = self.raw.dtype
         self.moments: dict[str, Moments] = {}
         self.in_shape = dim_values(self.node.inputs[0].shape, dims)
@@ -318,7 +326,8 @@ class _Layer:
             self._add("in", plan.k, lr.channel_rows(x) if self.geometry is not None else x.reshape(-1, plan.k))
 
     def decompose(self, damping: float | None) -> None:
-        moments = {key: m.second_moment() for key, m in self.moments.items()}
+        moments = {key: require_finite(m.second_moment(), f"activation statistics of {self.node.name or self.kind}")
+                   for key, m in self.moments.items()}
         self.plan.decompose(damping, moments.get("in"), moments.get("out"))
 
     # ------------------------------------------------------------------ substitution

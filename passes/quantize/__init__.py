@@ -107,24 +107,36 @@ class Quantize(Pass):
     mode: Literal["static", "dynamic", "weight-only"] = option(
         "static", "static (needs --calib), dynamic or weight-only"
     )
-    activations: Literal["uint8", "int8"] = option("uint8", "activation type: uint8 asymmetric or int8 symmetric")
-    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "how activation ranges are chosen")
-    percentile: float = option(99.99, "percentile kept by calibrate=percentile (50 < p <= 100)")
-    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
+    activations: Literal["uint8", "int8"] = option("uint8", "activation type: uint8 asymmetric or int8 symmetric",
+                                                   when={"mode": "static"})
+    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "how activation ranges are chosen",
+                                                                          when={"mode": "static"})
+    percentile: float = option(99.99, "percentile kept by calibrate=percentile (50 < p <= 100)",
+                               when={"calibrate": "percentile", "mode": "static"})
+    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)",
+                               when={"mode": ("static", "dynamic")})
     dynamic_conv: bool = option(False, "dynamic mode: Conv to ConvInteger too (4x smaller weights, but ONNX Runtime's "
-                                "ConvInteger CPU kernel runs several times slower than a float Conv)")
+                                "ConvInteger CPU kernel runs several times slower than a float Conv)",
+                                when={"mode": "dynamic"})
     exclude: list[str] = option([], "node-name globs and op types left in float")
-    concat_range_ratio: float = option(32.0, "leave a Concat in float when its inputs' ranges differ more than this")
+    concat_range_ratio: float = option(32.0, "leave a Concat in float when its inputs' ranges differ more than this",
+                                       when={"mode": "static"})
     fold: bool = option(True, "fold BatchNorm and constants and infer shapes first (what ORT needs to fuse)")
-    bits: int = option(4, "weight-only: bits per weight, 4 or 8")
-    block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)")
+    bits: int = option(4, "weight-only: bits per weight, 4 or 8", when={"mode": "weight-only"})
+    block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)",
+                             when={"mode": "weight-only"})
     fallback: Literal["none", "auto"] = option(
-        "none", "auto: keep the most sensitive layers in float until --tolerance (rel L2) holds"
+        "none", "auto: keep the most sensitive layers in float until --tolerance (rel L2) holds",
+        when={"mode": "static"},
     )
-    smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)")
-    gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error")
-    equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)")
-    bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes")
+    smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)",
+                                 when={"mode": "static"})
+    gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error",
+                        when={"mode": ("static", "weight-only")})
+    equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)",
+                            when={"mode": "static"})
+    bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes",
+                                   when={"mode": "static"})
     check_fusion: bool = option(True, "load the result in ONNX Runtime and count the integer kernels it fuses")
 
     def __post_init__(self) -> None:

@@ -49,7 +49,15 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, is_constant, is_onnx_op, new_initializer, take_over_output, unique_name
+from onnxopt.graph import (
+    all_names,
+    is_constant,
+    is_onnx_op,
+    new_initializer,
+    require_finite,
+    take_over_output,
+    unique_name,
+)
 from onnxopt.io import release_mapping
 from onnxopt.progress import progress
 from onnxopt.registry import PassStats, matches_any
@@ -86,9 +94,9 @@ def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
         if reason := gemm_declined(node):
             return reason
         trans = bool(node.attributes.get_int("transB", 0))
-        w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
+        w = require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'")
         return (np.ascontiguousarray(w.T) if trans else w), trans
-    return np.asarray(w_value.const_value.numpy(), dtype=np.float32), False
+    return require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'"), False
 
 
 def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassStats) -> list[ir.Node]:
@@ -255,7 +263,7 @@ def _conv_weight(node: ir.Node) -> tuple[np.ndarray, ir.Value | None] | str:
     if bias is not None and (not is_constant(bias) or bias.dtype != _FLOAT or bias.shape is None
                              or list(bias.shape) != [m]):
         return f"Conv bias is not a float32 constant of shape [{m}]"
-    return np.asarray(w_value.const_value.numpy(), dtype=np.float32), bias
+    return require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'"), bias
 
 
 def _try_dynamic_conv(

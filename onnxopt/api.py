@@ -27,6 +27,7 @@ from onnxopt.bench import BenchResult, bench
 from onnxopt.context import Context
 from onnxopt.data import Dataset, input_specs, load_data
 from onnxopt.pipeline import PassRecord, PassSpec, Pipeline
+from onnxopt.progress import step
 from onnxopt.validate import Comparison, check_model_file, compare_models
 
 __all__ = ["optimize", "Result", "DEFAULT_EVAL"]
@@ -47,6 +48,7 @@ class Result:
     size_after: int
     latency: BenchResult | None
     input_kind: str
+    details: dict[str, Any] | None = None
     _staged: Path | None = None
     _workspace: Any = None
     _stage: Any = None
@@ -100,6 +102,7 @@ class Result:
             "passes": [r.to_dict() for r in self.passes],
             "validation": self.validation.to_dict() if self.validation else None,
             "latency": self.latency.to_dict() if self.latency else None,
+            **(self.details or {}),
         }
 
 
@@ -139,12 +142,15 @@ def optimize(
     threads: int | None = None,
     output: str | os.PathLike[str] | None = None,
     external_data: bool | None = None,
+    details: bool = False,
 ) -> Result:
     """Run `passes` on `model` (path, ModelProto, onnx_ir.Model or graphsurgeon Graph).
 
     `calib` and `data` take any data spec (see `onnxopt.data`); validation runs on `data`, else
     on the calibration feeds, else on random feeds. With `output`, the optimized model is staged
     in that file's folder so `Result.save(output)` only renames it. The input is never changed.
+    With `details`, the data a drawn report needs (per-layer counts and errors, output
+    distributions, profiles; `onnxopt.report.collect`) is gathered into `Result.details`.
     """
     kind = _input_kind(model)
     target = Path(output) if output is not None else None
@@ -157,7 +163,8 @@ def optimize(
     try:
         if kind == "path":
             src_path = Path(model)
-            work = io.load(src_path)
+            with step("loading the model"):
+                work = io.load(src_path)
         else:
             src_path = ws.path / "original.onnx"
             io.save(io.to_ir(model), src_path, external_data=None)
@@ -180,7 +187,8 @@ def optimize(
         records = pipeline.run(work, ctx)
         staged = stage.path / (target.name if target is not None else "optimized.onnx")
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT
-        io.save(work, staged, external_data=ext)
+        with step("saving the model"):
+            io.save(work, staged, external_data=ext)
         comparison = None
         if validate:
             check_model_file(staged, has_sparse=not ext and bool(sparse.marked_names(work)))
@@ -193,6 +201,12 @@ def optimize(
         if latency_runs > 0:
             latency = bench([src_path, staged], runs=latency_runs, threads=threads, dims=dims,
                             batch=batch, data=eval_ds, memory=False, budget_s=10.0)
+        extra = None
+        if details:
+            from onnxopt.report.collect import collect_details
+
+            extra = collect_details(src_path, work, staged, eval_ds, validate=validate, bench_runs=latency_runs,
+                                    threads=threads, dims=dims)
         return Result(
             model=work,
             passes=records,
@@ -203,6 +217,7 @@ def optimize(
             size_after=size_after,
             latency=latency,
             input_kind=kind,
+            details=extra,
             _staged=staged,
             _workspace=ws,
             _stage=stage,

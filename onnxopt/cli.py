@@ -19,7 +19,6 @@ import logging
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from onnxopt import __version__
@@ -66,9 +65,11 @@ def parse_dims(items: Sequence[str]) -> dict[str, int]:
 
 
 def add_shared_arguments(p: argparse.ArgumentParser, *, runtime: bool = True, data: bool = True) -> None:
-    """The arguments verbs share: ``--debug`` always; ``--dims``, ``--batch`` and ``--threads`` for a verb that
-    runs models (`runtime`); ``--data`` for one that reads evaluation data (`data`)."""
+    """The arguments verbs share: ``--debug`` and ``--quiet`` always; ``--dims``, ``--batch`` and ``--threads``
+    for a verb that runs models (`runtime`); ``--data`` for one that reads evaluation data (`data`)."""
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars, warnings or notes: only the final table and errors")
     if not runtime:
         return
     p.add_argument("--dims", action="append", default=[], metavar="NAME=N",
@@ -96,7 +97,8 @@ def _optimize_parser() -> argparse.ArgumentParser:
                    help="a pass option, typed by its declaration (repeatable)")
     p.add_argument("--recipe", default=None, metavar="FILE", help="TOML or JSON list of passes with options")
     p.add_argument("--calib", default=None, metavar="DATA", help="calibration data: .npz, folder of .npz, random:N")
-    p.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write the report: FILE.html a page with plots (per layer, outputs, profiles), else JSON")
     p.add_argument("--tolerance", type=float, default=None, metavar="X",
                    help="exit 1 when the output error exceeds X (by --metric)")
     p.add_argument("--metric", default="rel_l2", choices=METRICS,
@@ -150,19 +152,28 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
         threads=args.threads,
         output=args.output,
         external_data=True if args.external_data else None,
+        details=bool(args.report),
     )
     out = result.save(args.output, external_data=True if args.external_data else None)
     print(result_table(result))
-    for rec in result.passes:
-        print(_pass_line(rec))
+    if not args.quiet:
+        for rec in result.passes:
+            print(_pass_line(rec))
     if args.report:
-        doc = {"model": str(args.model), "output": str(out), **result.to_dict()}
-        Path(args.report).write_text(json.dumps(doc, indent=2, default=str))
-    print(f"wrote {out}")
+        _write_report(args.report, "optimize", {"model": str(args.model), "output": str(out), **result.to_dict()})
+    if not args.quiet:
+        print(f"wrote {out}")
     if not result.passed:
         print(f"onnxopt: output error exceeds the tolerance: {result.validation.describe()}", file=sys.stderr)
         return EXIT_TOLERANCE
     return EXIT_OK
+
+
+def _write_report(path: str, kind: str, doc: dict[str, Any]) -> None:
+    """Write a verb's report (`onnxopt.report.write_report`: a page for .html, else JSON)."""
+    from onnxopt.report import write_report
+
+    write_report(path, {"kind": kind, "onnxopt": __version__, **doc})
 
 
 def _pass_line(rec: Any) -> str:
@@ -241,6 +252,8 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write a report with ONNX Runtime profiles of each model: FILE.html a page, else JSON")
     add_shared_arguments(p)
     args = p.parse_args(argv)
     setup_logging(args)
@@ -257,8 +270,17 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     data = None
     if args.data:
         data = load_data(args.data, input_specs(models[0]), dims=parse_dims(args.dims), batch=args.batch)
+    if args.report:
+        io.check_output_path(args.report, None)
     res = bench(args.models, runs=args.runs, warmup=args.warmup, threads=args.threads, provider=args.provider,
                 dims=parse_dims(args.dims), batch=args.batch, data=data, memory=not args.no_memory)
+    if args.report:
+        from onnxopt.report.collect import bench_details
+
+        _write_report(args.report, "bench", {
+            "models": list(args.models), "latency": res.to_dict(),
+            **bench_details(args.models, data, runs=args.runs, threads=args.threads, dims=parse_dims(args.dims),
+                            batch=args.batch)})
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return EXIT_OK
@@ -281,6 +303,8 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     p.add_argument("--tolerance", type=float, default=None, help="exit 1 when exceeded (by --metric)")
     p.add_argument("--metric", default="rel_l2", choices=METRICS, help="what --tolerance bounds")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write a report with per-layer errors and output distributions: FILE.html a page, else JSON")
     add_shared_arguments(p)
     args = p.parse_args(argv)
     setup_logging(args)
@@ -293,8 +317,16 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     a = io.load(args.model_a)
     io.load(args.model_b)
     data = load_data(args.data or DEFAULT_EVAL, input_specs(a), dims=parse_dims(args.dims), batch=args.batch)
+    if args.report:
+        io.check_output_path(args.report, args.model_a)
     cmp = compare_models(args.model_a, args.model_b, data, metric=args.metric, tolerance=args.tolerance,
                          threads=args.threads)
+    if args.report:
+        from onnxopt.report.collect import compare_details
+
+        _write_report(args.report, "compare", {
+            "models": [args.model_a, args.model_b], "validation": cmp.to_dict(),
+            **compare_details(args.model_a, args.model_b, data, threads=args.threads, dims=parse_dims(args.dims))})
     if args.json:
         print(json.dumps(cmp.to_dict(), indent=2))
     else:
@@ -342,6 +374,7 @@ VERBS: dict[str, str] = {
     "compare": "onnxopt.cli:_cmd_compare",
     "passes": "onnxopt.cli:_cmd_passes",
     "merge": "onnxopt.merge.verb:main",
+    "report": "onnxopt.report.verb:main",
 }
 """Every verb besides the default (optimize): ``"module:function"``, imported when the verb runs."""
 
@@ -352,9 +385,13 @@ def _verb_handler(verb: str) -> Callable[[Sequence[str]], int]:
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    """Debug logs under ``--debug``, warnings otherwise."""
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    """Debug logs under ``--debug``, warnings otherwise; ``--quiet``: errors only and no progress bars."""
+    from onnxopt.progress import set_quiet
+
+    quiet = getattr(args, "quiet", False)
+    set_quiet(quiet)
+    level = logging.DEBUG if getattr(args, "debug", False) else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,19 +2,20 @@
 distributions and profiles. Gathered only when a report is asked for (`collect_details`).
 
 Per layer
-    A layer is a main-graph node with weights (a float constant of two or more values, or a
-    DequantizeLinear of a constant), in graph order. It is paired with the node of the same name
-    in the optimized model; its parameters, MACs and weight bytes are counted in both. Its error is
-    the error of *its tensor* in the optimized model against the original's on the evaluation feeds
-    (relative L2, cosine, max abs). Names survive by contract, so that tensor is found by name: the
-    optimized node's output when the original has a tensor of that name (after ``fold`` a Conv
-    takes over the name of the BatchNorm/Relu it absorbed), else the layer's own output, else the
-    first tensor downstream of it, along single-consumer nodes, that both models have. In the
-    optimized model a tensor that was rewritten is read through its stand-in: the value that
-    records it as ``onnxopt.origin``, or the output of the QuantizeLinear→DequantizeLinear pair
-    right after it (what the next layer reads). Tapping a tensor makes it a graph output of a copy
-    of the model, which keeps ONNX Runtime from fusing across it, so a quantized model is measured
-    in its QDQ form there (equal to the fused kernels up to requantization rounding).
+    A layer is a main-graph node with weights (a float constant of two or more values, an
+    initializer or a Constant node's, or a DequantizeLinear of a constant), in graph order. It is
+    paired with the node of the same name in the optimized model; its parameters, MACs and weight
+    bytes are counted in both. Its error is the error of *its tensor* in the optimized model
+    against the original's on the evaluation feeds (relative L2, cosine, max abs). Names survive
+    by contract, so that tensor is found by name: the optimized node's output when the original
+    has a tensor of that name (after ``fold`` a Conv takes over the name of the BatchNorm/Relu it
+    absorbed), else the layer's own output, else the first tensor downstream of it, along
+    single-consumer nodes, that both models have. In the optimized model a tensor that was
+    rewritten is read through its stand-in: the value that records it as ``onnxopt.origin``, or
+    the output of the QuantizeLinear→DequantizeLinear pair right after it (what the next layer
+    reads). Tapping a tensor makes it a graph output of a copy of the model, which keeps ONNX
+    Runtime from fusing across it, so a quantized model is measured in its QDQ form there (equal
+    to the fused kernels up to requantization rounding).
 
 Per output
     The histogram of ``|optimized − original|`` over every value, on fixed log-spaced bins, with
@@ -44,7 +45,7 @@ from onnxopt import io
 from onnxopt.analysis.stats import dim_values, infer_shapes, node_macs
 from onnxopt.data import Dataset
 from onnxopt.errors import OnnxoptError, first_line
-from onnxopt.graph import ORIGIN, is_constant, is_onnx_op
+from onnxopt.graph import ORIGIN, is_onnx_op
 from onnxopt.progress import progress
 from onnxopt.runtime import TapSession
 from onnxopt.validate import _Acc
@@ -83,27 +84,26 @@ class _Layer:
     macs: int | None
 
 
-def _dq_weight(value: ir.Value) -> list[ir.Value] | None:
-    """The constants behind a DequantizeLinear of a constant (data, scale, zero point), else None."""
-    dq = value.producer()
-    if not is_onnx_op(dq, "DequantizeLinear") or not is_constant(dq.inputs[0]):
+def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer or of a Constant node's output (weights of older exports), else None."""
+    if value is None:
         return None
-    return [v for v in dq.inputs if is_constant(v)]
+    try:
+        return ir.convenience.get_const_tensor(value)
+    except (ValueError, TypeError):
+        return None
 
 
 def _weight_parts(value: ir.Value | None) -> tuple[int, int] | None:
     """(parameters, bytes) of a weight input: a float constant of 2+ values or a dequantized constant."""
-    if value is None:
+    t = _const(value)
+    if t is not None:
+        return (t.size, t.nbytes) if t.dtype.is_floating_point() and t.size > 1 else None
+    dq = value.producer() if value is not None else None
+    if not is_onnx_op(dq, "DequantizeLinear") or _const(dq.inputs[0]) is None:
         return None
-    if is_constant(value):
-        t = value.const_value
-        if t.dtype.is_floating_point() and t.size > 1:
-            return t.size, t.nbytes
-        return None
-    parts = _dq_weight(value)
-    if parts is None:
-        return None
-    return parts[0].const_value.size, sum(v.const_value.nbytes for v in parts)
+    parts = [t for t in (_const(v) for v in dq.inputs) if t is not None]
+    return parts[0].size, sum(t.nbytes for t in parts)
 
 
 def _layers(model: ir.Model, dims: dict[str, int]) -> list[_Layer]:

@@ -445,8 +445,10 @@ def _header(doc: dict[str, Any], kind: str) -> str:
 
 
 def _data_element(doc: dict[str, Any]) -> str:
-    # "</" cannot end the element early: JSON reads "<\/" back as "</".
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).replace("</", "<\\/")
+    # No "<" at all inside the element, so nothing in the data can end it or open a script: "<", ">" and
+    # "&" appear only inside JSON strings, where their \u escapes read back as the same characters.
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return f'<script type="application/json" id="{DATA_ELEMENT_ID}">{text}</script>'
 
 

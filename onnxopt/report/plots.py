@@ -80,6 +80,30 @@ def _svg(fig: Any, key: str) -> str:
     return text.strip()
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _power_of_ten(value: float, _pos: Any = None) -> str:
+    """A log-axis tick label as plain text (``10⁻³``): matplotlib's default goes through mathtext,
+    which costs most of a page's drawing time."""
+    if value <= 0 or not math.isfinite(value):
+        return ""
+    exponent = math.log10(value)
+    if abs(exponent - round(exponent)) < 1e-9:
+        return "10" + str(int(round(exponent))).translate(_SUPERSCRIPT)
+    return f"{value:.2g}"
+
+
+def _log_scale(ax: Any, which: str) -> None:
+    """A log scale on `ax`'s x or y axis labelled by `_power_of_ten`, minor ticks unlabelled."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_formatter(FuncFormatter(_power_of_ten))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _short(name: str, limit: int = 28) -> str:
     return name if len(name) <= limit else name[: limit // 2 - 1] + "…" + name[-(limit // 2) :]
 
@@ -147,7 +171,7 @@ def layer_counts(key: str, names: Sequence[str], panels: Sequence[tuple[str, Seq
             ax.bar([x + 0.2 for x in xs], after, width=0.4, color=AFTER, label="optimized")
             ax.set_ylabel(label)
             if max([*before, *after, 0]) > 0:
-                ax.set_yscale("log")
+                _log_scale(ax, "y")
             if k == 0:
                 ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, fontsize=8)
             _layer_axis(ax, names, k == len(panels) - 1)
@@ -187,7 +211,7 @@ def layer_errors(key: str, names: Sequence[str], ops: Sequence[str], errors: Seq
         for op in kinds:
             sel = [(i, max(e, floor)) for i, e in pts if ops[i] == op]
             ax.scatter([i for i, _ in sel], [e for _, e in sel], s=18, color=color[op], label=op, zorder=2)
-        ax.set_yscale("log")
+        _log_scale(ax, "y")
         for i in largest_jumps(errors):
             ax.annotate(_short(names[i], 24), (i, max(errors[i], floor)), xytext=(0, 14),
                         textcoords="offset points", ha="center", fontsize=7.5, color=WARN,
@@ -196,7 +220,7 @@ def layer_errors(key: str, names: Sequence[str], ops: Sequence[str], errors: Seq
             ax2 = ax.twinx()
             ax2.plot(range(n), [1.0 - c if c is not None else math.nan for c in cosines], color=GREY,
                      linewidth=0.8, linestyle="--", label="1 − cosine")
-            ax2.set_yscale("log")
+            _log_scale(ax2, "y")
             ax2.set_ylabel("1 − cosine (dashed)", color="#777")
             ax2.grid(False)
             ax2.spines["right"].set_visible(True)
@@ -215,7 +239,7 @@ def error_histogram(key: str, name: str, log10_min: float, bins_per_decade: int,
         edges = [10 ** (log10_min + k / bins_per_decade) for k in range(len(counts) + 1)]
         if counts:
             ax.stairs(counts, edges, fill=True, color=AFTER, alpha=0.85)
-        ax.set_xscale("log")
+        _log_scale(ax, "x")
         ax.set_xlabel("|optimized − original|")
         ax.set_ylabel("values")
         ax.set_title(f"'{_short(name, 30)}': error histogram" + (f" ({zeros} exact)" if zeros else ""))
@@ -348,7 +372,7 @@ def pareto_front(key: str, objective_label: str, error_label: str,
             ax.axhline(limit, color=WARN, linewidth=0.8, linestyle="--", label="error limit")
         ys = [y for _, y, _ in points if y is not None and y > 0]
         if ys and max(ys) / min(ys) > 100:
-            ax.set_yscale("log")
+            _log_scale(ax, "y")
         ax.set_xlabel(objective_label)
         ax.set_ylabel(error_label)
         ax.legend(fontsize=8)

@@ -100,7 +100,7 @@ class Result:
             "before": {**self.before.to_dict(), "file_bytes": self.size_before},
             "after": {**self.after.to_dict(), "file_bytes": self.size_after},
             "passes": [r.to_dict() for r in self.passes],
-            "validation": self.validation.to_dict() if self.validation else None,
+            "validation": self.validation.to_dict() if self.validation is not None else None,  # falsy when failed
             "latency": self.latency.to_dict() if self.latency else None,
             **(self.details or {}),
         }

@@ -133,6 +133,24 @@ def test_sections_without_data_say_why(digits_doc: dict[str, Any], stub_plots: N
     assert 'data-verdict="not-validated"' in page and "--no-validate" in _missing(page)["accuracy"]
 
 
+def test_non_finite_numbers_stay_standard_json_and_draw(digits_doc: dict[str, Any], tmp_path: Path) -> None:
+    from onnxopt.report import plots
+
+    doc = copy.deepcopy(digits_doc)
+    doc["layers"]["rows"][0]["rel_l2"] = float("nan")
+    doc["validation"]["outputs"][0]["rel_l2"] = float("inf")
+    doc = normalized(doc)
+    assert doc["layers"]["rows"][0]["rel_l2"] == "nan" and doc["validation"]["outputs"][0]["rel_l2"] == "inf"
+    json.loads(report_bytes(doc, tmp_path / "r.json"), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
+    rows = doc["layers"]["rows"]
+    from onnxopt.report.html import _layers
+
+    section = _layers(doc, "optimize")
+    assert "layer-errors" in _plots(section) and "<td>nan</td>" in section
+    svg = plots.layer_errors("e", ["a", "b", "c"], ["Conv"] * 3, [None, 0.1, 0.2], [None, 0.99, 0.98])
+    assert svg.startswith("<svg") and len(rows) == len(digits_doc["layers"]["rows"])
+
+
 def test_verdict_shows_the_gate_and_its_threshold(digits_doc: dict[str, Any], stub_plots: None) -> None:
     doc = copy.deepcopy(digits_doc)
     worst = doc["validation"]["worst"]
@@ -211,9 +229,11 @@ def test_compare_and_bench_pages(digits_doc: dict[str, Any], stub_plots: None) -
 
 
 def test_largest_jumps_point_where_the_error_grows() -> None:
-    errors = [0.01, 0.011, None, 0.05, 0.052, 0.049, 0.3, 0.31]
-    assert largest_jumps(errors) == [3, 6]
-    assert largest_jumps([0.1, 0.09, 0.1]) == []
+    errors = [1e-7, 3e-7, None, 0.05, 0.052, 0.049, 0.3, 0.31, 0.5]
+    assert largest_jumps(errors) == [3, 6, 8]  # 500x from the float-rounding floor, 5.8x, 1.6x
+    assert largest_jumps(errors, count=1) == [3]
+    assert largest_jumps([1e-7, 2e-6, 1e-5]) == []  # rounding is not error
+    assert largest_jumps([0.1, 0.09, 0.1]) == [0]  # the error starts at the first layer and never grows
 
 
 # ====================================================================== the data behind it
@@ -320,6 +340,18 @@ def test_cli_report_html_and_report_verb(tmp_path: Path, capsys: pytest.CaptureF
     assert doc["kind"] == "optimize" and doc["layers"]["rows"] and doc["profile"]["missing"].endswith("--bench-runs 0")
     assert main(["report", str(page), "-o", str(tmp_path / "y.html")]) == 0
     assert (tmp_path / "y.html").read_bytes() == page.read_bytes()
+
+
+def test_a_run_past_its_tolerance_reports_the_failed_gate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "r.json"
+    code = main([str(CNN), "--passes", "fold,quantize", "--calib", str(CALIB), "--data", str(EVAL), "-o",
+                 str(tmp_path / "q.onnx"), "--tolerance", "1e-6", "--bench-runs", "0", "--report", str(report)])
+    assert code == 1
+    doc = read_report(report)
+    assert doc["validation"]["passed"] is False and doc["validation"]["tolerance"] == 1e-6
+    from onnxopt.report.html import _verdict
+
+    assert 'data-verdict="fail"' in _verdict(doc) and "rel_l2 ≤ 1e-06" in _verdict(doc)
 
 
 def test_cli_compare_and_bench_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

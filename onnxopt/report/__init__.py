@@ -18,6 +18,7 @@ from that JSON).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -28,7 +29,6 @@ from onnxopt.report.text import (
     before_after_rows,
     human_bytes,
     human_count,
-    output_line,
     result_table,
     stats_table,
     table,
@@ -41,7 +41,6 @@ __all__ = [
     "result_table",
     "stats_table",
     "before_after_rows",
-    "output_line",
     "is_html",
     "normalized",
     "report_bytes",
@@ -57,10 +56,22 @@ def is_html(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in _HTML_SUFFIXES
 
 
+def _finite_json(value: Any) -> Any:
+    """`value` with NaN and infinities as the strings "nan", "inf", "-inf": the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_json(v) for v in value]
+    return value
+
+
 def normalized(doc: dict[str, Any]) -> dict[str, Any]:
-    """`doc` as JSON reads it back (tuples as lists, keys as strings, other objects as ``str``), so a
-    page drawn from a run's data and one drawn from its JSON file start from the same value."""
-    return json.loads(json.dumps(doc, default=str))
+    """`doc` as its JSON file reads back (tuples as lists, keys as strings, other objects as ``str``,
+    non-finite numbers as strings), so a page drawn from a run's data and one drawn from its JSON file
+    start from the same value."""
+    return _finite_json(json.loads(json.dumps(doc, default=str)))
 
 
 def report_bytes(doc: dict[str, Any], path: str | os.PathLike[str]) -> bytes:
@@ -70,7 +81,7 @@ def report_bytes(doc: dict[str, Any], path: str | os.PathLike[str]) -> bytes:
         from onnxopt.report.html import build_html
 
         return build_html(data).encode("utf-8")
-    return json.dumps(data, indent=2).encode("utf-8")
+    return json.dumps(data, indent=2, allow_nan=False).encode("utf-8")
 
 
 def write_report(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:

@@ -30,13 +30,14 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from onnxopt.report import plots
-from onnxopt.report.text import before_after_rows, human_bytes, human_count, output_line
+from onnxopt.report.text import before_after_rows, human_bytes, human_count
 
 __all__ = ["build_html", "embedded_data", "SECTIONS", "DATA_ELEMENT_ID"]
 
@@ -107,7 +108,7 @@ def _verdict(doc: dict[str, Any]) -> str:
         return '<div class="verdict neutral" data-verdict="not-validated">Not validated (--no-validate): ' \
                "no comparison with the original was run.</div>"
     metric, tol, worst = v.get("metric", "rel_l2"), v.get("tolerance"), v.get("worst")
-    worst_text = "-" if worst is None else f"{worst:.4g}"
+    worst_text = _number(worst, ".4g")
     samples = v.get("samples")
     if tol is None:
         return (f'<div class="verdict neutral" data-verdict="not-gated"><b>Not gated</b>: no --tolerance was given. '
@@ -115,8 +116,8 @@ def _verdict(doc: dict[str, Any]) -> str:
     ok = bool(v.get("passed"))
     word = "passed" if ok else "FAILED"
     return (f'<div class="verdict {"pass" if ok else "fail"}" data-verdict="{"pass" if ok else "fail"}">'
-            f"<b>Gated</b>: {_e(metric)} ≤ {tol:g} — <b>{word}</b> (worst {worst_text} on {_e(samples)} samples; "
-            f"the run exits {0 if ok else 1}).</div>")
+            f"<b>Gated</b>: {_e(metric)} ≤ {_number(tol, 'g')} — <b>{word}</b> (worst {worst_text} "
+            f"on {_e(samples)} samples; the run exits {0 if ok else 1}).</div>")
 
 
 def _ratio_rows(doc: dict[str, Any]) -> list[tuple[str, float]]:
@@ -140,20 +141,35 @@ def _summary_optimize(doc: dict[str, Any]) -> str:
         if rows:
             parts.append(_figure("ratios", "What changed, as a ratio to the original",
                                  plots.ratio_bars("ratios", rows)))
-    v = doc.get("validation")
-    if v:
-        lines = "".join(f"<li>{_e(output_line(o))}</li>" for o in v.get("outputs", []))
-        parts.append(f"<ul class='outputs'>{lines}</ul>")
+    parts.append(_output_table(doc))
     if not doc.get("latency"):
         parts.append(_missing("latency", "no latency row: timing skipped with --bench-runs 0"))
     return "".join(parts)
 
 
+def _number(x: Any, spec: str) -> str:
+    """A number formatted by `spec`; None as "-", anything else (a JSON report's "nan") as it is."""
+    return format(x, spec) if isinstance(x, (int, float)) else ("-" if x is None else str(x))
+
+
+def _finite(x: Any) -> float | None:
+    """A finite number for a plot, else None (a JSON report writes NaN and infinities as strings)."""
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _output_table(doc: dict[str, Any]) -> str:
+    """Per output: max abs, rel L2, cosine, top-1 agreement (from the validation)."""
+    outputs = (doc.get("validation") or {}).get("outputs", [])
+    if not outputs:
+        return ""
+    rows = [[o.get("name", "?"), _number(o.get("max_abs"), ".4g"), _number(o.get("rel_l2"), ".4g"),
+             _number(o.get("cosine"), ".6f"), "-" if o.get("top1") is None else _number(o["top1"] * 100, ".2f") + "%"]
+            for o in outputs]
+    return _table(["output", "max abs", "rel L2", "cosine", "top-1 agreement"], rows, "numbers")
+
+
 def _summary_compare(doc: dict[str, Any]) -> str:
-    v = doc.get("validation") or {}
-    rows = [[o["name"], f"{o['max_abs']:.4g}", f"{o['rel_l2']:.4g}", f"{o['cosine']:.6f}",
-             "-" if o.get("top1") is None else f"{o['top1'] * 100:.2f}%"] for o in v.get("outputs", [])]
-    return _verdict(doc) + _table(["output", "max abs", "rel L2", "cosine", "top-1 agree"], rows, "numbers")
+    return _verdict(doc) + _output_table(doc)
 
 
 def _summary_bench(doc: dict[str, Any]) -> str:
@@ -162,8 +178,8 @@ def _summary_bench(doc: dict[str, Any]) -> str:
     if not models:
         return _missing("summary", "no latency data in this report")
     ratios = lat.get("ratios") or [1.0] * len(models)
-    rows = [[m["model"], f"{m['min_ms']:.3f}", f"{m['median_ms']:.3f}", f"{m['p90_ms']:.3f}",
-             f"{m['throughput']:.1f}", "-" if m.get("peak_mb") is None else f"{m['peak_mb']:.0f}", f"{r:.3f}x"]
+    rows = [[m["model"], _number(m["min_ms"], ".3f"), _number(m["median_ms"], ".3f"), _number(m["p90_ms"], ".3f"),
+             _number(m["throughput"], ".1f"), _number(m.get("peak_mb"), ".0f"), _number(r, ".3f") + "x"]
             for m, r in zip(models, ratios)]
     threads = lat.get("threads")
     note = (f"<p>{_e(lat.get('provider', 'cpu')).upper()} provider, {models[0]['runs']} interleaved runs, "
@@ -222,18 +238,18 @@ def _layers(doc: dict[str, Any], kind: str) -> str:
               ("weight bytes", [r["bytes_before"] for r in rows], [r["bytes_after"] for r in rows])]
     parts = [_figure("layer-counts", "Parameters, MACs and weight bytes per layer, before and after",
                      plots.layer_counts("layer-counts", names, panels))]
-    errors = [r.get("rel_l2") for r in rows]
+    errors = [_finite(r.get("rel_l2")) for r in rows]
     if any(e is not None for e in errors):
         ops = [r.get("op") or r.get("op_after") or "?" for r in rows]
-        cosines = [r.get("cosine") for r in rows]
+        cosines = [_finite(r.get("cosine")) for r in rows]
         feeds = f" on {sec['samples']} samples ({sec['feeds']} feeds)" if "samples" in sec else ""
         caption = f"Error of each layer's tensor in the optimized model{feeds} (red: where it grows)"
         parts.append(_figure("layer-errors", caption, plots.layer_errors("layer-errors", names, ops, errors, cosines)))
         jumps = plots.largest_jumps(errors)
         if jumps:
             items = ", ".join(f"<code>{_e(names[i])}</code> ({errors[i]:.3g})" for i in jumps)
-            parts.append(f"<p>The error grows most at {items} (rel L2 of the layer's tensor, more than 1.5x the "
-                         "largest before it).</p>")
+            parts.append(f"<p>The error grows most at {items} (rel L2 of the layer's tensor: the largest rises "
+                         "past 1.5x the largest error before it, or past 1e-4 where it starts).</p>")
     else:
         parts.append(_missing("layer-errors", sec.get("missing_errors", "no layer's tensor could be compared")))
     header = ["layer", "op", "status", "params before", "after", "MACs before", "after", "bytes before", "after",
@@ -241,8 +257,7 @@ def _layers(doc: dict[str, Any], kind: str) -> str:
     body = [[r["name"], r.get("op") or r.get("op_after"), r["status"], human_count(r["params_before"]),
              human_count(r["params_after"]), human_count(r["macs_before"]), human_count(r["macs_after"]),
              human_bytes(r["bytes_before"]), human_bytes(r["bytes_after"]), r.get("tensor") or "-",
-             "-" if r.get("rel_l2") is None else f"{r['rel_l2']:.4g}",
-             "-" if r.get("cosine") is None else f"{r['cosine']:.6f}"] for r in rows]
+             _number(r.get("rel_l2"), ".4g"), _number(r.get("cosine"), ".6f")] for r in rows]
     parts.append(_details(f"the {len(rows)} layers as a table", _table(header, body, "numbers small")))
     missing = Counter(r["error_missing"] for r in rows if r.get("error_missing"))
     if missing and any(e is not None for e in errors):
@@ -289,7 +304,7 @@ def _time(doc: dict[str, Any], kind: str) -> str:
         return _missing("time", "no model was profiled")
     labels = [m["label"] for m in models]
     threads = sec.get("threads")
-    runs = ", ".join(f"{m['label']} {m['run_ms']:.3g} ms per run over {m['runs']} runs" for m in models)
+    runs = ", ".join(f"{m['label']} {_number(m['run_ms'], '.3g')} ms per run over {m['runs']} runs" for m in models)
     parts = [
         f"<p>ONNX Runtime's profiler on one feed (batch {_e(sec.get('batch', '?'))}, "
         f"{f'{threads} threads' if threads else 'default threads'}): {_e(runs)}. Kernel times per node, summed; "
@@ -424,7 +439,7 @@ table.small{font-size:12px}table.passes td:nth-child(3){max-width:620px}
 .verdict{padding:9px 12px;border-radius:5px;margin:8px 0}.verdict.pass{background:#e6f4ea;border:1px solid #9ccfae}
 .verdict.fail{background:#fbe9eb;border:1px solid #e6a1aa}.verdict.neutral{background:#eef2f7;border:1px solid #c8d3e0}
 .missing{color:#6b7480;font-style:italic}.note{color:#525a64;font-size:13px}details{margin:6px 0}
-summary{cursor:pointer;color:#1f6fd1}code{font-size:12.5px}ul.outputs{margin:6px 0;padding-left:20px;font-size:13px}
+summary{cursor:pointer;color:#1f6fd1}code{font-size:12.5px}
 """
 
 

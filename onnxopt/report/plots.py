@@ -178,20 +178,22 @@ def layer_counts(key: str, names: Sequence[str], panels: Sequence[tuple[str, Seq
         return _svg(fig, key)
 
 
-def largest_jumps(errors: Sequence[float | None], count: int = 3, factor: float = 1.5) -> list[int]:
-    """Indices where the error first rises past `factor` times the largest error before it: where it grows.
-
-    The `count` largest rises (by ratio), in graph order. The first finite error counts as a rise
-    from nothing only when it is the largest one overall.
+def largest_jumps(errors: Sequence[float | None], count: int = 4, factor: float = 1.5,
+                  floor: float = 1e-4) -> list[int]:
+    """Where the error grows: indices whose error exceeds `factor` times the largest error before them
+    (and at least `floor`, so that float rounding, 1e-7 after an exact pass, is no error), the `count`
+    largest rises by ratio, in graph order. The first layer with an error past `floor` is a rise from
+    `floor`: where the error starts.
     """
-    best: float | None = None
+    best = 0.0
     rises: list[tuple[float, int]] = []
     for i, e in enumerate(errors):
-        if e is None or not math.isfinite(e) or e <= 0:
+        if e is None or not math.isfinite(e):
             continue
-        if best is not None and e > factor * best:
-            rises.append((e / best, i))
-        best = e if best is None else max(best, e)
+        ref = max(best, floor)
+        if e > factor * ref:
+            rises.append((e / ref, i))
+        best = max(best, e)
     top = sorted(rises, key=lambda r: (-r[0], r[1]))[:count]
     return sorted(i for _, i in top)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from onnxopt.analysis import ModelStats
 
-__all__ = ["human_bytes", "human_count", "table", "result_table", "stats_table", "before_after_rows", "output_line"]
+__all__ = ["human_bytes", "human_count", "table", "result_table", "stats_table", "before_after_rows"]
 
 
 def human_bytes(n: float) -> str:
@@ -67,21 +67,17 @@ def before_after_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def output_line(o: dict[str, Any]) -> str:
-    """One output's agreement, as the table prints it under the rows."""
-    line = f"output '{o['name']}': max abs {o['max_abs']:.3g}, rel L2 {o['rel_l2']:.3g}, cosine {o['cosine']:.6f}"
-    if o.get("top1") is not None:
-        line += f", top-1 agreement {o['top1'] * 100:.2f}%"
-    return line
-
-
 def result_table(result: Any) -> str:
     """The before/after table of an `onnxopt.api.Result`."""
-    text = table(before_after_rows(result.to_dict()), ["", "before", "after", "change"])
+    rows = before_after_rows(result.to_dict())
     v = result.validation
+    text = table(rows, ["", "before", "after", "change"])
     if v is not None:
         for o in v.outputs:
-            text += "\n" + output_line(o.to_dict())
+            line = f"output '{o.name}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"
+            if o.top1 is not None:
+                line += f", top-1 agreement {o.top1 * 100:.2f}%"
+            text += "\n" + line
         text += f"\nvalidation on {v.samples} samples: {v.describe()}"
     return text
 

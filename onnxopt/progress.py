@@ -30,8 +30,6 @@ __all__ = ["progress", "bar", "step", "enabled", "set_quiet", "Bar", "STEP_DELAY
 STEP_DELAY = 1.0
 """Seconds a `step` must last before its line appears (short steps show nothing)."""
 
-_BAR_DELAY = 0.3  # a loop that ends sooner than this never draws a bar
-
 _quiet = False
 
 
@@ -66,7 +64,7 @@ def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iter
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
-    with _tqdm(iterable=items, desc=desc, total=total, delay=_BAR_DELAY) as b:
+    with _tqdm(iterable=items, desc=desc, total=total) as b:
         yield from b
 
 
@@ -74,7 +72,7 @@ class Bar:
     """A bar advanced by hand; every method does nothing when bars are off."""
 
     def __init__(self, desc: str, total: int | None, unit: str) -> None:
-        self._bar = _tqdm(desc=desc, total=total, unit=unit, delay=_BAR_DELAY) if enabled() else None
+        self._bar = _tqdm(desc=desc, total=total, unit=unit) if enabled() else None
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:

@@ -223,15 +223,24 @@ def _accuracy(doc: dict[str, Any], kind: str) -> str:
 
 
 # ====================================================================== layers
-def _layers(doc: dict[str, Any], kind: str) -> str:
-    sec = doc.get("layers")
+def _gathered(doc: dict[str, Any], key: str, section: str, items: str, empty: str) -> dict[str, Any] | str:
+    """The data a run gathered for a report under `key` (with a non-empty list `items`), or the
+    paragraph saying why `section` has none."""
+    sec = doc.get(key)
     if sec is None:
-        return _missing("layers", _NO_DETAILS)
+        return _missing(section, _NO_DETAILS)
     if "missing" in sec:
-        return _missing("layers", sec["missing"])
-    rows = sec.get("rows", [])
-    if not rows:
-        return _missing("layers", "the model has no node with weights")
+        return _missing(section, sec["missing"])
+    if not sec.get(items):
+        return _missing(section, empty)
+    return sec
+
+
+def _layers(doc: dict[str, Any], kind: str) -> str:
+    sec = _gathered(doc, "layers", "layers", "rows", "the model has no node with weights")
+    if isinstance(sec, str):
+        return sec
+    rows = sec["rows"]
     names = [r["name"] for r in rows]
     panels = [("parameters", [r["params_before"] for r in rows], [r["params_after"] for r in rows]),
               ("MACs", [r["macs_before"] or 0 for r in rows], [r["macs_after"] or 0 for r in rows]),
@@ -268,11 +277,9 @@ def _layers(doc: dict[str, Any], kind: str) -> str:
 
 # ====================================================================== outputs
 def _outputs(doc: dict[str, Any], kind: str) -> str:
-    sec = doc.get("distributions")
-    if sec is None:
-        return _missing("outputs", _NO_DETAILS)
-    if "missing" in sec:
-        return _missing("outputs", sec["missing"])
+    sec = _gathered(doc, "distributions", "outputs", "outputs", "the model has no output")
+    if isinstance(sec, str):
+        return sec
     parts = []
     for k, o in enumerate(sec.get("outputs", [])):
         if "missing" in o:
@@ -289,19 +296,15 @@ def _outputs(doc: dict[str, Any], kind: str) -> str:
                      + _figure(f"hist-{k}", f"Error histogram of output '{name}'", hist)
                      + _figure(f"scatter-{k}", f"Optimized against original values of output '{name}'", scatter)
                      + f"</div><p class='note'>{_e(note)}</p>")
-    return "".join(parts) or _missing("outputs", "the model has no output")
+    return "".join(parts)
 
 
 # ====================================================================== time
 def _time(doc: dict[str, Any], kind: str) -> str:
-    sec = doc.get("profile")
-    if sec is None:
-        return _missing("time", _NO_DETAILS)
-    if "missing" in sec:
-        return _missing("time", sec["missing"])
-    models = sec.get("models", [])
-    if not models:
-        return _missing("time", "no model was profiled")
+    sec = _gathered(doc, "profile", "time", "models", "no model was profiled")
+    if isinstance(sec, str):
+        return sec
+    models = sec["models"]
     labels = [m["label"] for m in models]
     threads = sec.get("threads")
     runs = ", ".join(f"{m['label']} {_number(m['run_ms'], '.3g')} ms per run over {m['runs']} runs" for m in models)

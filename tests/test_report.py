@@ -171,33 +171,54 @@ def test_skipped_nodes_are_drawn_by_reason(digits_doc: dict[str, Any], stub_plot
 
 
 def _tune_doc(base: dict[str, Any]) -> dict[str, Any]:
-    doc = copy.deepcopy(base)
-    doc["kind"] = "tune"
-    trials = [{"number": i, "params": {"quantize": i % 2 == 0, "prune.sparsity": 0.1 * i}, "objective": 1.0 - 0.08 * i,
-               "error": 0.001 * (i + 1) ** 2, "state": "COMPLETE"} for i in range(8)]
-    trials.append({"number": 8, "params": {}, "objective": None, "error": None, "state": "PRUNED"})
-    doc["tune"] = {
-        "objective": "latency", "metric": "cosine", "limit": 0.03,
-        "sensitivity": [{"layer": f"conv{i}", "action": a, "error": 10.0 ** (-4 + i / 3 + k)}
-                        for i in range(6) for k, a in enumerate(["quantize", "prune 0.5", "channels 0.25"])],
-        "trials": trials, "pareto": [0, 1, 2, 3, 4, 5, 6, 7], "chosen": 4,
+    """A tune report in the schema of docs/tune.md, its chosen model's report being `base`."""
+    trials = [{"number": i, "state": "complete", "params": {"quantize": i % 2 == 0, "prune.sparsity": 0.1 * i},
+               "objective": 1.0 - 0.08 * i, "error": 0.001 * (i + 1) ** 2, "feasible": i < 5, "reason": ""}
+              for i in range(8)]
+    trials.append({"number": 8, "state": "pruned", "params": {}, "objective": None, "error": None,
+                   "feasible": False, "reason": "hopeless"})
+    rows = [{"pass": p, "layer": f"conv{i}", "label": label, "status": "measured",
+             "error": 10.0 ** (-4 + i / 3 + k), "rel_l2": None}
+            for i in range(6) for k, (p, label) in enumerate([("quantize", "int8"), ("prune", "sparsity 0.5"),
+                                                              ("channels", "ratio 0.25")])]
+    rows.append({"pass": "factorize", "layer": "conv0", "label": "rank 0.5", "status": "not measured",
+                 "error": None, "rel_l2": None})
+    return {
+        "kind": "tune", "model": "models/digits_cnn.onnx",
+        "constraint": {"metric": "cosine", "limit": 0.03, "unit": "1-cos", "text": "1-cos <= 0.03"},
+        "objective": {"name": "latency", "threads": None},
+        "sensitivity": {"metric": "cosine", "rows": rows},
+        "trials": trials,
+        "pareto": [{"number": n, "objective": trials[n]["objective"], "error": trials[n]["error"]} for n in range(8)],
+        "chosen": {"number": 4, "objective": 0.7, "error": 0.02, "holds": True, "beats": True},
+        "verdict": "chosen", "message": "chose trial 4", "result": copy.deepcopy(base),
     }
-    return doc
 
 
 def test_tune_sections(digits_doc: dict[str, Any], stub_plots: None) -> None:
     page = build_html(_tune_doc(digits_doc))
     assert _sections(page) == list(SECTIONS["tune"])
-    assert {"sensitivity", "pareto"} <= set(_plots(page))
-    assert "Chosen: trial 4" in page and "all 9 trials" in page
-    no_tune = _tune_doc(digits_doc)
-    del no_tune["tune"]
-    assert _missing(build_html(no_tune))["tune"] == "this report has no tuning data"
+    assert {"sensitivity", "pareto", "layer-errors", "op-times"} <= set(_plots(page))  # the chosen model's too
+    assert "chose trial 4" in page and "all 9 trials" in page and "hopeless" in page
+    assert set(_missing(page)) == {"skip-reasons"}
+    nothing = _tune_doc(digits_doc)
+    nothing.update(chosen=None, result=None, verdict="nothing qualifies", message="no trial held 1-cos <= 0.03")
+    page = build_html(nothing)
+    missing = _missing(page)
+    assert missing["layers"] == "no model was written: no trial held 1-cos &lt;= 0.03"
+    assert "no trial was chosen" in missing["chosen"] and "pareto" in _plots(page)
 
 
-def test_tune_plots_draw() -> None:
+def test_sensitivity_grid_and_tune_plots_draw() -> None:
     from onnxopt.report import plots
+    from onnxopt.report.html import _sensitivity_grid
 
+    rows = [{"pass": "quantize", "layer": "a", "label": "int8", "error": 1e-3},
+            {"pass": "prune", "layer": "a", "label": "0.5", "error": None, "rel_l2": 0.02},
+            {"pass": "quantize", "layer": "b", "label": "int8", "error": "nan"}]
+    layers, actions, grid = _sensitivity_grid(rows)
+    assert layers == ["a", "b"] and actions == ["quantize int8", "prune 0.5"]
+    assert grid == [[1e-3, 0.02], [None, None]]
     heat = plots.sensitivity_heatmap("s", ["a", "b", "c"], ["quantize", "prune"],
                                      [[1e-3, 1e-2], [None, 0.2], [0.05, 0.0]])
     assert "<image" in heat and heat.count("<text") >= 5  # the grid is one embedded image, with labelled axes
@@ -211,7 +232,8 @@ def test_pareto_front_when_the_tune_data_leaves_it_out() -> None:
     from onnxopt.report.html import _pareto_numbers
 
     pts = {0: (1.0, 0.1), 1: (0.5, 0.2), 2: (0.6, 0.3), 3: (0.2, 0.5), 4: (0.2, 0.6), 5: (0.9, 0.05)}
-    trials = [{"number": n, "objective": o, "error": e, "state": "COMPLETE"} for n, (o, e) in pts.items()]
+    trials = [{"number": n, "objective": o, "error": e, "state": "complete"} for n, (o, e) in pts.items()]
+    trials.append({"number": 6, "objective": 0.1, "error": 0.01, "state": "pruned"})  # not a finished trial
     dominated = {n for n, (o, e) in pts.items()
                  if any(o2 <= o and e2 <= e and (o2, e2) != (o, e) for o2, e2 in pts.values())}
     assert _pareto_numbers(trials) == sorted(set(pts) - dominated) == [1, 3, 5]

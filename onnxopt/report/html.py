@@ -357,10 +357,14 @@ def _passes(doc: dict[str, Any], kind: str) -> str:
 
 
 # ====================================================================== tune
+def _complete(trial: dict[str, Any]) -> bool:
+    return str(trial.get("state", "complete")).lower() == "complete"
+
+
 def _pareto_numbers(trials: list[dict[str, Any]]) -> list[int]:
     """Completed trials that no other completed trial beats on both objective and error (lower is better)."""
-    done = [t for t in trials if t.get("state", "COMPLETE") == "COMPLETE"
-            and t.get("objective") is not None and t.get("error") is not None]
+    done = [t for t in trials if _complete(t) and _finite(t.get("objective")) is not None
+            and _finite(t.get("error")) is not None]
     front = []
     for t in done:
         if not any(o["objective"] <= t["objective"] and o["error"] <= t["error"]
@@ -369,52 +373,64 @@ def _pareto_numbers(trials: list[dict[str, Any]]) -> list[int]:
     return sorted(front)
 
 
+def _sensitivity_grid(rows: list[dict[str, Any]]) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """Layers (in order of appearance), actions (``pass label``) and the error of each pair (None: not
+    measured), from tune's sensitivity rows."""
+    def action(r: dict[str, Any]) -> str:
+        return " ".join(str(x) for x in (r.get("pass"), r.get("label")) if x)
+
+    layers = list(dict.fromkeys(str(r["layer"]) for r in rows))
+    actions = list(dict.fromkeys(action(r) for r in rows))
+    cell = {}
+    for r in rows:
+        err = _finite(r.get("error"))
+        cell[(str(r["layer"]), action(r))] = err if err is not None else _finite(r.get("rel_l2"))
+    return layers, actions, [[cell.get((lay, act)) for act in actions] for lay in layers]
+
+
 def _tune(doc: dict[str, Any], kind: str) -> str:
-    sec = doc.get("tune")
-    if sec is None:
-        return _missing("tune", "this report has no tuning data")
+    """Tune's own report (the schema of docs/tune.md): sensitivity, trials, Pareto front, the choice."""
     parts = []
-    sens = sec.get("sensitivity") or []
-    if sens:
-        layers = list(dict.fromkeys(r["layer"] for r in sens))
-        actions = list(dict.fromkeys(r["action"] for r in sens))
-        cell = {(r["layer"], r["action"]): r.get("error") for r in sens}
-        grid = [[cell.get((lay, act)) for act in actions] for lay in layers]
-        parts.append(_figure("sensitivity", "Sensitivity: layer × action → error",
+    constraint = doc.get("constraint") or {}
+    objective = doc.get("objective") or {}
+    objective_label = f"{objective.get('name', 'objective')} (ratio to the original)"
+    error_label = f"error ({constraint.get('unit') or constraint.get('metric') or '?'})"
+    if doc.get("message"):
+        parts.append(f"<p><b>{_e(doc.get('verdict', ''))}</b>: {_e(doc['message'])}</p>")
+    rows = (doc.get("sensitivity") or {}).get("rows") or []
+    if rows:
+        layers, actions, grid = _sensitivity_grid(rows)
+        parts.append(_figure("sensitivity", "Sensitivity: the error of each action applied to one layer alone",
                              plots.sensitivity_heatmap("sensitivity", layers, actions, grid)))
     else:
         parts.append(_missing("sensitivity", "no sensitivity table in this report"))
-    trials = sec.get("trials") or []
-    objective = sec.get("objective", "objective")
-    error_label = f"error ({sec.get('metric', 'metric')})"
-    limit = sec.get("limit")
-    if trials:
-        by_number = {t["number"]: t for t in trials}
-        front_numbers = sec.get("pareto")
-        if front_numbers is None:
-            front_numbers = _pareto_numbers(trials)
-        pts = [(t["objective"], t["error"], t.get("state", "COMPLETE")) for t in trials
-               if t.get("objective") is not None and t.get("error") is not None]
-        front = [(by_number[n]["objective"], by_number[n]["error"]) for n in front_numbers
-                 if n in by_number and by_number[n].get("objective") is not None
-                 and by_number[n].get("error") is not None]
-        chosen_t = by_number.get(sec.get("chosen"))
-        chosen = (chosen_t["objective"], chosen_t["error"]) if chosen_t and chosen_t.get("error") is not None else None
-        parts.append(_figure("pareto", f"Pareto front: {objective} against error, the chosen trial ringed",
-                             plots.pareto_front("pareto", str(objective), error_label, pts, front, chosen, limit)))
-        if chosen_t:
-            parts.append(f"<p>Chosen: trial {_e(chosen_t['number'])}, {_e(objective)} {_fmt(chosen_t['objective'])}, "
-                         f"error {_fmt(chosen_t['error'])}.</p>")
-            parts.append(_table(["setting", "value"], [[k, _fmt(v)] for k, v in (chosen_t.get("params") or {}).items()],
-                                "small"))
-        else:
-            parts.append(_missing("chosen", "no trial was chosen: none met the constraint and beat the original"))
-        rows = [[t["number"], t.get("state", "?"), _fmt(t.get("objective")), _fmt(t.get("error")),
-                 ", ".join(f"{k}={_fmt(v)}" for k, v in (t.get("params") or {}).items())] for t in trials]
-        parts.append(_details(f"all {len(trials)} trials", _table(["trial", "state", str(objective), "error",
-                                                                    "settings"], rows, "small")))
-    else:
-        parts.append(_missing("trials", "no trials in this report"))
+    trials = doc.get("trials") or []
+    drawn = [t for t in trials if _finite(t.get("objective")) is not None and _finite(t.get("error")) is not None]
+    if not drawn:
+        parts.append(_missing("trials", "no trial completed"))
+        return "".join(parts)
+    by_number = {t["number"]: t for t in drawn}
+    pareto = doc.get("pareto")
+    numbers = [p["number"] if isinstance(p, dict) else p for p in pareto] if pareto is not None \
+        else _pareto_numbers(trials)
+    front = [(by_number[n]["objective"], by_number[n]["error"]) for n in numbers if n in by_number]
+    chosen = doc.get("chosen")
+    chosen_number = chosen.get("number") if isinstance(chosen, dict) else chosen
+    chosen_trial = by_number.get(chosen_number)
+    point = (chosen_trial["objective"], chosen_trial["error"]) if chosen_trial else None
+    pts = [(t["objective"], t["error"], str(t.get("state", "complete")).upper()) for t in drawn]
+    parts.append(_figure("pareto", "Pareto front: objective against error on the search data, the chosen trial ringed",
+                         plots.pareto_front("pareto", objective_label, error_label, pts, front, point,
+                                            _finite(constraint.get("limit")))))
+    if isinstance(chosen, dict):
+        parts.append(_table(["chosen trial", "value"], [[k, _fmt(v)] for k, v in chosen.items()], "small"))
+    elif chosen_number is None:
+        parts.append(_missing("chosen", "no trial was chosen: none held the constraint and beat the original"))
+    rows_t = [[t["number"], t.get("state", "?"), _fmt(t.get("objective")), _fmt(t.get("error")),
+               ", ".join(f"{k}={_fmt(v)}" for k, v in (t.get("params") or {}).items()), t.get("reason", "")]
+              for t in trials]
+    parts.append(_details(f"all {len(trials)} trials", _table(["trial", "state", "objective", "error", "settings",
+                                                               "reason"], rows_t, "small")))
     return "".join(parts)
 
 
@@ -450,13 +466,14 @@ def _header(doc: dict[str, Any], kind: str) -> str:
     if kind == "compare" or kind == "bench":
         subject = " vs ".join(str(m) for m in doc.get("models", [])) or "models"
     else:
-        subject = f"{doc.get('model', '?')} → {doc.get('output', '?')}"
+        subject = str(doc.get("model", "?")) + (f" → {doc['output']}" if doc.get("output") else "")
     bits = [f"onnxopt {kind}"]
     if doc.get("onnxopt"):
         bits.append(f"version {doc['onnxopt']}")
-    if doc.get("passes"):
-        bits.append("passes " + ", ".join(p["name"] for p in doc["passes"]))
-    data = (doc.get("distributions") or {}).get("source") or (doc.get("layers") or {}).get("source")
+    view = doc.get("result") if kind == "tune" and isinstance(doc.get("result"), dict) else doc
+    if view.get("passes"):
+        bits.append("passes " + ", ".join(p["name"] for p in view["passes"]))
+    data = (view.get("distributions") or {}).get("source") or (view.get("layers") or {}).get("source")
     if data:
         bits.append(f"evaluation data {data}")
     return f"<header><h1>{_e(subject)}</h1><p>{_e(' · '.join(bits))}</p></header>"
@@ -470,12 +487,22 @@ def _data_element(doc: dict[str, Any]) -> str:
     return f'<script type="application/json" id="{DATA_ELEMENT_ID}">{text}</script>'
 
 
+def _section_body(doc: dict[str, Any], kind: str, key: str) -> str:
+    """One section's HTML. A tune run's model sections draw its chosen model's report (``result``)."""
+    if kind != "tune" or key == "tune":
+        return _BUILDERS[key](doc, kind)
+    result = doc.get("result")
+    if not isinstance(result, dict):
+        return _missing(key, "no model was written: " + str(doc.get("message") or "nothing qualified"))
+    return _BUILDERS[key](result, "optimize")
+
+
 def build_html(doc: dict[str, Any]) -> str:
     """The report page for `doc` (a report's JSON data), as text."""
     kind = doc.get("kind", "optimize")
     if kind not in SECTIONS:
         kind = "optimize"
-    sections = [_Section(key, _TITLES[key], _BUILDERS[key](doc, kind)) for key in SECTIONS[kind]]
+    sections = [_Section(key, _TITLES[key], _section_body(doc, kind, key)) for key in SECTIONS[kind]]
     nav = "".join(f'<a href="#{s.key}">{_e(s.title)}</a>' for s in sections)
     body = "".join(f'<section id="{s.key}" data-section="{s.key}"><h2>{_e(s.title)}</h2>{s.body}</section>'
                    for s in sections)

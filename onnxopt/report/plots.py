@@ -329,7 +329,8 @@ def skip_reasons(key: str, rows: Sequence[tuple[str, int]]) -> str:
 # ====================================================================== tune
 def sensitivity_heatmap(key: str, layers: Sequence[str], actions: Sequence[str],
                         error: Sequence[Sequence[float | None]]) -> str:
-    """Layer × action → error (log colour scale); blank where an action was not measured."""
+    """Layer × action → error (log colour scale); light grey where an action was not measured."""
+    import matplotlib
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -339,8 +340,10 @@ def sensitivity_heatmap(key: str, layers: Sequence[str], actions: Sequence[str],
     width = min(13.0, max(6.4, 0.16 * len(layers) + 2.5))
     with _figure(key, width, 1.4 + 0.32 * len(actions)) as fig:
         ax = fig.add_subplot()
-        img = ax.imshow(np.where(grid > 0, grid, lo), aspect="auto", cmap="magma_r",
-                        norm=LogNorm(vmin=lo, vmax=max(hi, lo * 10)), interpolation="nearest")
+        cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="#eeeeee")  # not measured: light grey
+        shown = np.where(np.isfinite(grid) & (grid <= 0), lo, grid)  # an exact action: the lowest colour
+        img = ax.imshow(shown, aspect="auto", cmap=cmap, norm=LogNorm(vmin=lo, vmax=max(hi, lo * 10)),
+                        interpolation="nearest")
         ax.set_yticks(range(len(actions)), actions)
         step = _tick_every(len(layers))
         idx = list(range(0, len(layers), step))

@@ -158,7 +158,10 @@ def test_verdict_shows_the_gate_and_its_threshold(digits_doc: dict[str, Any], st
     page = build_html(doc)
     assert 'data-verdict="fail"' in page and f"rel_l2 ≤ {worst / 2:g}" in page and "FAILED" in page
     doc["validation"].update(tolerance=worst * 2, passed=True)
-    assert 'data-verdict="pass"' in build_html(doc)
+    page = build_html(doc)
+    assert 'data-verdict="pass"' in page and 'data-verdict="drift"' not in page
+    doc["validation"]["drift"] = [{"output": "logits", "reasons": ["cosine 0.9 below 0.99"]}]
+    assert "output 'logits': cosine 0.9 below 0.99" in build_html(doc)
 
 
 def test_skipped_nodes_are_drawn_by_reason(digits_doc: dict[str, Any], stub_plots: None) -> None:

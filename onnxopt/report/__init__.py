@@ -27,8 +27,10 @@ from typing import Any
 from onnxopt.errors import UsageError
 from onnxopt.report.text import (
     before_after_rows,
+    comparison_table,
     human_bytes,
     human_count,
+    output_line,
     result_table,
     stats_table,
     table,
@@ -41,6 +43,8 @@ __all__ = [
     "result_table",
     "stats_table",
     "before_after_rows",
+    "output_line",
+    "comparison_table",
     "is_html",
     "normalized",
     "report_bytes",

@@ -319,7 +319,7 @@ def _tap_pairs(
 ) -> tuple[dict[tuple[str, str], _Acc | None], dict[str, _Distribution]]:
     """Error sums per (original tensor, optimized tensor) pair (None: shapes differ) and distributions
     per model output, from one run of each model per feed and group of tensors."""
-    sums: dict[tuple[str, str], _Acc | None] = {p: _Acc() for p in pairs}
+    sums: dict[tuple[str, str], _Acc | None] = {p: _Acc(p[0]) for p in pairs}
     dists = {name: _Distribution(len(data)) for name in outputs}
     items = list(dict.fromkeys([(o, o) for o in outputs] + list(pairs)))
     for group in _groups(items, orig, _batch_of(data), dims):
@@ -395,7 +395,7 @@ def layer_sections(
         if acc is None:
             row["error_missing"] = pick if isinstance(pick, str) else "the tensor's shapes differ between the models"
             continue
-        diff = acc.result(pick[0])
+        diff = acc.result()
         row.update(rel_l2=diff.rel_l2, cosine=diff.cosine, max_abs=diff.max_abs)
     layers.update(feeds=len(data), samples=data.num_samples, source=data.source)
     dists = {

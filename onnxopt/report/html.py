@@ -102,6 +102,13 @@ def _details(summary: str, inner: str) -> str:
 
 
 # ====================================================================== summary
+def _drift(v: dict[str, Any]) -> str:
+    """The outputs that drifted severely (``validation.drift``), whatever the tolerance."""
+    items = "".join(f"<li>output '{_e(d.get('output', '?'))}': {_e('; '.join(d.get('reasons', [])))}</li>"
+                    for d in v.get("drift") or [])
+    return f'<div class="verdict fail" data-verdict="drift"><b>Severe drift</b><ul>{items}</ul></div>' if items else ""
+
+
 def _verdict(doc: dict[str, Any]) -> str:
     v = doc.get("validation")
     if not v:
@@ -112,12 +119,12 @@ def _verdict(doc: dict[str, Any]) -> str:
     samples = v.get("samples")
     if tol is None:
         return (f'<div class="verdict neutral" data-verdict="not-gated"><b>Not gated</b>: no --tolerance was given. '
-                f"Worst {_e(metric)} {worst_text} on {_e(samples)} samples.</div>")
+                f"Worst {_e(metric)} {worst_text} on {_e(samples)} samples.</div>" + _drift(v))
     ok = bool(v.get("passed"))
     word = "passed" if ok else "FAILED"
     return (f'<div class="verdict {"pass" if ok else "fail"}" data-verdict="{"pass" if ok else "fail"}">'
             f"<b>Gated</b>: {_e(metric)} ≤ {_number(tol, 'g')} — <b>{word}</b> (worst {worst_text} "
-            f"on {_e(samples)} samples; the run exits {0 if ok else 1}).</div>")
+            f"on {_e(samples)} samples; the run exits {0 if ok else 1}).</div>" + _drift(v))
 
 
 def _ratio_rows(doc: dict[str, Any]) -> list[tuple[str, float]]:

@@ -1,12 +1,27 @@
-"""Text tables the command line prints (the before/after table, stats, any aligned table) and number formatting."""
+"""Text the command line prints: the before/after table, the validation verdict, per-output and stats
+tables, any aligned table, and number formatting.
+
+The verdict line never says "pass" without a tolerance: it says ``not gated``. Names from the model
+are escaped (`onnxopt.errors.safe_name`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from onnxopt.analysis import ModelStats
+from onnxopt.errors import safe_name
 
-__all__ = ["human_bytes", "human_count", "table", "result_table", "stats_table", "before_after_rows"]
+__all__ = [
+    "human_bytes",
+    "human_count",
+    "table",
+    "result_table",
+    "stats_table",
+    "output_line",
+    "comparison_table",
+    "before_after_rows",
+]
 
 
 def human_bytes(n: float) -> str:
@@ -74,11 +89,42 @@ def result_table(result: Any) -> str:
     text = table(rows, ["", "before", "after", "change"])
     if v is not None:
         for o in v.outputs:
-            line = f"output '{o.name}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"
-            if o.top1 is not None:
-                line += f", top-1 agreement {o.top1 * 100:.2f}%"
-            text += "\n" + line
+            text += "\n" + output_line(o)
         text += f"\nvalidation on {v.samples} samples: {v.describe()}"
+    return text
+
+
+def _nonfinite(o: Any) -> str:
+    if not (o.nonfinite_a or o.nonfinite_b):
+        return ""
+    return (f", non-finite values: original {o.nonfinite_a}, optimized {o.nonfinite_b}"
+            + (f" ({o.new_nonfinite} where the original is finite)" if o.new_nonfinite else ""))
+
+
+def output_line(o: Any) -> str:
+    """One output's agreement (an `onnxopt.validate.OutputDiff`)."""
+    if o.exact:
+        return (f"output '{safe_name(o.name)}' (not floating point, compared exactly): "
+                f"{o.mismatches} of {o.elements} elements differ")
+    line = f"output '{safe_name(o.name)}': max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.3g}, cosine {o.cosine:.6f}"
+    if o.top1 is not None:
+        line += f", top-1 agreement {o.top1 * 100:.2f}%"
+    return line + _nonfinite(o)
+
+
+def comparison_table(cmp: Any) -> str:
+    """Per-output rows of an `onnxopt.validate.Comparison` (``onnxopt compare``), with accuracy when known."""
+    rows = []
+    for o in cmp.outputs:
+        if o.exact:
+            rows.append([safe_name(o.name), "-", "-", "-", "-", f"{o.mismatches}/{o.elements} differ"])
+            continue
+        nonfinite = f"{o.nonfinite_a}/{o.nonfinite_b}" if (o.nonfinite_a or o.nonfinite_b) else "-"
+        rows.append([safe_name(o.name), f"{o.max_abs:.4g}", f"{o.rel_l2:.4g}", f"{o.cosine:.6f}",
+                     "-" if o.top1 is None else f"{o.top1 * 100:.2f}%", nonfinite])
+    text = table(rows, ["output", "max abs", "rel L2", "cosine", "top-1 agree", "non-finite A/B"])
+    if cmp.accuracy_a is not None and cmp.accuracy_b is not None:
+        text += f"\naccuracy: A {cmp.accuracy_a * 100:.2f}%  B {cmp.accuracy_b * 100:.2f}%"
     return text
 
 

@@ -44,6 +44,7 @@ from onnxopt.limits import (
 )
 from onnxopt.metrics import METRICS
 from onnxopt.pipeline import PassRecord, PassSpec, Pipeline
+from onnxopt.progress import step
 from onnxopt.validate import Comparison, check_model_file, compare_models
 
 __all__ = ["optimize", "Result", "DEFAULT_EVAL", "random_feed_sizes"]
@@ -67,6 +68,8 @@ class Result:
     feeds_note: str | None = None
     """How random feeds were sized, when that was chosen for the user (the command line prints it)."""
     speed: Verdict | None = None
+    details: dict[str, Any] | None = None
+    """The data a drawn report needs (`optimize(details=True)`; `onnxopt.report.collect`)."""
     _staged: Path | None = None
     _workspace: Any = None
     _staging: io.Staging | None = None
@@ -144,7 +147,7 @@ class Result:
         return self.model
 
     def to_dict(self) -> dict[str, Any]:
-        validation = self.validation.to_dict() if self.validation else None
+        validation = self.validation.to_dict() if self.validation is not None else None  # falsy when failed
         if validation is not None:
             validation["feeds"] = self.feeds_note
         return {
@@ -154,6 +157,7 @@ class Result:
             "validation": validation,
             "latency": {**self.latency.to_dict(), **(self.speed.to_dict() if self.speed else {})}
             if self.latency else None,
+            **(self.details or {}),
         }
 
 
@@ -249,6 +253,7 @@ def optimize(
     drift_cosine: float = DRIFT_COSINE,
     drift_top1: float = DRIFT_TOP1,
     initializer_inputs: str = "constant",
+    details: bool = False,
 ) -> Result:
     """Run `passes` on `model` (path, ModelProto, onnx_ir.Model or graphsurgeon Graph).
 
@@ -259,7 +264,9 @@ def optimize(
     are checked before any work. `drift_cosine`/`drift_top1` set what the comparison calls severe
     drift (0 turns a check off). The input is never changed.
     `initializer_inputs` says how an IR < 4 model's weights, all listed as graph inputs, are read:
-    "constant" (as ONNX Runtime reads them) or "input" (overridable; passes leave them alone).
+    "constant" (as ONNX Runtime reads them) or "input" (overridable; passes leave them alone). With
+    `details`, the data a drawn report needs (per-layer counts and errors, output distributions,
+    profiles; `onnxopt.report.collect`) is gathered into `Result.details`.
     """
     if initializer_inputs not in ("constant", "input"):
         raise UsageError(f"initializer_inputs is 'constant' or 'input', not {initializer_inputs!r}")
@@ -274,7 +281,8 @@ def optimize(
     try:
         if kind == "path":
             src_path = Path(model)
-            work = io.load(src_path)
+            with step("loading the model"):
+                work = io.load(src_path)
         else:
             src_path = ws.path / "original.onnx"
             io.save(io.to_ir(model), src_path, external_data=None)
@@ -306,11 +314,12 @@ def optimize(
                       sample=eval_ds.feeds[0], initializer_inputs=initializer_inputs)  # type: ignore[arg-type]
         records, snapshots = run_passes(pipeline, work, ctx, ws.path if latency_runs > 0 else None)
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT
-        if target is not None:
-            staged = staging.add_model(work, target, external=ext)
-        else:
-            staged = ws.path / "optimized.onnx"
-            io.save(work, staged, external_data=ext)
+        with step("saving the model"):
+            if target is not None:
+                staged = staging.add_model(work, target, external=ext)
+            else:
+                staged = ws.path / "optimized.onnx"
+                io.save(work, staged, external_data=ext)
         comparison = None
         if validate:
             check_model_file(staged, has_sparse=not ext and bool(sparse.marked_names(work)))
@@ -323,6 +332,12 @@ def optimize(
             latency, speed = measure(src_path, staged, snapshots, pipeline.passes, records, runs=latency_runs,
                                      threads=threads, dims=dims, batch=batch, data=eval_ds,
                                      skip_above=TABLE_LIMIT_BYTES)
+        extra = None
+        if details:
+            from onnxopt.report.collect import collect_details
+
+            extra = collect_details(src_path, work, staged, eval_ds, validate=validate, bench_runs=latency_runs,
+                                    threads=threads, dims=dims)
         return Result(
             model=work,
             passes=records,
@@ -335,6 +350,7 @@ def optimize(
             input_kind=kind,
             feeds_note=feeds_note,
             speed=speed,
+            details=extra,
             _staged=staged,
             _workspace=ws,
             _staging=staging if target is not None else None,

@@ -115,9 +115,11 @@ def _non_negative(option: str) -> Callable[[float], None]:
 
 
 def add_shared_arguments(p: argparse.ArgumentParser, *, runtime: bool = True, data: bool = True) -> None:
-    """The arguments verbs share: ``--debug`` always; ``--dims``, ``--batch`` and ``--threads`` for a verb that
-    runs models (`runtime`); ``--data`` for one that reads evaluation data (`data`)."""
+    """The arguments verbs share: ``--debug`` and ``--quiet`` always; ``--dims``, ``--batch`` and ``--threads``
+    for a verb that runs models (`runtime`); ``--data`` for one that reads evaluation data (`data`)."""
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars, warnings or notes: only the final table and errors")
     if not runtime:
         return
     p.add_argument("--dims", action="append", default=[], metavar="NAME=N",
@@ -146,7 +148,8 @@ def _optimize_parser() -> argparse.ArgumentParser:
                    help="a pass option, typed by its declaration (repeatable)")
     p.add_argument("--recipe", default=None, metavar="FILE", help="TOML or JSON list of passes with options")
     p.add_argument("--calib", default=None, metavar="DATA", help="calibration data: .npz, folder of .npz, random:N")
-    p.add_argument("--report", default=None, metavar="FILE.json", help="write the report as JSON")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write the report: FILE.html a page with plots (per layer, outputs, profiles), else JSON")
     p.add_argument("--tolerance", type=_number("--tolerance", _non_negative("--tolerance")), default=None,
                    metavar="X", help="exit 1 when the output error exceeds X (by --metric); without it the "
                    "validation is reported as not gated")
@@ -235,20 +238,11 @@ def _pass_specs(args: argparse.Namespace) -> list[Any]:
     raise UsageError("name the passes with --passes P1,P2 or --recipe FILE (see: onnxopt passes)")
 
 
-def _json_safe(value: Any) -> Any:
-    """`value` with NaN and infinities as strings ("nan", "inf"): the report stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def report_json(doc: dict[str, Any]) -> str:
-    """The JSON text of a report: indented, valid (no NaN), anything else as its string."""
-    return json.dumps(_json_safe(json.loads(json.dumps(doc, default=str))), indent=2, allow_nan=False)
+    """The JSON text of a report: indented, valid (NaN and infinities as strings), anything else as its string."""
+    from onnxopt.report import report_bytes
+
+    return report_bytes(doc, "report.json").decode("utf-8")
 
 
 def _cmd_optimize(argv: Sequence[str]) -> int:
@@ -261,7 +255,7 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
     dims = parse_dims(args.dims)
     from onnxopt.api import optimize
     from onnxopt.latency import speed_gate
-    from onnxopt.report import result_table
+    from onnxopt.report import report_bytes, result_table
 
     external = True if args.external_data else None
     result = optimize(
@@ -282,27 +276,38 @@ def _cmd_optimize(argv: Sequence[str]) -> int:
         drift_cosine=args.drift_cosine,
         drift_top1=args.drift_top1,
         initializer_inputs="input" if args.keep_initializer_inputs else "constant",
+        details=bool(args.report),
     )
     try:  # everything that can fail runs before the one commit that writes the report, then the model
-        text = "\n".join([result_table(result), *(_pass_line(rec) for rec in result.passes)])
+        lines = [] if args.quiet else [_pass_line(rec) for rec in result.passes]
+        text = "\n".join([result_table(result), *lines])
         companions = {}
         if args.report:
-            doc = {"model": str(args.model), "output": str(args.output), **result.to_dict()}
-            companions[args.report] = report_json(doc).encode()
+            doc = {"kind": "optimize", "onnxopt": __version__, "model": str(args.model), "output": str(args.output),
+                   **result.to_dict()}
+            companions[args.report] = report_bytes(doc, args.report)
         out = result.save(args.output, external_data=external, companions=companions)
     finally:
         result.discard()
-    if result.feeds_note:
+    if result.feeds_note and not args.quiet:
         print(f"note: {result.feeds_note}")
     print(text)
-    for warning in result.validation.warnings() if result.validation else []:
+    for warning in result.validation.warnings() if result.validation is not None else []:
         print(f"onnxopt: WARNING: {warning}", file=sys.stderr)
-    print(f"wrote {printable(str(out))}")
+    if not args.quiet:
+        print(f"wrote {printable(str(out))}")
     slow = speed_gate(result, args.require_faster)
     if not result.passed:
         print(f"onnxopt: output error exceeds the tolerance: {result.validation.describe()}", file=sys.stderr)
         return EXIT_TOLERANCE
     return EXIT_TOLERANCE if slow else EXIT_OK
+
+
+def _write_report(path: str, kind: str, doc: dict[str, Any]) -> None:
+    """Write a verb's report (`onnxopt.report.write_report`: a page for .html, else JSON)."""
+    from onnxopt.report import write_report
+
+    write_report(path, {"kind": kind, "onnxopt": __version__, **doc})
 
 
 def _pass_line(rec: Any) -> str:
@@ -383,6 +388,8 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write a report with ONNX Runtime profiles of each model: FILE.html a page, else JSON")
     add_shared_arguments(p)
     args = p.parse_args(argv)
     setup_logging(args)
@@ -399,8 +406,16 @@ def _cmd_bench(argv: Sequence[str]) -> int:
     data = None
     if args.data:
         data = _eval_data(args.data, args.models[0], models[0], dims, args)
+    for model in args.models if args.report else []:
+        io.check_output_path(args.report, model)
     res = bench(args.models, runs=args.runs, warmup=args.warmup, threads=args.threads, provider=args.provider,
                 dims=dims, batch=args.batch, data=data, memory=not args.no_memory)
+    if args.report:
+        from onnxopt.report.collect import bench_details
+
+        _write_report(args.report, "bench", {
+            "models": list(args.models), "latency": res.to_dict(),
+            **bench_details(args.models, data, runs=args.runs, threads=args.threads, dims=dims, batch=args.batch)})
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
         return EXIT_OK
@@ -440,6 +455,8 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     p.add_argument("--metric", default="rel_l2", choices=METRICS, help="what --tolerance bounds")
     _add_drift_arguments(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write a report with per-layer errors and output distributions: FILE.html a page, else JSON")
     add_shared_arguments(p)
     args = p.parse_args(argv)
     setup_logging(args)
@@ -452,8 +469,16 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     a = io.load(args.model_a)
     io.load(args.model_b)
     data = _eval_data(args.data or DEFAULT_EVAL, args.model_a, a, parse_dims(args.dims), args)
+    for model in (args.model_a, args.model_b) if args.report else ():
+        io.check_output_path(args.report, model)
     cmp = compare_models(args.model_a, args.model_b, data, metric=args.metric, tolerance=args.tolerance,
                          threads=args.threads, drift_cosine=args.drift_cosine, drift_top1=args.drift_top1)
+    if args.report:
+        from onnxopt.report.collect import compare_details
+
+        _write_report(args.report, "compare", {
+            "models": [args.model_a, args.model_b], "validation": cmp.to_dict(),
+            **compare_details(args.model_a, args.model_b, data, threads=args.threads, dims=parse_dims(args.dims))})
     if args.json:
         print(report_json(cmp.to_dict()))
     else:
@@ -500,6 +525,7 @@ VERBS: dict[str, str] = {
     "compare": "onnxopt.cli:_cmd_compare",
     "passes": "onnxopt.cli:_cmd_passes",
     "merge": "onnxopt.merge.verb:main",
+    "report": "onnxopt.report.verb:main",
 }
 """Every verb besides the default (optimize): ``"module:function"``, imported when the verb runs."""
 
@@ -517,9 +543,14 @@ class _PrintableFormatter(logging.Formatter):
 
 
 def setup_logging(args: argparse.Namespace) -> None:
-    """Debug logs under ``--debug``, warnings otherwise; one line per message."""
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    """Debug logs under ``--debug``, warnings otherwise; one line per message. ``--quiet``: errors only
+    and no progress bars."""
+    from onnxopt.progress import set_quiet
+
+    quiet = getattr(args, "quiet", False)
+    set_quiet(quiet)
+    level = logging.DEBUG if getattr(args, "debug", False) else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         if type(handler.formatter) is logging.Formatter:
             handler.setFormatter(_PrintableFormatter(handler.formatter._fmt))

@@ -140,12 +140,12 @@ def test_a_symlinked_report_is_replaced_never_written_through(cnn: Path, capsys)
 
 
 def test_a_failing_report_leaves_no_output(cnn: Path, capsys, monkeypatch) -> None:
-    from onnxopt import cli
+    from onnxopt import report
 
-    def broken(doc: dict) -> str:
+    def broken(doc: dict, path: object) -> bytes:  # the report's content (page or JSON) cannot be made
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "report_json", broken)
+    monkeypatch.setattr(report, "report_bytes", broken)
     folder = cnn.parent
     before = _tree(folder)
     code, _, err = _run([cnn, "--passes", "fold", "-o", folder / "o.onnx", "--report", folder / "r.json",

@@ -1,4 +1,5 @@
-"""The before/after table printed by the command line, the validation verdict, and number formatting.
+"""Text the command line prints: the before/after table, the validation verdict, per-output and stats
+tables, any aligned table, and number formatting.
 
 The verdict line never says "pass" without a tolerance: it says ``not gated``. Names from the model
 are escaped (`onnxopt.errors.safe_name`).
@@ -9,9 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 from onnxopt.analysis import ModelStats
+from onnxopt.bench import INTERLEAVED
 from onnxopt.errors import safe_name
 
-__all__ = ["human_bytes", "human_count", "table", "result_table", "stats_table", "output_line", "comparison_table"]
+__all__ = [
+    "human_bytes",
+    "human_count",
+    "table",
+    "result_table",
+    "stats_table",
+    "output_line",
+    "comparison_table",
+    "before_after_rows",
+]
 
 
 def human_bytes(n: float) -> str:
@@ -49,27 +60,34 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{b / a:.3f}x"
 
 
+def before_after_rows(doc: dict[str, Any]) -> list[list[str]]:
+    """The rows of the before/after table ("", before, after, change) from a report's data (JSON)."""
+    b, a = doc["before"], doc["after"]
+    rows = [
+        ["file size", human_bytes(b["file_bytes"]), human_bytes(a["file_bytes"]),
+         _ratio(b["file_bytes"], a["file_bytes"])],
+        ["parameters", human_count(b["parameters"]), human_count(a["parameters"]),
+         _ratio(b["parameters"], a["parameters"])],
+        ["nonzero params", human_count(b["nonzero"]), human_count(a["nonzero"]), _ratio(b["nonzero"], a["nonzero"])],
+        ["MACs", human_count(b["macs"]), human_count(a["macs"]), _ratio(b["macs"], a["macs"])],
+        ["nodes", str(b["nodes"]), str(a["nodes"]), _ratio(b["nodes"], a["nodes"])],
+    ]
+    latency = doc.get("latency")
+    if latency and latency.get("models"):
+        la, lb = (m["median_ms"] for m in latency["models"][:2])
+        how = "" if latency.get("method", INTERLEAVED) == INTERLEAVED else ", separate processes"
+        rows.append([f"latency (ORT CPU, median{how})", f"{la:.3f} ms", f"{lb:.3f} ms", _ratio(la, lb)])
+    v = doc.get("validation")
+    if v and v.get("accuracy_a") is not None and v.get("accuracy_b") is not None:
+        acc_a, acc_b = v["accuracy_a"], v["accuracy_b"]
+        rows.append(["accuracy", f"{acc_a * 100:.2f}%", f"{acc_b * 100:.2f}%", f"{(acc_b - acc_a) * 100:+.2f} pt"])
+    return rows
+
+
 def result_table(result: Any) -> str:
     """The before/after table of an `onnxopt.api.Result`."""
-    b: ModelStats = result.before
-    a: ModelStats = result.after
-    rows = [
-        ["file size", human_bytes(result.size_before), human_bytes(result.size_after),
-         _ratio(result.size_before, result.size_after)],
-        ["parameters", human_count(b.parameters), human_count(a.parameters), _ratio(b.parameters, a.parameters)],
-        ["nonzero params", human_count(b.nonzero), human_count(a.nonzero), _ratio(b.nonzero, a.nonzero)],
-        ["MACs", human_count(b.macs), human_count(a.macs), _ratio(b.macs, a.macs)],
-        ["nodes", str(b.nodes), str(a.nodes), _ratio(b.nodes, a.nodes)],
-    ]
-    if result.latency is not None and result.latency.latencies:
-        la, lb = result.latency.latencies
-        how = "" if result.latency.interleaved else ", separate processes"  # interleaved unless said
-        rows.append([f"latency (ORT CPU, median{how})", f"{la.median_ms:.3f} ms", f"{lb.median_ms:.3f} ms",
-                     _ratio(la.median_ms, lb.median_ms)])
+    rows = before_after_rows(result.to_dict())
     v = result.validation
-    if v is not None and v.accuracy_a is not None and v.accuracy_b is not None:
-        rows.append(["accuracy", f"{v.accuracy_a * 100:.2f}%", f"{v.accuracy_b * 100:.2f}%",
-                     f"{(v.accuracy_b - v.accuracy_a) * 100:+.2f} pt"])
     text = table(rows, ["", "before", "after", "change"])
     if result.latency is not None and result.latency.skipped:
         text += f"\nlatency: {result.latency.skipped}"

@@ -89,6 +89,7 @@ class BenchResult:
             "provider": self.provider,
             "threads": self.threads,
             "method": self.method,
+            "interleaved": self.interleaved,
             "skipped": self.skipped,
             "models": [lat.to_dict() for lat in self.latencies],
             "ratios": self.ratios,

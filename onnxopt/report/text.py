@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from onnxopt.analysis import ModelStats
-from onnxopt.bench import INTERLEAVED
 from onnxopt.errors import safe_name
 
 __all__ = [
@@ -75,7 +74,7 @@ def before_after_rows(doc: dict[str, Any]) -> list[list[str]]:
     latency = doc.get("latency")
     if latency and latency.get("models"):
         la, lb = (m["median_ms"] for m in latency["models"][:2])
-        how = "" if latency.get("method", INTERLEAVED) == INTERLEAVED else ", separate processes"
+        how = "" if latency.get("interleaved", True) else ", separate processes"
         rows.append([f"latency (ORT CPU, median{how})", f"{la:.3f} ms", f"{lb:.3f} ms", _ratio(la, lb)])
     v = doc.get("validation")
     if v and v.get("accuracy_a") is not None and v.get("accuracy_b") is not None:

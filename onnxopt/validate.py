@@ -40,7 +40,7 @@ from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 from onnxopt.tensors import iter_proto_graphs
 
-__all__ = ["OutputDiff", "Comparison", "compare_models", "check_model_file", "METRICS", "HeldOutputs",
+__all__ = ["OutputDiff", "OutputAccumulator", "Comparison", "compare_models", "check_model_file", "METRICS", "HeldOutputs",
            "HELD_OUTPUT_BYTES", "hold_outputs"]
 
 
@@ -269,7 +269,7 @@ def _is_float(arr: np.ndarray) -> bool:
     return bool(np.issubdtype(arr.dtype, np.floating))
 
 
-class _Acc:
+class OutputAccumulator:
     """Streaming sums for one output's metrics."""
 
     def __init__(self, name: str) -> None:
@@ -369,7 +369,7 @@ def compare_models(
     if names_a != names_b:
         shown_a, shown_b = ([safe_name(n) for n in names] for names in (names_a, names_b))
         raise ModelError(f"the models' outputs differ: {shown_a} vs {shown_b}")
-    accs = {n: _Acc(n) for n in names_a}
+    accs = {n: OutputAccumulator(n) for n in names_a}
     correct_a = correct_b = labelled = 0
     samples = 0
     for i, feed in enumerate(progress(data.feeds, desc=desc)):

@@ -209,9 +209,9 @@ def test_labels_must_be_one_whole_class_index_per_sample(tmp_path: Path) -> None
 
 
 def test_comparison_counts_non_finite_values_and_compares_exact_outputs() -> None:
-    from onnxopt.validate import Comparison, _Acc
+    from onnxopt.validate import Comparison, OutputAccumulator
 
-    acc = _Acc("y")
+    acc = OutputAccumulator("y")
     a = np.array([[1.0, 2.0, np.nan], [np.inf, 1.0, 0.5]], np.float32)
     b = np.array([[1.0, np.nan, np.nan], [np.inf, -np.inf, 0.5]], np.float32)
     acc.add(a, b)
@@ -221,7 +221,7 @@ def test_comparison_counts_non_finite_values_and_compares_exact_outputs() -> Non
     cmp = Comparison([o], samples=2, feeds=1, tolerance=1e9)
     assert not cmp.passed and "non-finite values differ" in cmp.describe()
     assert Comparison([o], samples=2, feeds=1).verdict == "not gated" and Comparison([o], 2, 1).drift
-    text = _Acc("t")
+    text = OutputAccumulator("t")
     text.add(np.array(["a", "b", "c", "d"], object), np.array(["a", "x", "c", "d"], object))
     t = text.result()
     assert t.exact and t.mismatches == 1 and t.rel_l2 == 0.25

@@ -48,7 +48,7 @@ from onnxopt.errors import OnnxoptError, first_line
 from onnxopt.graph import ORIGIN, is_onnx_op
 from onnxopt.progress import progress
 from onnxopt.runtime import TapSession
-from onnxopt.validate import _Acc
+from onnxopt.validate import OutputAccumulator
 
 __all__ = [
     "collect_details",
@@ -316,10 +316,10 @@ def _tap_pairs(
     threads: int | None,
     dims: dict[str, int],
     orig: _Names,
-) -> tuple[dict[tuple[str, str], _Acc | None], dict[str, _Distribution]]:
+) -> tuple[dict[tuple[str, str], OutputAccumulator | None], dict[str, _Distribution]]:
     """Error sums per (original tensor, optimized tensor) pair (None: shapes differ) and distributions
     per model output, from one run of each model per feed and group of tensors."""
-    sums: dict[tuple[str, str], _Acc | None] = {p: _Acc(p[0]) for p in pairs}
+    sums: dict[tuple[str, str], OutputAccumulator | None] = {p: OutputAccumulator(p[0]) for p in pairs}
     dists = {name: _Distribution(len(data)) for name in outputs}
     items = list(dict.fromkeys([(o, o) for o in outputs] + list(pairs)))
     for group in _groups(items, orig, _batch_of(data), dims):

@@ -40,7 +40,8 @@ from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 from onnxopt.tensors import iter_proto_graphs
 
-__all__ = ["OutputDiff", "OutputAccumulator", "Comparison", "compare_models", "check_model_file", "METRICS", "HeldOutputs",
+__all__ = ["OutputDiff", "OutputAccumulator", "Comparison",
+           "compare_models", "check_model_file", "METRICS", "HeldOutputs",
            "HELD_OUTPUT_BYTES", "hold_outputs"]
 
 

@@ -69,7 +69,7 @@ from . import speed
 from .affine import fold_affine
 from .bias import apply_shift, bias_targets, input_means, weight_shift
 from .calib import Range, choose_range, collect_histograms, collect_ranges_and_samples, weight_scales
-from .check import INTEGER_KERNELS, fusion_report
+from .check import INTEGER_KERNELS, fusion_check_skipped, fusion_report
 from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
 from .embedding import quantize_embeddings
@@ -121,33 +121,48 @@ class Quantize(Pass):
     # (require_speedup), so a second run on a model the first left float can measure int8 faster and quantize
     # it. A quantized model is left as is (already quantized), which is the idempotence that matters.
     idempotent = False
+    speed = True
 
     mode: Literal["static", "dynamic", "weight-only"] = option(
         "static", "static (needs --calib), dynamic or weight-only"
     )
-    activations: Literal["uint8", "int8"] = option("uint8", "activation type: uint8 asymmetric or int8 symmetric")
-    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "how activation ranges are chosen")
-    percentile: float = option(99.99, "percentile kept by calibrate=percentile (50 < p <= 100)")
-    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
+    activations: Literal["uint8", "int8"] = option("uint8", "activation type: uint8 asymmetric or int8 symmetric",
+                                                   when={"mode": "static"})
+    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "how activation ranges are chosen",
+                                                                          when={"mode": "static"})
+    percentile: float = option(99.99, "percentile kept by calibrate=percentile (50 < p <= 100)",
+                               when={"calibrate": "percentile", "mode": "static"})
+    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)",
+                               when={"mode": ("static", "dynamic")})
     dynamic_conv: bool = option(False, "dynamic mode: Conv to ConvInteger too (4x smaller weights, but ONNX Runtime's "
-                                "ConvInteger CPU kernel runs several times slower than a float Conv)")
+                                "ConvInteger CPU kernel runs several times slower than a float Conv)",
+                                when={"mode": "dynamic"})
     exclude: list[str] = option([], "node-name globs and op types left in float")
-    concat_range_ratio: float = option(32.0, "leave a Concat in float when its inputs' ranges differ more than this")
+    concat_range_ratio: float = option(32.0, "leave a Concat in float when its inputs' ranges differ more than this",
+                                       when={"mode": "static"})
     fold: bool = option(True, "fold BatchNorm and constants and infer shapes first (what ORT needs to fuse)")
-    bits: int = option(4, "weight-only: bits per weight, 4 or 8")
-    block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)")
+    bits: int = option(4, "weight-only: bits per weight, 4 or 8", when={"mode": "weight-only"})
+    block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)",
+                             when={"mode": "weight-only"})
     fallback: Literal["none", "auto"] = option(
         "auto", "static, auto: keep the fewest layer groups float that bring the outputs on calibration feeds within "
-        "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be"
+        "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be",
+        when={"mode": "static"},
     )
-    target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model")
-    target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep")
+    target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model",
+                                  when={"mode": "static", "fallback": "auto"})
+    target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep",
+                                  when={"mode": "static", "fallback": "auto"})
     require_speedup: bool = option(True, "time int8 against float in ONNX Runtime (the run's threads); static mode "
                                    "writes the float model when int8 is not faster, the other modes say so")
-    smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)")
-    gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error")
-    equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)")
-    bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes")
+    smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)",
+                                 when={"mode": "static"})
+    gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error",
+                        when={"mode": ("static", "weight-only")})
+    equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)",
+                            when={"mode": "static"})
+    bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes",
+                                   when={"mode": "static"})
     check_fusion: bool = option(True, "load the result in ONNX Runtime and count the integer kernels it fuses")
 
     def __post_init__(self) -> None:
@@ -227,7 +242,10 @@ class Quantize(Pass):
             _restore(model, given, stats)
             return stats
         stats.modified = True
-        if self.check_fusion:
+        if self.check_fusion and (skipped := fusion_check_skipped(model)):
+            stats.notes.append(skipped)
+        elif self.check_fusion:
+            ctx.model_changed(model)  # a tapping session of the float model goes before ORT loads the result
             report = fusion_report(model, threads=ctx.threads)
             stats.summary.update({k: v for k, v in report.to_dict().items() if k != "ops"})
             stats.summary["ort_ops"] = report.ops

@@ -31,6 +31,8 @@ from typing import Literal
 
 import numpy as np
 
+from onnxopt.graph import require_finite
+
 __all__ = [
     "BINS",
     "Range",
@@ -137,7 +139,8 @@ def collect_minmax(stream: Iterable[dict[str, np.ndarray]], names: Iterable[str]
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 finite = x[np.isfinite(x)]
                 if finite.size == 0:
-                    continue
+                    require_finite(x, f"activation '{name}' on the calibration data",
+                                   "no finite value to take its range from (a weight or input before it is not finite)")
                 lo, hi = float(finite.min()), float(finite.max())
             r = Range(lo, hi)
             out[name] = out[name].union(r) if name in out else r

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, new_initializer, record_origin, unique_name
+from onnxopt.graph import all_names, new_initializer, record_origin, require_finite, unique_name
 
 from .calib import ActType, QParams, Range, qparams, quantize_array, weight_scales
 from .static import Fusion, StaticPlan
@@ -144,7 +144,7 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | Non
     w_value = node.inputs[index]
     key = (w_value.name, axis)
     if key not in cache:
-        w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
+        w = require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'")
         scales = weight_scales(w, axis)
         bshape = [1] * w.ndim
         if axis is not None:

@@ -370,7 +370,8 @@ def test_cli_report_html_and_report_verb(tmp_path: Path, capsys: pytest.CaptureF
 def test_a_run_past_its_tolerance_reports_the_failed_gate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "r.json"
     code = main([str(CNN), "--passes", "fold,quantize", "--calib", str(CALIB), "--data", str(EVAL), "-o",
-                 str(tmp_path / "q.onnx"), "--tolerance", "1e-6", "--bench-runs", "0", "--report", str(report)])
+                 str(tmp_path / "q.onnx"), "--tolerance", "1e-6", "--bench-runs", "0", "--report", str(report),
+                 "--set", "quantize.require_speedup=false"])
     assert code == 1
     doc = read_report(report)
     assert doc["validation"]["passed"] is False and doc["validation"]["tolerance"] == 1e-6

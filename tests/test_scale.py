@@ -115,7 +115,7 @@ def test_held_outputs_go_to_disk_past_the_limit_and_come_back_once() -> None:
 
 
 def test_optimize_never_holds_two_sessions_without_bench(live: LiveSessions) -> None:
-    result = onnxopt.optimize(MLP, [("quantize", {"mode": "dynamic"})], latency_runs=0)
+    result = onnxopt.optimize(MLP, [("quantize", {"mode": "dynamic", "require_speedup": False})], latency_runs=0)
     # the fusion check, then the original, then the quantized model: one after the other
     assert live.created == 3 and live.peak == 1
     assert result.validation is not None and result.passes[0].stats.summary["integer_kernels"] > 0
@@ -147,13 +147,13 @@ def test_bench_child_failure_is_a_model_error(tmp_path: Path, monkeypatch: pytes
 def test_table_bench_runs_in_children_or_is_skipped_by_size(monkeypatch: pytest.MonkeyPatch,
                                                            live: LiveSessions) -> None:
     monkeypatch.setattr(bench, "INTERLEAVE_LIMIT_BYTES", 1)
-    result = onnxopt.optimize(MLP, [("quantize", {"mode": "dynamic"})], latency_runs=3)
+    result = onnxopt.optimize(MLP, [("quantize", {"mode": "dynamic", "require_speedup": False})], latency_runs=3)
     assert result.latency.method == bench.SEPARATE and len(result.latency.latencies) == 2
     assert live.peak == 1 and live.created == 3  # the timed sessions lived in child processes
     assert "latency (ORT CPU, median, separate processes)" in result_table(result)
 
     monkeypatch.setattr(api, "TABLE_LIMIT_BYTES", io.file_size(MLP) - 1)
-    skipped = onnxopt.optimize(MLP, [("quantize", {"mode": "dynamic"})], latency_runs=3)
+    skipped = onnxopt.optimize(MLP, [("quantize", {"mode": "dynamic", "require_speedup": False})], latency_runs=3)
     assert skipped.latency.latencies == [] and "not timed" in skipped.latency.skipped
     assert live.created == 6 and live.peak == 1
     text = result_table(skipped)
@@ -164,7 +164,7 @@ def test_table_bench_runs_in_children_or_is_skipped_by_size(monkeypatch: pytest.
 # ---------------------------------------------------------------------------------------------- fusion check
 def _quantized_mlp(tmp_path: Path) -> Path:
     model = io.load(MLP)
-    make_pass("quantize", {"mode": "dynamic", "check_fusion": False}).call(model, None)
+    make_pass("quantize", {"mode": "dynamic", "check_fusion": False, "require_speedup": False}).call(model, None)
     return io.save(model, tmp_path / "q.onnx")
 
 
@@ -187,7 +187,7 @@ def test_fusion_check_releases_its_session_before_reading_the_graph(tmp_path: Pa
 def test_static_quantize_drops_its_calibration_session_before_the_fusion_check(live: LiveSessions) -> None:
     model = io.load(CNN)
     calib = load_data("random:4", input_specs(model))
-    stats = make_pass("quantize", {}).call(model, Context(calib=calib))
+    stats = make_pass("quantize", {"require_speedup": False, "fallback": "none"}).call(model, Context(calib=calib))
     assert stats.summary["integer_kernels"] > 0
     assert live.created >= 2 and live.peak == 1
 
@@ -196,7 +196,7 @@ def test_fusion_check_skipped_with_a_note_above_the_limit(monkeypatch: pytest.Mo
                                                           live: LiveSessions) -> None:
     model = io.load(MLP)
     monkeypatch.setattr(check, "FUSION_CHECK_LIMIT_BYTES", io.weight_bytes(model) // 8)
-    stats = make_pass("quantize", {"mode": "dynamic"}).call(model, None)
+    stats = make_pass("quantize", {"mode": "dynamic", "require_speedup": False}).call(model, None)
     assert live.created == 0 and "integer_kernels" not in stats.summary
     assert any(n.startswith("fusion not checked") for n in stats.notes)
 

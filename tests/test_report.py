@@ -35,8 +35,8 @@ def _doc(result: onnxopt.Result, kind: str = "optimize") -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def digits_doc() -> dict[str, Any]:
     """The report data of the README's digits run (fold, prune, quantize; labels; timing on)."""
-    result = onnxopt.optimize(CNN, ["fold", "prune", "quantize"], calib=CALIB, data=EVAL, latency_runs=5,
-                              details=True)
+    result = onnxopt.optimize(CNN, ["fold", "prune", ("quantize", {"require_speedup": False})], calib=CALIB,
+                              data=EVAL, latency_runs=5, details=True)
     return _doc(result)
 
 
@@ -357,7 +357,7 @@ def test_html_from_the_run_and_from_its_json_are_the_same_bytes(tmp_path: Path, 
 def test_cli_report_html_and_report_verb(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, page = tmp_path / "x.onnx", tmp_path / "x.html"
     code = main([str(CNN), "--passes", "fold,quantize", "--calib", str(CALIB), "--data", str(EVAL), "-o", str(out),
-                 "--report", str(page), "--bench-runs", "0", "--quiet"])
+                 "--report", str(page), "--bench-runs", "0", "--quiet", "--set", "quantize.require_speedup=false"])
     assert code == 0
     text = capsys.readouterr().out
     assert "file size" in text and "pass fold" not in text and "wrote" not in text  # --quiet: the table only
@@ -383,7 +383,7 @@ def test_a_run_past_its_tolerance_reports_the_failed_gate(tmp_path: Path, capsys
 def test_cli_compare_and_bench_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "q.onnx"
     assert main([str(CNN), "--passes", "fold,quantize", "--calib", str(CALIB), "-o", str(out), "--bench-runs", "0",
-                 "--no-validate"]) == 0
+                 "--no-validate", "--set", "quantize.require_speedup=false"]) == 0
     assert main(["compare", str(CNN), str(out), "--data", str(EVAL), "--report", str(tmp_path / "c.html")]) == 0
     page = (tmp_path / "c.html").read_text()
     assert _sections(page) == list(SECTIONS["compare"]) and "layer-errors" in _plots(page)
@@ -415,8 +415,8 @@ def test_page_of_a_100_layer_model_stays_small(tmp_path: Path) -> None:
         x = f"r{i}"
     model = save_model(make_model(nodes, [("input", F32, [1, 3, 8, 8])], [(x, F32, [1, 8, 8, 8])], inits),
                        tmp_path / "deep.onnx")
-    result = onnxopt.optimize(model, ["fold", "quantize"], calib="random:4", data="random:4", latency_runs=3,
-                              details=True)
+    result = onnxopt.optimize(model, ["fold", ("quantize", {"require_speedup": False})], calib="random:4",
+                              data="random:4", latency_runs=3, details=True)
     doc = normalized({"kind": "optimize", "model": str(model), "output": "deep.opt.onnx", **result.to_dict()})
     assert len(doc["layers"]["rows"]) == 100
     page = build_html(doc)

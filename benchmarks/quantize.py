@@ -164,7 +164,7 @@ class _Reader:
 
 
 @contextlib.contextmanager
-def _inside(folder: Path) -> Iterator[None]:
+def inside(folder: Path) -> Iterator[None]:
     """Run with `folder` as working directory: ORT's quantization tools drop temporary files into it."""
     before = Path.cwd()
     os.chdir(folder)
@@ -177,7 +177,7 @@ def _inside(folder: Path) -> Iterator[None]:
 def _ort_static(src: Path, out: Path, calib: Dataset) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    with _inside(out.parent):
+    with inside(out.parent):
         quantize_static(str(src), str(out), _Reader(calib.feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
@@ -185,7 +185,7 @@ def _ort_static(src: Path, out: Path, calib: Dataset) -> None:
 def _ort_dynamic(src: Path, out: Path, calib: Dataset | None = None) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _inside(out.parent):
+    with inside(out.parent):
         quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
 
 
@@ -194,7 +194,7 @@ def _prep(src: Path, out: Path) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prep = out.with_name(out.stem + "_prep.onnx")
-    with _inside(out.parent):
+    with inside(out.parent):
         try:
             quant_pre_process(str(src), str(prep))
         except Exception:  # its symbolic shape inference gives up on some graphs; the documented fallback

@@ -8,9 +8,15 @@ and `tune` functions.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import TYPE_CHECKING, Any
+
+from onnxopt import _interrupt
+
+if _interrupt.running_as_program():  # the onnxopt command (console script, python -m onnxopt[.cli]):
+    _interrupt.quiet_interrupts()  # Ctrl-C while it starts is one line and exit 130, before anything loads
+
+import importlib  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from onnxopt.data import Dataset
 from onnxopt.errors import UsageError
-from onnxopt.graph import iter_graphs
+from onnxopt.graph import InitializerInputs, iter_graphs, prepare_weights, require_finite
 from onnxopt.progress import progress
 from onnxopt.runtime import TapSession
 
@@ -38,7 +38,10 @@ class Context:
     """Shared by the passes of one pipeline run.
 
     ``original_path`` is a file of the model as it was before the first pass (the teacher for
-    distillation, the reference for validation); ``calib`` the checked calibration feeds.
+    distillation, the reference for validation); ``calib`` the checked calibration feeds; ``sample``
+    one evaluation feed, the shapes a speed check times at (never data to fit on);
+    ``initializer_inputs`` how an IR < 4 model's weights listed as graph inputs are read ("constant",
+    as ONNX Runtime reads them, or "input": overridable, left alone), see `onnxopt.graph.weights_from_inputs`.
     """
 
     original_path: Path | None = None
@@ -46,13 +49,23 @@ class Context:
     dims: dict[str, int] = dataclasses.field(default_factory=dict)
     tolerance: float | None = None
     threads: int | None = None
+    sample: dict[str, np.ndarray] | None = None
+    initializer_inputs: InitializerInputs = "constant"
     _original: ir.Model | None = dataclasses.field(default=None, repr=False, compare=False)
+    _calib_checked: bool = dataclasses.field(default=False, repr=False, compare=False)
     _taps: dict[int, _CachedTaps] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def require_calib(self, who: str, hint: str = "") -> Dataset:
+        """The calibration feeds, checked once to hold only finite numbers; UsageError naming `who` without them."""
         if self.calib is None or len(self.calib) == 0:
             extra = f" ({hint})" if hint else ""
             raise UsageError(f"{who} needs calibration data: give --calib DATA (e.g. random:32){extra}")
+        if not self._calib_checked:
+            for i, feed in enumerate(self.calib.feeds):
+                for name, array in feed.items():
+                    require_finite(array, f"calibration data '{self.calib.source}': feed {i}, input '{name}'",
+                                   "statistics of it would be meaningless", error=UsageError)
+            self._calib_checked = True
         return self.calib
 
     def activations(
@@ -68,7 +81,8 @@ class Context:
         yield from self._stream(model, names, data, desc)
 
     def original_model(self) -> ir.Model:
-        """The model as it was before the pipeline (loaded once, lazily, shapes inferred)."""
+        """The model as it was before the pipeline (loaded once, lazily, shapes inferred), with its weights
+        read as the pipeline reads the model's (`onnxopt.graph.prepare_weights`): names match."""
         if self.original_path is None:
             raise UsageError("the original model is not available to this pass")
         if self._original is None:
@@ -76,6 +90,7 @@ class Context:
             from onnxopt.io import load
 
             self._original = load(self.original_path, check=False)
+            prepare_weights(self._original, self.initializer_inputs)
             infer_shapes(self._original)
         return self._original
 

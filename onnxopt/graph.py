@@ -4,7 +4,9 @@ What more than one pass asks of a graph lives here, once: which domain is ONNX's
 (`is_default_domain`, `is_onnx_op`), which values are constants (`is_constant`, `constant_array`: an
 initializer that is not also an overridable graph input), the graph and its subgraphs
 (`iter_graphs`), the default opset and raising it (`opset_version`, `upgrade_opset`), names, new
-initializers and rewiring.
+initializers and rewiring, and what the pipeline does before the first pass so that every pass sees
+weights the same way (`lift_constant_nodes`, `weights_from_inputs`). `require_finite` is the one guard
+numeric routines call before math that non-finite numbers break.
 
 Contract kept here: a new tensor that stands for an old one records it in the metadata prop
 ``onnxopt.origin``, so validation and distillation can pair student and teacher tensors.
@@ -12,12 +14,14 @@ Contract kept here: a new tensor that stands for an old one records it in the me
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.errors import first_line
+from onnxopt.errors import ModelError, OnnxoptError, first_line
 
 __all__ = [
     "ORIGIN",
@@ -40,7 +44,14 @@ __all__ = [
     "take_over_output",
     "constant_array",
     "opset_version",
+    "lift_constant_nodes",
+    "weights_from_inputs",
+    "InitializerInputs",
+    "prepare_weights",
+    "require_finite",
 ]
+
+logger = logging.getLogger(__name__)
 
 ORIGIN = "onnxopt.origin"
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -220,3 +231,121 @@ def upgrade_opset(model: ir.Model, target: int) -> str | None:
     model.graph = converted.graph
     model.ir_version = max(model.ir_version, converted.ir_version, min_ir_version(target))
     return None
+
+
+# ------------------------------------------------------------------------------ weights, as passes see them
+def lift_constant_nodes(model: ir.Model) -> int:
+    """Turn every ``Constant`` node (main graph and subgraphs) into an initializer of its graph under its
+    output's name, exactly; the number lifted.
+
+    Exporters such as Paddle's keep every weight in a Constant node; as initializers they are weights
+    to every pass. A Constant that is a graph output stays (an initializer cannot take its place there
+    in every IR version), as do sparse and string ones.
+    """
+    lifted = 0
+    for graph in iter_graphs(model.graph):
+        for node in list(graph):
+            if not is_onnx_op(node, "Constant") or len(node.outputs) != 1 or node.outputs[0].is_graph_output():
+                continue
+            tensor = _constant_tensor(node)
+            if tensor is None:
+                continue
+            out = node.outputs[0]
+            value = ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                             const_value=tensor, metadata_props=out.metadata_props.copy())
+            out.replace_all_uses_with(value)
+            graph.remove(node, safe=True)
+            graph.register_initializer(value)
+            lifted += 1
+    return lifted
+
+
+def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor a Constant node holds, or None for the forms no pass reads as a weight (sparse, strings)."""
+    if len(node.attributes) != 1:
+        return None
+    attr = next(iter(node.attributes.values()))
+    name = node.outputs[0].name
+    if attr.name == "value":
+        tensor = attr.as_tensor()
+        tensor.name = name
+        return tensor
+    forms = {"value_int": (ir.DataType.INT64, False), "value_ints": (ir.DataType.INT64, True),
+             "value_float": (ir.DataType.FLOAT, False), "value_floats": (ir.DataType.FLOAT, True)}
+    if attr.name in forms:
+        dtype, many = forms[attr.name]
+        data = np.asarray(list(attr.value) if many else attr.value, dtype=dtype.numpy())
+        return ir.tensor(data, dtype=dtype, name=name)
+    return None
+
+
+InitializerInputs = Literal["constant", "input"]
+"""How an IR < 4 model's initializers, all of which it must also list as graph inputs, are read:
+``constant`` (what ONNX Runtime does: it refuses feeds for them) or ``input`` (overridable)."""
+
+_FIRST_IR_WITH_DEFAULTS = 4
+"""The first IR version in which an initializer need not be a graph input (and one that is, is a default)."""
+
+
+def weights_from_inputs(model: ir.Model, mode: InitializerInputs = "constant") -> str | None:
+    """Bring an IR < 4 model to IR 4 so that passes may add initializers; None when nothing changed,
+    else what was done, in a sentence for the user.
+
+    Up to IR 3 every initializer must also be a graph input, and ONNX Runtime treats them all as
+    constants. With ``mode="constant"`` they leave the main graph's inputs, so they are what they were
+    (constant weights passes may compress) and new initializers stay valid; with ``mode="input"`` they
+    stay inputs, which IR 4 makes overridable defaults, and passes leave them as they are.
+    """
+    if mode not in ("constant", "input"):
+        raise ValueError(f"initializer inputs are 'constant' or 'input', not {mode!r}")
+    if model.ir_version >= _FIRST_IR_WITH_DEFAULTS:
+        return None
+    before = model.ir_version
+    graph = model.graph
+    listed = [v for v in graph.inputs if v.name in graph.initializers and graph.initializers[v.name] is v]
+    if mode == "constant" and listed:
+        kept = [v for v in graph.inputs if v not in listed]
+        graph.inputs.clear()
+        graph.inputs.extend(kept)
+    model.ir_version = _FIRST_IR_WITH_DEFAULTS
+    logger.debug("IR version %d raised to %d (%d initializers listed as inputs, mode %s)",
+                 before, model.ir_version, len(listed), mode)
+    if not listed:
+        return f"IR version {before} raised to {model.ir_version} (the first in which a pass may add a weight)"
+    if mode == "constant":
+        return (f"IR version {before} raised to {model.ir_version}: its {len(listed)} weights listed as graph "
+                "inputs are constants, as ONNX Runtime treats them (keep them overridable inputs with "
+                "--keep-initializer-inputs)")
+    return (f"IR version {before} raised to {model.ir_version}: its {len(listed)} weights stay graph inputs, "
+            "overridable by feeds, and passes leave them as they are")
+
+
+def prepare_weights(model: ir.Model, initializer_inputs: InitializerInputs = "constant") -> list[str]:
+    """What every pass relies on, done once before the first (and to a teacher loaded beside it): weights
+    in Constant nodes become initializers, and an IR < 4 model's weights listed as inputs are constants
+    (or overridable inputs, as asked). Exact, names kept; returns notes for the user."""
+    notes = []
+    ir_note = weights_from_inputs(model, initializer_inputs)
+    if ir_note:
+        notes.append(ir_note)
+    lifted = lift_constant_nodes(model)
+    if lifted:
+        notes.append(f"{lifted} Constant node{'s' if lifted != 1 else ''} became initializers (names kept), "
+                     "so every pass reads them as weights")
+    return notes
+
+
+def require_finite(
+    array: np.ndarray, what: str, hint: str = "", *, error: type[OnnxoptError] = ModelError
+) -> np.ndarray:
+    """`array` when every number in it is finite, else a one-line `error` (ModelError: exit 2) naming `what`.
+
+    Call it on the data a numeric routine (SVD, least squares, ranges, scales) is about to read:
+    NaN and infinities make those fail deep inside (or silently give garbage).
+    """
+    data = np.asarray(array)
+    if np.issubdtype(data.dtype, np.inexact) and not np.all(np.isfinite(data)):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        extra = f"; {hint}" if hint else ""
+        raise error(f"{what} holds {bad} NaN or infinite value{'s' if bad != 1 else ''}{extra}")
+    return array

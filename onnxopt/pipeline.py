@@ -4,6 +4,13 @@ A step is a registered onnxopt pass (by name, ``(name, options)``, a ``{"name": 
 instance) or an ``onnx_ir.passes`` pass instance, recorded under its class name with the
 ``modified`` it reported. After a step that modified the model, the context's cached activations
 of it are dropped; when the pipeline ends, the context's sessions are released.
+
+Before the first step the pipeline makes weights look the same to every pass, in one place
+(`onnxopt.graph.prepare_weights`): Constant nodes become initializers under their own names (Paddle's
+exports keep every weight in one), and an IR < 4 model, whose weights are all listed as graph inputs, is
+raised to IR 4 with those weights constants (as ONNX Runtime reads them; ``Context.initializer_inputs``
+="input" keeps them overridable). Both are exact, so every pass, built-in or a user's, finds weights as
+initializers and may add new ones in a valid model; what was done is the first record's first notes.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ except ModuleNotFoundError:  # Python 3.10
 
 from onnxopt.context import Context
 from onnxopt.errors import OnnxoptError, UsageError
-from onnxopt.registry import Pass, PassStats, get_pass, make_pass, root_cause
+from onnxopt.graph import prepare_weights
+from onnxopt.registry import Pass, PassStats, call_pass, get_pass, make_pass, root_cause
 
 __all__ = ["Pipeline", "PassRecord", "PassFailure", "PassSpec", "parse_passes", "read_recipe", "apply_sets"]
 
@@ -79,10 +87,15 @@ class Pipeline:
         self.passes = [_instantiate(p) for p in passes]
 
     def run(self, model: ir.Model, ctx: Context | None = None) -> list[PassRecord]:
-        """Run every step on `model` in place; release `ctx`'s tapping sessions at the end."""
+        """Run every step on `model` in place (its weights prepared first); release `ctx`'s tapping
+        sessions at the end."""
         ctx = ctx if ctx is not None else Context()
         try:
-            return [self._run_step(step, model, ctx) for step in self.passes]
+            notes = prepare_weights(model, ctx.initializer_inputs)
+            records = [self._run_step(step, model, ctx) for step in self.passes]
+            if records:
+                records[0].stats.notes[:0] = notes
+            return records
         finally:
             ctx.close()
 
@@ -91,7 +104,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             if isinstance(step, Pass):
-                stats, options = step.call(model, ctx), step.options()
+                stats, options = call_pass(step, model, ctx), step.options()
             else:
                 stats, options = _run_ir_pass(step, model), _public_attributes(step)
         except Exception as exc:

@@ -14,6 +14,11 @@ print ``onnxopt passes``. A third party registers its own pass the same way::
             ...
             return PassStats(modified=True)
 
+An option that only one mode of its pass reads says so: ``option(0.5, "...", when={"rank_by": "ratio"})``.
+Setting it explicitly then either selects that mode (when the mode was not set and exactly one value of it
+reads the option; the pass's notes say so) or is refused with a one-line UsageError naming what reads it,
+so no option is ever silently ignored (see `resolve_options`).
+
 Passes interoperate with ``onnx_ir.passes``: `Pass.as_ir_pass` wraps one as an in-place onnx_ir
 pass (for a ``PassManager``), and `onnxopt.pipeline.Pipeline` runs onnx_ir pass instances as steps.
 """
@@ -22,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import glob
 import json
 import logging
+import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import onnx_ir as ir
@@ -52,6 +59,8 @@ __all__ = [
     "make_pass",
     "run_pass",
     "option_specs",
+    "resolve_options",
+    "call_pass",
     "matches_any",
     "LAYERS",
     "SKIP",
@@ -68,12 +77,28 @@ _REGISTRY: dict[str, type[Pass]] = {}
 P = TypeVar("P", bound="type[Pass]")
 
 
-def option(default: Any, doc: str) -> Any:
-    """Declare a pass option with its default and one line of documentation."""
+Condition = tuple[tuple[str, tuple[Any, ...]], ...]
+"""(option name, the values of it under which an option is read), all of which must hold."""
+
+
+def option(default: Any, doc: str, *, when: Mapping[str, Any] | None = None) -> Any:
+    """Declare a pass option with its default and one line of documentation.
+
+    `when` names the mode the option is read under: ``{"rank_by": "ratio"}``, several values as a tuple
+    (``{"mode": ("static", "dynamic")}``), ``None`` for "while that option is not set", and several keys
+    when all must hold.
+    """
+    meta = {"doc": doc, "when": _condition(when)}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _condition(when: Mapping[str, Any] | None) -> Condition:
+    if not when:
+        return ()
+    return tuple((key, tuple(v) if isinstance(v, (tuple, list, set, frozenset)) else (v,)) for key, v in when.items())
 
 
 @dataclasses.dataclass
@@ -114,12 +139,15 @@ class Pass:
 
     Class attributes: ``exact`` claims outputs are preserved to float rounding (tested against ORT);
     ``idempotent`` claims a second run with the same options reports ``modified=False`` and leaves
-    the model byte-identical (tests/test_registry.py runs every such pass twice to check it).
+    the model byte-identical (tests/test_registry.py runs every such pass twice to check it);
+    ``speed`` says the pass exists to make the model faster, so the pipeline times the model after it
+    and warns when the result is slower than the original (`onnxopt.latency`).
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = False
     idempotent: ClassVar[bool] = False
+    speed: ClassVar[bool] = False
 
     def call(self, model: ir.Model, ctx: Context | None) -> PassStats:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -127,6 +155,10 @@ class Pass:
     def as_ir_pass(self, ctx: Context | None = None) -> IRPass:
         """This pass as an in-place ``onnx_ir.passes`` pass, for an ``onnx_ir.passes.PassManager``."""
         return IRPass(self, ctx)
+
+    def option_notes(self) -> list[str]:
+        """What the options implied when the pass was made (a mode an explicit option selected)."""
+        return list(getattr(self, "_option_notes", ()))
 
     def options(self) -> dict[str, Any]:
         """The option values (none for a pass class that was never registered, so not a dataclass)."""
@@ -151,8 +183,7 @@ class IRPass(onnx_ir.passes.InPlacePass):
         self.stats: PassStats | None = None
 
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
-        stats = self.inner.call(model, self.ctx)
-        self.stats = stats if stats is not None else PassStats()
+        self.stats = call_pass(self.inner, model, self.ctx)
         if self.stats.modified and self.ctx is not None:
             self.ctx.model_changed(model)
         return onnx_ir.passes.PassResult(model, self.stats.modified)
@@ -170,16 +201,47 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def call_pass(step: Pass, model: ir.Model, ctx: Context | None) -> PassStats:
+    """``step.call(model, ctx)`` with the notes its options implied added to the stats (a pass that
+    returns None returns empty stats). A pass that changed nothing always says why: when it left no
+    note, one is written from its skipped nodes (or says it gave no reason)."""
+    stats = step.call(model, ctx)
+    if stats is None:
+        stats = PassStats()
+    if isinstance(stats, PassStats):
+        if not stats.modified and not stats.notes:
+            stats.notes.append(_why_unchanged(type(step).name or type(step).__name__, stats.skipped))
+        stats.notes[:0] = step.option_notes()
+    return stats
+
+
+def _why_unchanged(name: str, skipped: list[dict[str, str]]) -> str:
+    if not skipped:
+        return f"{name}: the model is unchanged (the pass found nothing to do)"
+    kinds: dict[str, list[str]] = {}  # reasons that differ only in the names they quote are one kind
+    for row in skipped:
+        kinds.setdefault(re.sub(r"'[^']*'", "'…'", row["reason"]), []).append(row["reason"])
+    common = max(kinds.values(), key=len)
+    return (f"{name}: the model is unchanged: {len(skipped)} node{'s' if len(skipped) != 1 else ''} declined "
+            f"({len(common)} like: {common[0]}; every reason is in the report)")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptionSpec:
     name: str
     type: Any
     default: Any
     doc: str
+    when: Condition = ()
 
     @property
     def type_name(self) -> str:
         return _type_name(self.type)
+
+    @property
+    def condition(self) -> str:
+        """When the option is read, in words ("" when always)."""
+        return _condition_text(self.when)
 
     @property
     def choices(self) -> tuple[Any, ...] | None:
@@ -198,6 +260,8 @@ def register_pass(name: str) -> Callable[[P], P]:
         if "__dataclass_fields__" not in cls.__dict__:
             cls = dataclasses.dataclass(kw_only=True)(cls)  # type: ignore[assignment]
         cls.name = name
+        _check_conditions(cls)
+        _resolve_on_init(cls)
         _REGISTRY[name] = cls
         return cls
 
@@ -232,8 +296,109 @@ def option_specs(cls: type[Pass]) -> list[OptionSpec]:
             default = f.default_factory()
         else:
             default = None
-        specs.append(OptionSpec(f.name, hints.get(f.name, str), default, f.metadata.get("doc", "")))
+        specs.append(OptionSpec(f.name, hints.get(f.name, str), default, f.metadata.get("doc", ""),
+                                f.metadata.get("when", ())))
     return specs
+
+
+# ---------------------------------------------------------------- options read under a mode
+def _check_conditions(cls: type[Pass]) -> None:
+    """A `when` may only name options of the same pass."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for f in fields.values():
+        for key, _ in f.metadata.get("when", ()):
+            if key not in fields or key == f.name:
+                raise TypeError(f"{cls.__name__}.{f.name}: when= names '{key}', which is not another option")
+
+
+def _resolve_on_init(cls: type[Pass]) -> None:
+    """Make the class resolve its options' conditions whenever it is built (by name or directly)."""
+    init = cls.__init__
+    if getattr(init, "_resolves_options", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self: Pass, *args: Any, **kwargs: Any) -> None:
+        resolved, notes = resolve_options(type(self), kwargs)
+        init(self, *args, **resolved)
+        self._option_notes = notes  # type: ignore[attr-defined]
+
+    __init__._resolves_options = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def resolve_options(cls: type[Pass], given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The options of `cls` given explicitly, with the modes they select, and notes saying so.
+
+    An explicit option declared ``when={"rank_by": "ratio"}`` whose mode does not hold:
+    - the mode was set explicitly: UsageError (unless the option was given at its default, as a full
+      option set copied from a report gives every option);
+    - the mode was not set and exactly one value of it reads the option: that value is selected (and
+      its own conditions apply in turn); a note says so;
+    - else: UsageError naming what reads the option.
+    """
+    specs = {s.name: s for s in option_specs(cls)}
+    values = {name: given.get(name, spec.default) for name, spec in specs.items()}
+    implied: dict[str, str] = {}  # mode -> the option that selected it
+    notes: list[str] = []
+    queue = [k for k in given if k in specs]
+    while queue:
+        key = queue.pop(0)
+        spec = specs[key]
+        for mode, allowed in spec.when:
+            if _holds(values[mode], allowed):
+                continue
+            where = f"{cls.name or cls.__name__}.{key}"
+            if mode in given:
+                if key in given and _same(given[key], spec.default):
+                    continue
+                raise UsageError(f"{where} is read only when {_condition_text(spec.when)}; "
+                                 f"you set {mode}={_show(values[mode])}")
+            if mode in implied:
+                raise UsageError(f"{where} is read only when {_condition_text(((mode, allowed),))}, but "
+                                 f"{implied[mode]} selected {mode}={_show(values[mode])}")
+            if len(allowed) != 1:
+                raise UsageError(f"{where} is read only when {_condition_text(spec.when)}; set {mode}")
+            values[mode] = allowed[0]
+            implied[mode] = key
+            notes.append(f"{key}={_show(values[key])} selected {mode}={_show(allowed[0])}, "
+                         f"the only {mode} that reads it")
+            queue.append(mode)
+    resolved = dict(given)
+    resolved.update({mode: values[mode] for mode in implied})
+    return resolved, notes
+
+
+def _holds(value: Any, allowed: tuple[Any, ...]) -> bool:
+    return any(_same(value, a) for a in allowed)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None or isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return bool(a == b)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(_show(v) for v in value)
+    return str(value)
+
+
+def _condition_text(when: Condition) -> str:
+    parts = []
+    for key, allowed in when:
+        if allowed == (None,):
+            parts.append(f"{key} is not set")
+        elif len(allowed) == 1:
+            parts.append(f"{key}={_show(allowed[0])}")
+        else:
+            parts.append(f"{key} is " + " or ".join(_show(a) for a in allowed))
+    return " and ".join(parts)
 
 
 def make_pass(name: str, options: dict[str, Any] | None = None, *, from_text: bool = False) -> Pass:
@@ -259,7 +424,7 @@ def make_pass(name: str, options: dict[str, Any] | None = None, *, from_text: bo
 def run_pass(name: str, model: ir.Model, ctx: Context | None = None, **options: Any) -> PassStats:
     """Run registered pass `name` on `model` in place: how one pass uses another (a pass module
     never imports another pass)."""
-    return make_pass(name, options).call(model, ctx)
+    return call_pass(make_pass(name, options), model, ctx)
 
 
 # ---------------------------------------------------------------- coercion of option values

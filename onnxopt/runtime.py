@@ -3,6 +3,11 @@
 `run_taps` is how passes see activations: it exposes the named tensors as extra graph outputs of
 a temporary copy of the model and streams one result dict per feed, so callers can accumulate
 statistics without holding every activation of every sample.
+
+ONNX Runtime's own log lines (``[E:onnxruntime:...]`` when a run fails, ``[W:onnxruntime:...]`` on
+load) never reach stderr: its default logger and every session log only fatal errors (severity 4;
+severity 3 still lets the error lines of a failing run through), and what failed is raised as one
+line (`ModelError`) instead.
 """
 
 from __future__ import annotations
@@ -16,12 +21,17 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.errors import ModelError, UsageError, first_line
+from onnxopt.errors import ModelError, UsageError, first_line, safe_name
 from onnxopt.io import temp_model_file
+from onnxopt.limits import check_threads
 
 __all__ = ["session", "run", "run_outputs", "run_taps", "TapSession", "provider_name", "tap_values"]
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+LOG_SEVERITY = 4
+"""ONNX Runtime log severity for its default logger and every session: fatal only."""
+
+ort.set_default_logger_severity(LOG_SEVERITY)
 
 
 def provider_name(provider: str) -> str:
@@ -45,8 +55,10 @@ def session(
     optimization: bool = True,
 ) -> ort.InferenceSession:
     """An ORT session on the model file at `path`; load failures become `ModelError`."""
+    check_threads(threads)
+    check_threads(inter_threads, "inter-op threads")
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = LOG_SEVERITY
     if threads:
         opts.intra_op_num_threads = threads
     if inter_threads:
@@ -61,7 +73,7 @@ def session(
     except UsageError:
         raise
     except Exception as exc:
-        raise ModelError(f"ONNX Runtime cannot load '{Path(path).name}': {first_line(exc)}") from None
+        raise ModelError(f"ONNX Runtime cannot load '{safe_name(Path(path).name)}': {first_line(exc)}") from None
 
 
 def run(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -88,7 +100,7 @@ def tap_values(model: ir.Model, names: Sequence[str]) -> list[ir.Value]:
                 by_name[out.name] = out
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ModelError(f"no tensor named {', '.join(missing[:5])} in the model")
+        raise ModelError(f"no tensor named {', '.join(safe_name(n) for n in missing[:5])} in the model")
     return [by_name[n] for n in names]
 
 
@@ -114,7 +126,9 @@ class TapSession:
             if value in outputs or value.is_graph_input() or value.const_value is not None:
                 continue
             if value.type is None:
-                raise ModelError(f"tensor '{value.name}' has no type, even after shape inference; it cannot be tapped")
+                raise ModelError(
+                    f"tensor '{safe_name(value.name)}' has no type, even after shape inference; it cannot be tapped"
+                )
             outputs.append(value)
             added.append(value)
         self._stack = contextlib.ExitStack()
@@ -129,7 +143,7 @@ class TapSession:
             self._stack.close()
             raise
         self._outputs = [o.name for o in self._sess.get_outputs()]
-        self._inputs = {v.name for v in values if v.is_graph_input()}
+        self._inputs = {v.name for v in values if v.is_graph_input() and v.const_value is None}
         self._consts = {v.name: v.const_value.numpy() for v in values if v.const_value is not None}
 
     def run(self, feed: dict[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import numpy_helper
+
+from onnxopt.errors import ModelError, safe_name
+from onnxopt.tensors import check_external_tensor, external_location
 
 __all__ = [
     "SPARSE_KEY",
@@ -37,11 +42,14 @@ __all__ = [
     "mark_sparse",
     "apply_sparse_storage",
     "densify",
+    "DENSE_LIMIT",
 ]
 
 logger = logging.getLogger(__name__)
 
 SPARSE_KEY = "onnxopt.sparse_initializers"
+DENSE_LIMIT = 2_000_000_000
+"""A sparse initializer larger than this dense is refused (it could not be written as one tensor anyway)."""
 INDEX_BYTES = 8
 _FLOAT_PROTO_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -138,22 +146,55 @@ def apply_sparse_storage(proto: onnx.ModelProto) -> list[str]:
     return moved
 
 
-def _dense_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
-    values = numpy_helper.to_array(sparse.values).reshape(-1)
-    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+def _dense_array(sparse: onnx.SparseTensorProto, base_dir: str) -> np.ndarray:
+    values = numpy_helper.to_array(sparse.values, base_dir).reshape(-1)
+    indices = numpy_helper.to_array(sparse.indices, base_dir).astype(np.int64)
     shape = tuple(int(d) for d in sparse.dims)
-    dense = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype=values.dtype)
-    if indices.ndim == 2:  # coordinate form [nnz, rank]
-        indices = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices.reshape(-1)
-    dense[indices.reshape(-1)] = values
+    size = 1
+    for d in shape:
+        size *= d
+    if min(shape, default=1) < 0 or size * values.dtype.itemsize > DENSE_LIMIT:
+        raise ModelError(f"sparse initializer '{safe_name(sparse.values.name)}' of shape {list(shape)} cannot be "
+                         f"made dense (more than {DENSE_LIMIT:,} bytes, protobuf's limit)")
+    if indices.size != values.size and not (indices.ndim == 2 and indices.shape[0] == values.size):
+        raise ModelError(f"sparse initializer '{safe_name(sparse.values.name)}' has {values.size} values for "
+                         f"{indices.shape[0] if indices.ndim else indices.size} indices")
+    dense = np.zeros(size, dtype=values.dtype)
+    try:
+        if indices.ndim == 2:  # coordinate form [nnz, rank]
+            indices = np.ravel_multi_index(tuple(indices.T), shape) if indices.size else indices.reshape(-1)
+        dense[indices.reshape(-1)] = values
+    except (ValueError, IndexError):
+        raise ModelError(f"sparse initializer '{safe_name(sparse.values.name)}' has indices outside its "
+                         f"shape {list(shape)}") from None
     return dense.reshape(shape)
 
 
-def densify(proto: onnx.ModelProto) -> int:
-    """Turn every main-graph ``sparse_initializer`` of `proto` back into a dense initializer."""
+def _check_sources(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> None:
+    """Refuse external values or indices outside the model's folder, before anything is read."""
+    for part, tensor in (("values", sparse.values), ("indices", sparse.indices)):
+        where = f"sparse initializer '{safe_name(sparse.values.name)}' ({part})"
+        if external_location(tensor) is None:
+            continue
+        if base_dir is None:
+            raise ModelError(f"{where} is stored as external data, and the model's folder is not known")
+        check_external_tensor(where, tensor, base_dir)
+
+
+def densify(proto: onnx.ModelProto, base_dir: str | os.PathLike[str] | None = None) -> int:
+    """Turn every main-graph ``sparse_initializer`` of `proto` back into a dense initializer.
+
+    Values or indices stored as external data are read from `base_dir` (the model's folder), after
+    the same checks as dense external data (inside the folder, file long enough); without a
+    `base_dir` such a model is refused: nothing is ever read relative to the current directory.
+    """
     graph = proto.graph
+    base = Path(base_dir) if base_dir is not None else None
+    for sparse in graph.sparse_initializer:
+        _check_sources(sparse, base)
     count = len(graph.sparse_initializer)
     for sparse in graph.sparse_initializer:
-        graph.initializer.append(numpy_helper.from_array(_dense_array(sparse), sparse.values.name))
+        dense = _dense_array(sparse, str(base) if base is not None else "")
+        graph.initializer.append(numpy_helper.from_array(dense, sparse.values.name))
     del graph.sparse_initializer[:]
     return count

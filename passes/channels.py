@@ -40,12 +40,22 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import timing
 from onnxopt.analysis import infer_shapes
 from onnxopt.analysis.channel_groups import ChannelGraph, Consumer, Fixup, Group, build_channel_graph
 from onnxopt.analysis.layers import linear_of
 from onnxopt.context import Context
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import constant_array, iter_graphs, new_initializer, only_used_by, opset_version, set_weight
+from onnxopt.graph import (
+    constant_array,
+    iter_graphs,
+    new_initializer,
+    only_used_by,
+    opset_version,
+    require_finite,
+    set_weight,
+)
+from onnxopt.io import load, temp_model_file
 from onnxopt.registry import (
     Pass,
     PassStats,
@@ -73,25 +83,33 @@ class Channels(Pass):
 
     exact = False
     idempotent = False
+    speed = True
 
-    ratio: float = option(0.3, "fraction of each group's channels to remove, in [0, 1)")
+    ratio: float = option(0.3, "fraction of each group's channels to remove, in [0, 1)", when={"macs": None})
     macs: float | None = option(None, "instead of ratio: fraction of the model's MACs to remove, in (0, 1)")
     importance: Literal["l1", "l2", "bn", "activation"] = option(
         "l2", "channel score: filter norm (l1, l2), BatchNorm scale (bn) or mean |activation| (needs --calib)")
-    round_to: int = option(1, "keep channel counts multiples of this (8 or 16 suit SIMD kernels)")
+    round_to: int = option(
+        0, "keep channel counts multiples of this; 0: the CPU's float SIMD width (16 with AVX-512, 8 with AVX2)")
     min_channels: int = option(1, "fewest channels (units) a group keeps")
     exclude: list[str] = option([], "producer node names (globs) or op types whose output channels are kept")
     compensate: bool = option(True, "fold removed channels' constant (or mean, with --calib) into consumer biases")
     reconstruct: bool = option(False, "refit consumer weights by least squares on --calib data")
     layers: dict[str, dict[str, Any]] = layers_option("ratio")
+    verify_speed: bool = option(
+        True, "time the cut model against the uncut one; keep the largest cut that is faster (false: MACs only)")
+    min_speedup: float = option(0.05, "verify_speed: a cut must make the model this fraction faster, in [0, 1)",
+                                when={"verify_speed": True})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise UsageError(f"channels.ratio: {self.ratio} is outside [0, 1) (allowed 0 <= ratio < 1)")
         if self.macs is not None and not 0.0 < self.macs < 1.0:
             raise UsageError(f"channels.macs: {self.macs} is outside (0, 1) (allowed 0 < macs < 1)")
-        if self.round_to < 1:
-            raise UsageError(f"channels.round_to: {self.round_to} must be at least 1 (e.g. 8 or 16)")
+        if self.round_to < 0:
+            raise UsageError(f"channels.round_to: {self.round_to} must be 0 (the CPU's SIMD width) or more (e.g. 8)")
+        if not 0.0 <= self.min_speedup < 1.0:
+            raise UsageError(f"channels.min_speedup: {self.min_speedup} is outside [0, 1)")
         if self.min_channels < 1:
             raise UsageError(f"channels.min_channels: {self.min_channels} must be at least 1")
         if self.macs is not None and any("ratio" in v for v in self.layers.values()):
@@ -124,6 +142,10 @@ class Channels(Pass):
         if removed_units == 0:
             stats.notes.append("channels: nothing to remove at these settings; the model is unchanged")
             return stats
+        if self.verify_speed:
+            plan = _faster_plan(model, ctx, groups, candidates, plan, self, stats)
+            if not any(plan.values()):
+                return stats
         removed = {e for g in candidates for u in plan.get(id(g), []) for e in g.units[u]}
         # Reconstruction targets come from the model before surgery: one session tapping every
         # consumer's output, built now, serves each refit (ORT computes only the output asked for).
@@ -167,9 +189,14 @@ class Channels(Pass):
         return _filter_scores(cg, g, 1 if self.importance == "l1" else 2)
 
     # ------------------------------------------------------------------ choice
+    @property
+    def multiple(self) -> int:
+        """The channel multiple in force (`round_to`, or the CPU's SIMD width when it is 0)."""
+        return self.round_to or timing.simd_width()
+
     def _keep_count(self, g: Group, keep: int) -> int:
-        if self.round_to > 1 and _unit_width(g) == 1:
-            keep = int(math.ceil(keep / self.round_to) * self.round_to)
+        if self.multiple > 1 and _unit_width(g) == 1:
+            keep = int(math.ceil(keep / self.multiple) * self.multiple)
         keep = max(keep, self.min_channels, g.size - len(g.prunable()), 1)
         return min(keep, g.size)
 
@@ -181,7 +208,7 @@ class Channels(Pass):
                 ratio = layer_settings(self, *(p.node for p in g.producers))["ratio"]
                 keep = self._keep_count(g, g.size - int(math.floor(ratio * g.size + 1e-9)))
                 order = sorted(g.prunable(), key=lambda u: (scores[id(g)][u], u))
-                plan[id(g)] = sorted(order[:g.size - keep])
+                plan[id(g)] = order[:g.size - keep]
             return plan
         return self._plan_macs(cg, groups, candidates, scores)
 
@@ -215,7 +242,7 @@ class Channels(Pass):
                 realized[gid] = now
         if model_mac.removed < target * (1 - 1e-6):
             raise UsageError(self._blocked_message(cg, groups, model_mac.removed / total))
-        return {gid: sorted(units) for gid, units in realized.items()}
+        return realized
 
     def _blocked_message(self, cg: ChannelGraph, groups: list[Group], reached: float) -> str:
         return (f"channels.macs={self.macs}: cannot be met, at most {reached:.1%} of MACs can be removed "
@@ -242,6 +269,70 @@ def _report(stats: PassStats, cg: ChannelGraph, candidates: list[Group], plan: d
     stats.modified = True
 
 
+# ====================================================================== helpers: speed
+_LEVELS = (1.0, 0.5, 0.25)
+"""Fractions of the planned removal tried, largest first, until the cut model is faster."""
+
+
+def _faster_plan(model: ir.Model, ctx: Context, groups: list[Group], candidates: list[Group],
+                 plan: dict[int, list[int]], p: Channels, stats: PassStats) -> dict[int, list[int]]:
+    """The largest scaled-down `plan` (whole plan, half, quarter of each group's removal) whose cut model is
+    at least `min_speedup` faster than `model`, or an empty plan, with the measurements in `stats`.
+
+    A trial cuts a copy of the model with the same channel counts, without compensation: a dense kernel's
+    time depends on the shapes, not on the values, so the real cut (scored, compensated, refitted) that
+    follows runs as fast as its trial. Each answer comes from `onnxopt.timing.compare` (cached).
+    """
+    limit = 1.0 - p.min_speedup
+    feed = timing.sample_feed(model, ctx)
+    index = {id(g): i for i, g in enumerate(groups)}
+    tried: list[str] = []
+    last: dict[int, list[int]] | None = None
+    with temp_model_file(model, "before.onnx") as before:
+        for level in _LEVELS:
+            sub = {}
+            for g in candidates:
+                units = plan.get(id(g), [])
+                sub[id(g)] = units[: _scaled_count(p, g, len(units), level)]
+            if not any(sub.values()) or sub == last:
+                continue
+            last = sub
+            trial = load(before, check=False)
+            trial_groups = build_channel_graph(trial, ctx.dims)
+            tgroups = trial_groups.groups()
+            if [g.name for g in tgroups] != [g.name for g in groups]:  # a saved copy must group alike
+                stats.notes.append("channels: the cut was not timed (a copy of the model groups its channels "
+                                   "differently); cut by MACs")
+                return plan
+            removed = {e for g in candidates for u in sub.get(id(g), []) for e in tgroups[index[id(g)]].units[u]}
+            remove_units(trial, trial_groups, removed, compensate=False)
+            infer_shapes(trial)
+            result = timing.compare(before, trial, feed, threads=ctx.threads, limit=limit,
+                                    block_ms=timing.MODEL_BLOCK_MS)
+            del trial, trial_groups, tgroups
+            label = f"{level:.0%} of the cut ({sum(map(len, sub.values()))} units)"
+            if result.ratio <= limit:
+                stats.summary["speed"] = f"{label}: {result.describe()}"
+                if tried:
+                    stats.notes.append(f"channels: larger cuts were not faster ({'; '.join(tried)}); "
+                                       f"kept {label}: {result.describe()}")
+                return sub
+            tried.append(f"{label}: {result.describe()}")
+    msg = (f"channels: no cut made the model at least {p.min_speedup:.0%} faster in ONNX Runtime "
+           f"({'; '.join(tried)}); the model is unchanged (verify_speed=false cuts anyway)")
+    logger.info(msg)
+    stats.notes.append(msg)
+    return {}
+
+
+def _scaled_count(p: Channels, g: Group, removed: int, level: float) -> int:
+    """Units removed from group `g` at `level` of a planned removal of `removed` units, rounded as planned."""
+    if level >= 1.0:
+        return removed
+    keep = p._keep_count(g, g.size - int(math.floor(level * removed + 1e-9)))
+    return min(removed, g.size - keep)
+
+
 # ====================================================================== helpers: scoring
 def _unit_width(g: Group) -> int:
     """Channels of the first producer that one unit covers (1, or a head's width)."""
@@ -257,6 +348,7 @@ def _filter_scores(cg: ChannelGraph, g: Group, order: int) -> np.ndarray:
         w = constant_array(p.node.inputs[p.weight_index])
         if w is None:
             continue
+        require_finite(w, f"weight '{p.node.inputs[p.weight_index].name}'", "its channels cannot be ranked")
         moved = np.moveaxis(np.asarray(w, dtype=np.float64), p.axis, 0).reshape(w.shape[p.axis], -1)
         if p.bias_index is not None:
             b = np.asarray(constant_array(p.node.inputs[p.bias_index]), dtype=np.float64).reshape(-1)

@@ -59,7 +59,7 @@ from onnxopt.analysis.layers import Linear, linear_of
 from onnxopt.context import Context
 from onnxopt.data import Dataset
 from onnxopt.errors import ModelError, UsageError
-from onnxopt.graph import is_constant, origin_of
+from onnxopt.graph import is_constant, origin_of, prepare_weights, require_finite
 from onnxopt.io import load
 from onnxopt.progress import progress
 from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
@@ -131,7 +131,7 @@ class Distill(Pass):
     layers: list[str] = option([], "refit only these layers (node names or op types, globs); empty: all")
     holdout: float = option(0.25, "share of transfer feeds held out to check each refit generalizes, in [0, 1)")
     logits: bool = option(False, "finally fit the classifier head to the teacher's soft outputs")
-    T: float = option(4.0, "temperature of the soft outputs for the logits step (> 0)")
+    T: float = option(4.0, "temperature of the soft outputs for the logits step (> 0)", when={"logits": True})
     teacher: str | None = option(None, "teacher model file (default: the model before the pipeline)")
 
     def __post_init__(self) -> None:
@@ -187,6 +187,7 @@ class Distill(Pass):
         if not self.teacher:
             return ctx.original_model()  # loaded once per pipeline, shapes inferred
         teacher = load(path, check=False)
+        prepare_weights(teacher, ctx.initializer_inputs)  # weights read as the student's are
         infer_shapes(teacher)
         return teacher
 
@@ -458,6 +459,8 @@ def _try_add_batch(unit: _Unit, x: np.ndarray, y: np.ndarray, held: bool) -> str
 def _try_add_rows(unit: _Unit, feats: np.ndarray, target: np.ndarray, held: bool) -> str | None:
     if feats.shape[0] != target.shape[0]:
         return f"{feats.shape[0]} input rows but {target.shape[0]} teacher rows (shapes differ)"
+    require_finite(feats, f"input of {unit.first.name} on the calibration data", "a refit needs finite features")
+    require_finite(target, f"teacher tensor '{unit.teacher}' on the calibration data", "a refit needs finite targets")
     groups = unit.first.groups
     if unit.normal is None:
         unit.normal = Moments(feats.shape[1] // groups, target.shape[1], groups=groups, intercept=True)

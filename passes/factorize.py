@@ -32,9 +32,11 @@ unknown) drop by at least ``min_saving``; otherwise it is listed as skipped with
 whitened by the second moment ``E[xᵀx] = L Lᵀ`` of its input (input channels, or vertical patches
 for the spatial method) and Tucker's output mode uses ``E[y yᵀ]`` of the layer output, so at equal
 rank the truncation minimises the error of the layer's output on data instead of on the weights
-(see ``_lowrank``). ``verify_speed=true`` times each candidate alone in ONNX Runtime (the layer and its chain
-as two one-input models at the layer's input shape, interleaved runs) and keeps only the substitutions
-that run at least ``min_speedup`` faster.
+(see ``_lowrank``). ``verify_speed=true`` (the default) times each candidate alone in ONNX Runtime (the
+layer and its chain as two one-input models at the input shape the layer sees on the run's sample feed,
+`onnxopt.timing.compare`) and keeps only the substitutions that run at least ``min_speedup`` faster;
+then it times the whole model against the model before the pass and drops the substitutions with the
+smallest measured gain until the model is not slower (`_SpeedCheck`).
 
 Names survive: the last node of a chain takes the original node's name and output name; new weights
 record the original weight name as their origin.
@@ -45,8 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import tempfile
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -55,13 +56,13 @@ import onnx_ir as ir
 from onnx import helper
 from onnx_ir.convenience import convert_attributes
 
+from onnxopt import timing
 from onnxopt.analysis import infer_shapes
 from onnxopt.analysis.fitting import Moments
 from onnxopt.analysis.layers import ConvGeometry, Linear, linear_of
 from onnxopt.analysis.stats import dim_values, macs_by_node
 from onnxopt.context import Context
-from onnxopt.data import Dataset
-from onnxopt.errors import UsageError
+from onnxopt.errors import ModelError, UsageError
 from onnxopt.graph import (
     all_names,
     constant_array,
@@ -69,9 +70,11 @@ from onnxopt.graph import (
     iter_graphs,
     new_initializer,
     opset_version,
+    require_finite,
     take_over_output,
     unique_name,
 )
+from onnxopt.io import load, temp_model_file
 from onnxopt.progress import progress
 from onnxopt.registry import (
     Pass,
@@ -103,21 +106,29 @@ class Factorize(Pass):
 
     exact = False
     idempotent = False
+    speed = True
 
     method: Literal["tucker", "spatial"] = option("tucker", "k×k convs: tucker (1×1, k×k, 1×1) or spatial (k×1, 1×k)")
     rank_by: Literal["ratio", "energy", "macs"] = option(
         "energy", "rank choice: ratio (rank_ratio), energy (keep that energy), macs (global macs_target)")
-    rank_ratio: float = option(0.5, "rank_by=ratio: fraction of each full rank to keep, in (0, 1]")
-    energy: float = option(0.9, "rank_by=energy: fraction of squared singular values to keep, in (0, 1]")
-    macs_target: float = option(0.5, "rank_by=macs: fraction of the model's MACs to reach, in (0, 1]")
+    rank_ratio: float = option(0.5, "rank_by=ratio: fraction of each full rank to keep, in (0, 1]",
+                               when={"rank_by": "ratio"})
+    energy: float = option(0.9, "rank_by=energy: fraction of squared singular values to keep, in (0, 1]",
+                           when={"rank_by": "energy"})
+    macs_target: float = option(0.5, "rank_by=macs: fraction of the model's MACs to reach, in (0, 1]",
+                                when={"rank_by": "macs"})
     round_to: int = option(4, "round ranks up to a multiple of this (>= 1)")
     min_saving: float = option(
         0.2, "substitute only if a layer's MACs drop by this fraction, in [-1, 1) (below 0 lets layers grow)")
     data_aware: bool = option(False, "whiten by calibration activations (needs --calib)")
-    damping: float = option(0.01, "data_aware: ridge added to the activation second moment, × its mean diagonal")
-    verify_speed: bool = option(False, "time each candidate in ONNX Runtime; keep only faster substitutions")
-    verify_runs: int = option(30, "verify_speed: timed runs per layer (>= 3)")
-    min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, in [0, 1)")
+    damping: float = option(0.01, "data_aware: ridge added to the activation second moment, × its mean diagonal",
+                            when={"data_aware": True})
+    verify_speed: bool = option(
+        True, "keep a substitution only if it runs faster in ONNX Runtime, alone and in the model (false: MACs only)")
+    verify_runs: int = option(9, "verify_speed: most interleaved timing blocks per check (>= 3)",
+                              when={"verify_speed": True})
+    min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, in [0, 1)",
+                                when={"verify_speed": True})
     exclude: list[str] = option([], "node names (globs) or op types to leave alone")
     layers: dict[str, dict[str, Any]] = layers_option("rank_ratio", "energy")
 
@@ -149,14 +160,15 @@ class Factorize(Pass):
                 _gather_moments(model, ctx, layers, calib)
         for layer in progress(layers, desc="factorize: decomposing"):
             layer.decompose(self.damping if self.data_aware else None)
-        chosen = self._choose(model, ctx, layers, stats)
-        if self.verify_speed:
-            chosen = _keep_faster(chosen, model, ctx, self.verify_runs, 1.0 - self.min_speedup, stats)
+        if self.verify_speed and layers:
+            chosen = _SpeedCheck(model, ctx, self, stats).choose(layers)
+        else:
+            chosen = self._choose(model, ctx, layers, stats)
         for layer, ranks in chosen:
             stats.layers.append(layer.row(ranks, self.data_aware))
             _apply(model.graph, layer, ranks)
         stats.modified = bool(chosen)
-        stats.summary = _summary(stats.layers, self)
+        stats.summary = {**_summary(stats.layers, self), **stats.summary}
         return stats
 
     # -------------------------------------------------------------------------- candidates
@@ -274,13 +286,14 @@ class _Layer:
         self.node = linear.node
         self.kind = kind
         self.geometry = linear.geometry
-        self.raw = np.asarray(linear.weight.value.const_value.numpy())
+        self.raw = require_finite(np.asarray(linear.weight.value.const_value.numpy()),
+                                  f"weight '{linear.weight.name}' of {self.node.name or self.node.op_type}")
         self.dtype = self.raw.dtype
         self.moments: dict[str, Moments] = {}
         self.in_shape = dim_values(self.node.inputs[0].shape, dims)
         self.out_shape = dim_values(self.node.outputs[0].shape, dims)
         self.shapes_known = self.in_shape is not None and self.out_shape is not None
-        self.speed_ratio: float | None = None
+        self.speed: timing.Measurement | None = None
         self.plan = self._plan()
 
     def _plan(self) -> lr.MatrixPlan | lr.TuckerPlan:
@@ -325,7 +338,8 @@ class _Layer:
             self._add("in", plan.k, lr.channel_rows(x) if self.geometry is not None else x.reshape(-1, plan.k))
 
     def decompose(self, damping: float | None) -> None:
-        moments = {key: m.second_moment() for key, m in self.moments.items()}
+        moments = {key: require_finite(m.second_moment(), f"activation statistics of {self.node.name or self.kind}")
+                   for key, m in self.moments.items()}
         self.plan.decompose(damping, moments.get("in"), moments.get("out"))
 
     # ------------------------------------------------------------------ substitution
@@ -373,7 +387,9 @@ class _Layer:
             "energy_kept": round(1.0 - lost, 6),
             "est_rel_error": round(math.sqrt(lost), 6),
             "error_of": "output on calibration data" if data_aware else "weight",
-            "speed_ratio": None if self.speed_ratio is None else round(self.speed_ratio, 3),
+            "speed_ratio": None if self.speed is None else round(self.speed.ratio, 3),
+            "latency_ms": None if self.speed is None else [round(self.speed.reference_ms, 5),
+                                                           round(self.speed.candidate_ms, 5)],
         }
 
 
@@ -425,9 +441,11 @@ def _gather_moments(model: ir.Model, ctx: Context, layers: list[_Layer], calib: 
 
 
 # ------------------------------------------------------------------------------ rewrite
-def _apply(graph: ir.Graph, layer: _Layer, ranks: Ranks) -> None:
-    """Insert the chain for `layer` at `ranks` before its node and let it take over the output."""
-    node = layer.node
+def _apply(graph: ir.Graph, layer: _Layer, ranks: Ranks, node: ir.Node | None = None) -> None:
+    """Insert the chain for `layer` at `ranks` before its node (or `node`, the same layer in a copy of the
+    model) and let it take over the output."""
+    node = node or layer.node
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
     weight = node.inputs[1]
     assert weight is not None
     out = node.outputs[0]
@@ -440,8 +458,8 @@ def _apply(graph: ir.Graph, layer: _Layer, ranks: Ranks) -> None:
         array = np.ascontiguousarray(stage.weight, dtype=layer.dtype)
         w_init = new_initializer(graph, f"{weight.name}.{stage.suffix}", array, origin=weight.name, taken=taken)
         inputs: list[ir.Value | None] = [current, w_init]
-        if i == len(stages) - 1 and layer.bias() is not None:
-            inputs.append(layer.bias())
+        if i == len(stages) - 1 and bias is not None:
+            inputs.append(bias)
         op_type, attrs = stage.op_type, stage.attrs
         if op_type == "Gemm" and len(inputs) == 2 and opset_version(graph, 11) < 11:
             op_type, attrs = "MatMul", {}  # Gemm's C is optional from opset 11 only; 2-D x·W is a MatMul
@@ -485,40 +503,117 @@ def _micro_model(stages: list[_Stage], in_shape: list[int], dtype: np.dtype, bia
     return model
 
 
-def _try_time(layer: _Layer, ranks: Ranks, opset: int, threads: int, runs: int) -> float | str:
-    """Latency ratio factored / original of the layer alone, or the reason it cannot be timed."""
-    from onnxopt.bench import bench
-
-    if layer.in_shape is None:
-        return "input shape unknown, cannot time the layer"
-    bias = constant_array(layer.bias())
-    stages = [dataclasses.replace(s, weight=np.ascontiguousarray(s.weight, dtype=layer.dtype))
-              for s in layer.stages(ranks)]
-    # Both micro models read the same "x": one feed, so bench need not load each model back for one.
-    x = np.random.default_rng(0).standard_normal(layer.in_shape).astype(layer.dtype)
-    feed = Dataset([{"x": x}], [None], "random:1")
-    with tempfile.TemporaryDirectory(prefix="onnxopt-factorize-") as tmp:
-        paths = []
-        for tag, chain in (("orig", [layer.original_stage()]), ("lowrank", stages)):
-            path = Path(tmp) / f"{tag}.onnx"
-            onnx.save(_micro_model(chain, layer.in_shape, layer.dtype, bias, opset), str(path))
-            paths.append(path)
-        result = bench(paths, runs=runs, warmup=3, threads=threads, memory=False, data=feed)
-    return result.ratios[1]
+def _random_input(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(tuple(shape)).astype(dtype)
 
 
-def _keep_faster(chosen: list[tuple[_Layer, Ranks]], model: ir.Model, ctx: Context, runs: int, limit: float,
-                 stats: PassStats) -> list[tuple[_Layer, Ranks]]:
-    opset = opset_version(model, 17)
-    threads = ctx.threads or 1
-    kept = []
-    for layer, ranks in progress(chosen, desc="factorize: timing layers"):
-        ratio = _try_time(layer, ranks, opset, threads, runs)
-        if isinstance(ratio, str):
-            stats.skip(layer.node, ratio)
-        elif ratio > limit:
-            stats.skip(layer.node, f"not faster in ONNX Runtime (latency ×{ratio:.2f} alone, needs <= ×{limit:.2f})")
-        else:
-            layer.speed_ratio = ratio
-            kept.append((layer, ranks))
-    return kept
+class _SpeedCheck:
+    """verify_speed: a substitution stays only when it runs faster, first alone, then in the whole model.
+
+    Alone: the layer and its chain as two one-input models at the input shape the layer sees on the
+    run's sample feed (tapped once), timed by `onnxopt.timing.compare` with the limit ``1 - min_speedup``.
+    With ``rank_by=macs`` the layers that are not faster leave the allocation, which is redone (at most
+    `_ROUNDS` times) so the target is sought among the others. Whole model: the model with every kept
+    substitution against the model before the pass; when it is not faster, the substitutions with the
+    smallest measured gain go first (half of them at a time) until it is, or none is left.
+    """
+
+    _ROUNDS = 3
+
+    def __init__(self, model: ir.Model, ctx: Context, p: Factorize, stats: PassStats) -> None:
+        self.model, self.ctx, self.p, self.stats = model, ctx, p, stats
+        self.limit = 1.0 - p.min_speedup
+        self.feed: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def choose(self, layers: list[_Layer]) -> list[tuple[_Layer, Ranks]]:
+        self.feed = timing.sample_feed(self.model, self.ctx)
+        try:
+            self.shapes = timing.tapped_shapes(self.model, self.ctx,
+                                               sorted({la.node.inputs[0].name for la in layers}), self.feed)
+        except ModelError as exc:  # layers are then timed at their declared shapes (symbolic dims: --dims)
+            self.stats.notes.append(f"factorize: layer shapes not tapped ({exc}); timing at declared shapes")
+        declined: dict[int, tuple[_Layer, str]] = {}
+        timed: dict[tuple[int, Ranks], timing.Measurement | str] = {}
+        kept: list[tuple[_Layer, Ranks]] = []
+        for _ in range(self._ROUNDS):
+            round_stats = PassStats()
+            chosen = self.p._choose(self.model, self.ctx, [la for la in layers if id(la) not in declined],
+                                    round_stats)
+            kept, slow = [], 0
+            for layer, ranks in progress(chosen, desc="factorize: timing layers"):
+                key = (id(layer), tuple(ranks))
+                if key not in timed:
+                    timed[key] = self._time_layer(layer, ranks)
+                result = timed[key]
+                if isinstance(result, str):
+                    declined[id(layer)] = (layer, result)
+                    slow += 1
+                elif result.ratio > self.limit:
+                    declined[id(layer)] = (layer, f"not faster in ONNX Runtime alone: {result.describe()}; "
+                                                  f"needs <= x{self.limit:.2f}")
+                    slow += 1
+                else:
+                    layer.speed = result
+                    kept.append((layer, ranks))
+            if not slow or self.p.rank_by != "macs":
+                break
+        self.stats.skipped.extend(round_stats.skipped)
+        self.stats.notes.extend(round_stats.notes)
+        for layer, reason in declined.values():
+            self.stats.skip(layer.node, reason)
+        self.stats.summary["timed_layers"] = len({key[0] for key in timed})
+        return self._whole_model(kept)
+
+    def _time_layer(self, layer: _Layer, ranks: Ranks) -> timing.Measurement | str:
+        shape = self.shapes.get(layer.node.inputs[0].name) or layer.in_shape
+        if shape is None:
+            return "input shape unknown, cannot time the layer"
+        opset = opset_version(self.model, 17) or 17
+        bias = constant_array(layer.bias())
+        stages = [dataclasses.replace(s, weight=np.ascontiguousarray(s.weight, dtype=layer.dtype))
+                  for s in layer.stages(ranks)]
+        original = _micro_model([layer.original_stage()], list(shape), layer.dtype, bias, opset)
+        factored = _micro_model(stages, list(shape), layer.dtype, bias, opset)
+        feed = {"x": _random_input(shape, layer.dtype)}
+        try:
+            return timing.compare(original, factored, feed, threads=self.ctx.threads, limit=self.limit,
+                                  max_blocks=self.p.verify_runs)
+        except ModelError as exc:
+            return f"cannot be timed alone in ONNX Runtime: {exc}"
+
+    def _whole_model(self, kept: list[tuple[_Layer, Ranks]]) -> list[tuple[_Layer, Ranks]]:
+        """The largest set of kept substitutions, by measured gain, with which the model is not slower."""
+        if not kept:
+            return kept
+        kept = sorted(kept, key=lambda lr_: -_gain(lr_[0]))
+        index = {id(node): i for i, node in enumerate(self.model.graph)}
+        tried: list[str] = []
+        with temp_model_file(self.model, "before.onnx") as before:
+            n = len(kept)
+            while n > 0:
+                trial = load(before, check=False)
+                nodes = list(trial.graph)
+                for layer, ranks in kept[:n]:
+                    _apply(trial.graph, layer, ranks, nodes[index[id(layer.node)]])
+                result = timing.compare(before, trial, self.feed, threads=self.ctx.threads, limit=1.0,
+                                        max_blocks=self.p.verify_runs, block_ms=timing.MODEL_BLOCK_MS)
+                del trial, nodes
+                if result.ratio <= 1.0:
+                    self.stats.summary["model_speed"] = result.describe()
+                    break
+                tried.append(f"{n} layers: {result.describe()}")
+                n = n // 2
+        for layer, _ in kept[n:]:
+            assert layer.speed is not None
+            self.stats.skip(layer.node, f"faster alone (x{layer.speed.ratio:.2f}) but the model was not faster "
+                                        f"with it ({'; '.join(tried)})")
+        if tried:
+            self.stats.notes.append("factorize: the whole model was not faster with every substitution that "
+                                    f"was faster alone ({'; '.join(tried)}); kept {n} of {len(kept)}")
+        return kept[:n]
+
+
+def _gain(layer: _Layer) -> float:
+    """Milliseconds a substitution saved alone."""
+    return 0.0 if layer.speed is None else layer.speed.reference_ms - layer.speed.candidate_ms

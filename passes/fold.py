@@ -17,7 +17,11 @@ running it twice equals running it once):
    create a tensor larger than ``max_fold_mb``, or grow the file (a ``Cast`` of fp16 weights to
    fp32, an ``Expand`` of a constant, a ``Slice`` of a weight that other nodes still read), is
    declined with the reason. A weight read by several such nodes counts as freed only when all
-   of them fold (see `_within_growth`), and each fold may add at most 4 KB.
+   of them fold (see `_within_growth`), and each fold may add at most 4 KB. Output sizes come from
+   onnx's inference on the node's actual constant inputs, never from shapes the model declares (a
+   file can declare anything: a 300-byte ``Expand`` whose value_info says [1] may make gigabytes).
+   An evaluation may take ``eval_seconds`` and all of them ``eval_budget`` seconds; a node past
+   either stays unfolded, with the reason.
 5. Dead nodes and unused initializers are dropped; identical initializers are stored once.
 
 All rewrites are exact up to float rounding (BN folding reorders one multiply-add).
@@ -25,19 +29,19 @@ All rewrites are exact up to float rounding (BN folding reorders one multiply-ad
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
-from onnx_ir.passes.common import (
-    DeduplicateHashedInitializersPass,
-    LiftConstantsToInitializersPass,
-    RemoveUnusedNodesPass,
-)
+from onnx_ir.passes.common import DeduplicateHashedInitializersPass, RemoveUnusedNodesPass
 
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
@@ -49,6 +53,7 @@ from onnxopt.graph import (
     is_default_domain,
     is_onnx_op,
     iter_graphs,
+    lift_constant_nodes,
     new_initializer,
     only_used_by,
     opset_version,
@@ -93,12 +98,18 @@ class Fold(Pass):
 
     batchnorm: bool = option(True, "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul")
     constants: bool = option(True, "evaluate nodes whose inputs are all constant")
-    max_fold_mb: float = option(64.0, "largest tensor (MB) constant folding may create")
+    max_fold_mb: float = option(64.0, "largest tensor (MB) constant folding may create", when={"constants": True})
+    eval_seconds: float = option(2.0, "longest one node's evaluation may take; a slower node stays unfolded",
+                                 when={"constants": True})
+    eval_budget: float = option(30.0, "seconds all evaluations of one run may take together",
+                                when={"constants": True})
     dedup: bool = option(True, "store identical initializers once")
 
     def __post_init__(self) -> None:
-        if not self.max_fold_mb > 0:
-            raise UsageError(f"fold.max_fold_mb must be positive, got {self.max_fold_mb}")
+        for key in ("max_fold_mb", "eval_seconds", "eval_budget"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"fold.{key} must be positive and finite, got {value}")
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
         stats = PassStats()
@@ -108,7 +119,7 @@ class Fold(Pass):
         nodes_before = count_nodes(model)
         max_bytes = int(self.max_fold_mb * 1024 * 1024)
         steps = [
-            _Step(counts, lambda m: {"constants_lifted": _lift_constants(m)}),
+            _Step(counts, lambda m: {"constants_lifted": lift_constant_nodes(m)}),
             _Step(counts, lambda m: {"identity_removed": _remove_identities(m, stats)}),
             _Step(counts, _infer_shapes),
             _Step(counts, lambda m: {"bias_adds_folded": _fold_bias_adds(m, stats)}),
@@ -116,7 +127,8 @@ class Fold(Pass):
         if self.batchnorm:
             steps.append(_Step(counts, lambda m: {"batchnorm_folded": _fold_batchnorms(m, stats)}))
         if self.constants:
-            steps.append(_Step(counts, lambda m: {"nodes_folded": _fold_constants(m, stats, max_bytes)}))
+            budget = _Budget(self.eval_seconds, self.eval_budget)
+            steps.append(_Step(counts, lambda m: {"nodes_folded": _fold_constants(m, stats, max_bytes, budget)}))
         steps.append(_Step(counts, _remove_dead))
         try:  # every sweep runs all steps; the sweeps stop when one changes nothing
             ir.passes.PassManager(steps, steps=_MAX_SWEEPS, early_stop=True)(model)
@@ -124,9 +136,13 @@ class Fold(Pass):
             raise root_cause(exc) from None
         if self.dedup:  # once, after folding: hashing reads every weight
             before = count_initializers(model)
-            DeduplicateHashedInitializersPass()(model)
+            with _counted_dedup_skips() as skipped:
+                DeduplicateHashedInitializersPass()(model)
             RemoveUnusedNodesPass()(model)
             counts["initializers_deduplicated"] += before - count_initializers(model)
+            if skipped.count:
+                stats.notes.append(f"{skipped.count} initializers that are graph inputs or outputs were not "
+                                   "deduplicated (a feed or a reader outside may tell them apart)")
         stats.summary = {k: v for k, v in counts.items() if v} or {"nodes": nodes_before}
         stats.summary["nodes_removed"] = nodes_before - count_nodes(model)
         stats.modified = any(counts.values())
@@ -152,6 +168,32 @@ class _Step(ir.passes.InPlacePass):
         for key, n in done.items():
             self.counts[key] += n
         return ir.passes.PassResult(model, any(n > 0 for n in done.values()))
+
+
+class _DedupSkips(logging.Filter):
+    """Drops (and counts) onnx_ir's warning line per initializer it leaves out of deduplication."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Skipped deduplication"):
+            self.count += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _counted_dedup_skips() -> Iterator[_DedupSkips]:
+    """An IR-3 model lists every weight as a graph input; one summary note beats a line per weight."""
+    log = logging.getLogger(DeduplicateHashedInitializersPass.__module__)
+    counter = _DedupSkips()
+    log.addFilter(counter)
+    try:
+        yield counter
+    finally:
+        log.removeFilter(counter)
 
 
 def _infer_shapes(model: ir.Model) -> dict[str, int]:
@@ -181,13 +223,6 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
         for name, value in list(graph.initializers.items()):
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 del graph.initializers[name]
-
-
-# ------------------------------------------------------------------------------ 1. constants
-def _lift_constants(model: ir.Model) -> int:
-    before = count_nodes(model)
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return before - count_nodes(model)
 
 
 # ------------------------------------------------------------------------------ 2. identities
@@ -477,17 +512,85 @@ def _predicted_elems(node: ir.Node) -> int | None:
     return None
 
 
-def _fold_constants(model: ir.Model, stats: PassStats, max_bytes: int) -> int:
+_T = TypeVar("_T")
+
+
+class _Timeout(BaseException):
+    """Raised inside an evaluation that ran past its deadline (a BaseException, so no ``except Exception``
+    in the evaluator swallows it)."""
+
+
+class _Budget:
+    """Seconds an evaluation may take (`per_node`) and all of them together (`left`)."""
+
+    def __init__(self, per_node: float, total: float) -> None:
+        self.per_node, self.total, self.left = per_node, total, total
+
+    def reason_spent(self) -> str | None:
+        if self.left > 0:
+            return None
+        return f"not evaluated: fold's evaluation budget of {self.total:g} s is spent (fold.eval_budget)"
+
+    def run(self, fn: Callable[[], _T]) -> _T:
+        """`fn()`, stopped past ``min(per_node, left)`` seconds with `_Timeout` saying which bound it met."""
+        limit = min(self.per_node, self.left)
+        start = time.monotonic()
+        try:
+            return _with_deadline(fn, limit)
+        except _Timeout:
+            bound = "fold.eval_seconds" if limit == self.per_node else "the rest of fold.eval_budget"
+            raise _Timeout(f"took over {limit:.3g} s ({bound})") from None
+        finally:
+            self.left -= time.monotonic() - start
+
+
+def _with_deadline(fn: Callable[[], _T], seconds: float) -> _T:
+    """`fn()`, interrupted at its next Python call once `seconds` have passed.
+
+    onnx's reference evaluator is Python (a GridSample calls a function per output pixel), so a check on
+    every call event stops it on time; a tracer already set (a debugger, coverage) keeps running.
+    """
+    deadline = time.monotonic() + seconds
+    previous = sys.gettrace()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _Timeout
+        return previous(frame, event, arg) if previous is not None else None
+
+    sys.settrace(tracer)
+    try:
+        return fn()
+    finally:
+        sys.settrace(previous)
+
+
+def _fold_constants(model: ir.Model, stats: PassStats, max_bytes: int, budget: _Budget) -> int:
     """Fold constant subexpressions graph by graph, one level of each chain per round, to the end."""
     folded = 0
     opset = opset_version(model)
     for graph in iter_graphs(model.graph):
-        while (n := _fold_round(graph, opset, stats, max_bytes)) > 0:
+        while (n := _fold_round(graph, opset, stats, max_bytes, budget)) > 0:
             folded += n
     return folded
 
 
-def _fold_round(graph: ir.Graph, opset: int, stats: PassStats, max_bytes: int) -> int:
+def _try_evaluate(node: ir.Node, opset: int, stats: PassStats, budget: _Budget) -> list[np.ndarray] | None:
+    """The node's outputs from onnx's reference evaluator within the budget, or None (the reason recorded)."""
+    spent = budget.reason_spent()
+    if spent:
+        stats.skip(node, spent)
+        return None
+    try:
+        return budget.run(lambda: _evaluate(node, opset))
+    except _Timeout as stop:
+        stats.skip(node, f"evaluating {node.op_type} {stop}; left as is")
+    except Exception as exc:  # an op the reference evaluator lacks: leave the node
+        stats.skip(node, f"cannot evaluate {node.op_type}: {first_line(exc, 120)}")
+    return None
+
+
+def _fold_round(graph: ir.Graph, opset: int, stats: PassStats, max_bytes: int, budget: _Budget) -> int:
     """Fold every node of `graph` whose inputs are constant now; growth is decided for all of them at once."""
     folded = 0
     pending: list[_Candidate] = []
@@ -502,17 +605,13 @@ def _fold_round(graph: ir.Graph, opset: int, stats: PassStats, max_bytes: int) -
                 _replace_with_initializers(graph, node, [array])
                 folded += 1
             continue
-        candidate = _try_candidate(node, opset, max_bytes, stats)
+        candidate = _try_candidate(node, opset, max_bytes, stats, budget)
         if candidate is not None:
             pending.append(candidate)
     for cand in _within_growth(pending, stats):
-        arrays = cand.arrays
+        arrays = cand.arrays if cand.arrays is not None else _try_evaluate(cand.node, opset, stats, budget)
         if arrays is None:
-            try:
-                arrays = _evaluate(cand.node, opset)
-            except Exception as exc:  # an op the reference evaluator lacks: leave the node
-                stats.skip(cand.node, f"cannot evaluate {cand.node.op_type}: {first_line(exc, 120)}")
-                continue
+            continue
         _replace_with_initializers(graph, cand.node, arrays)
         folded += 1
     return folded
@@ -525,21 +624,21 @@ class _Candidate:
         self.node, self.out_bytes, self.arrays = node, out_bytes, arrays
 
 
-def _try_candidate(node: ir.Node, opset: int, max_bytes: int, stats: PassStats) -> _Candidate | None:
+def _try_candidate(
+    node: ir.Node, opset: int, max_bytes: int, stats: PassStats, budget: _Budget
+) -> _Candidate | None:
     if not node.inputs or not all(v is None or is_constant(v) for v in node.inputs):
         return None
     if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
         return None
     arrays = None
-    out_bytes = _declared_bytes(node)
+    out_bytes = _inferred_bytes(node, opset)
     if out_bytes is None and (elems := _predicted_elems(node)) is not None:
         dtype = node.outputs[0].dtype
         out_bytes = elems * (int(dtype.itemsize) if dtype is not None else 4)
-    if out_bytes is None:  # shapes unknown: evaluate now to learn the size
-        try:
-            arrays = _evaluate(node, opset)
-        except Exception as exc:  # an op the reference evaluator lacks: leave the node
-            stats.skip(node, f"cannot evaluate {node.op_type}: {first_line(exc, 120)}")
+    if out_bytes is None:  # the size depends on the values (NonZero, Unique...): evaluate now to learn it
+        arrays = _try_evaluate(node, opset, stats, budget)
+        if arrays is None:
             return None
         out_bytes = sum(a.nbytes for a in arrays)
     if out_bytes > max_bytes:
@@ -548,13 +647,40 @@ def _try_candidate(node: ir.Node, opset: int, max_bytes: int, stats: PassStats) 
     return _Candidate(node, out_bytes, arrays)
 
 
-def _declared_bytes(node: ir.Node) -> int | None:
+# Constant inputs up to this many bytes are given to the node's shape inference with their values (a
+# shape, repeats, a depth); larger ones with their type only.
+_INFER_DATA_BYTES = 64 * 1024
+
+
+def _inferred_bytes(node: ir.Node, opset: int) -> int | None:
+    """Bytes of the node's outputs as onnx's shape inference computes them from its constant inputs
+    (types, and values of the small ones); None when it cannot tell. What the model declares for the
+    outputs is not read: a file can declare anything."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        types, data = {}, {}
+        for k, v in enumerate(node.inputs):
+            if v is None:
+                continue
+            tensor = v.const_value
+            types[f"i{k}"] = onnx.helper.make_tensor_type_proto(int(tensor.dtype), list(tensor.shape.numpy()))
+            if tensor.nbytes <= _INFER_DATA_BYTES:
+                data[f"i{k}"] = ir.serde.serialize_tensor(tensor)
+        outs = onnx.shape_inference.infer_node_outputs(
+            schema, _node_proto(node), types, data, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    except Exception as exc:  # no schema, or inference that fails on these inputs
+        logger.debug("no inferred size for %s: %s", node.name or node.op_type, exc)
+        return None
     total = 0
-    for out in node.outputs:
-        dims = _static_dims(out)
-        if dims is None or out.dtype is None:
+    for k in range(len(node.outputs)):
+        tp = outs.get(f"o{k}")
+        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
             return None
-        total += math.prod(dims) * int(out.dtype.itemsize)
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tp.tensor_type.shape.dim]
+        if any(d < 0 for d in dims):
+            return None
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tp.tensor_type.elem_type).itemsize
+        total += math.prod(dims) * itemsize
     return total
 
 
@@ -611,15 +737,19 @@ def _group_growth(members: list[_Candidate]) -> int:
     return sum(c.out_bytes for c in members) - freed
 
 
-def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray]:
-    names = [v.name if v is not None else "" for v in node.inputs]
-    proto = onnx.helper.make_node(
+def _node_proto(node: ir.Node) -> onnx.NodeProto:
+    """`node` alone as protobuf, inputs named ``i0, i1...`` (missing ones empty) and outputs ``o0, o1...``."""
+    return onnx.helper.make_node(
         node.op_type,
-        [f"i{k}" if n else "" for k, n in enumerate(names)],
+        [f"i{k}" if v is not None else "" for k, v in enumerate(node.inputs)],
         [f"o{k}" for k in range(len(node.outputs))],
         **{a.name: a.value if not isinstance(a.value, ir.TensorProtocol) else ir.serde.serialize_tensor(a.value)
            for a in node.attributes.values()},
     )
+
+
+def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray]:
+    proto = _node_proto(node)
     feeds = {f"i{k}": np.asarray(v.const_value.numpy()) for k, v in enumerate(node.inputs) if v is not None}
     ev = ReferenceEvaluator(proto, opsets={"": opset})
     results = ev.run(None, feeds)

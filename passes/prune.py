@@ -42,7 +42,7 @@ from onnxopt.analysis import infer_shapes
 from onnxopt.analysis.layers import conv_geometry
 from onnxopt.context import Context
 from onnxopt.errors import UsageError
-from onnxopt.graph import set_weight
+from onnxopt.graph import require_finite, set_weight
 from onnxopt.io import weight_bytes
 from onnxopt.registry import Pass, PassStats, exclude_patterns, layer_settings, layers_option, option, register_pass
 from onnxopt.sparse import mark_sparse, sparse_nbytes
@@ -92,11 +92,14 @@ class Prune(Pass):
     idempotent = True
 
     sparsity: float | None = option(
-        None, f"fraction of prunable weights to zero, in [0, 1) ({DEFAULT_SPARSITY} when threshold is not given)"
+        None, f"fraction of prunable weights to zero, in [0, 1) ({DEFAULT_SPARSITY} when threshold is not given)",
+        when={"threshold": None, "pattern": "unstructured"},
     )
-    threshold: float | None = option(None, "instead of sparsity: zero every weight with |w| <= threshold")
+    threshold: float | None = option(None, "instead of sparsity: zero every weight with |w| <= threshold",
+                                     when={"criterion": "magnitude", "pattern": "unstructured"})
     scope: Literal["global", "layer"] = option(
-        "global", "global: one ranking over all layers (LAMP-normalised scores); layer: the same sparsity per tensor"
+        "global", "global: one ranking over all layers (LAMP-normalised scores); layer: the same sparsity per tensor",
+        when={"threshold": None, "pattern": "unstructured"},
     )
     criterion: Literal["magnitude", "activation"] = option(
         "magnitude", "magnitude: |w|; activation: |w| x input activation norm on --calib data (Wanda)"
@@ -259,7 +262,8 @@ def _nothing_prunable(stats: PassStats) -> PassStats:
 
 
 def _weight(target: Target) -> np.ndarray:
-    return np.asarray(target.value.const_value.numpy())
+    return require_finite(np.asarray(target.value.const_value.numpy()), f"weight '{target.name}'",
+                          "its magnitudes cannot be ranked")
 
 
 def _zipped(array: np.ndarray) -> int:
@@ -425,4 +429,5 @@ def _feature_norms(model: ir.Model, ctx: Context, keys: list[FeatureKey]) -> dic
             ax = axis % x.ndim
             part = np.sum(np.square(x), axis=tuple(i for i in range(x.ndim) if i != ax))
             sums[(name, axis)] = part if (name, axis) not in sums else sums[(name, axis)] + part
-    return {key: np.sqrt(value) for key, value in sums.items()}
+    return {key: np.sqrt(require_finite(value, f"activation '{key[0]}' on the calibration data"))
+            for key, value in sums.items()}

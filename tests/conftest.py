@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,21 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(autouse=True)
 def _quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ONNXOPT_NO_PROGRESS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _speed_checks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Speed checks (factorize, channels) answer from a deterministic estimate instead of the clock, and
+    nothing is cached in the user's folder; tests marked `speed` time for real, with a private cache."""
+    from onnxopt import timing
+
+    monkeypatch.setenv("ONNXOPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "speed-cache"))
+    if request.node.get_closest_marker("speed"):
+        yield
+        return
+    with timing.use_timer(timing.EstimateTimer()):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -129,3 +129,32 @@ def test_external_data_chosen_automatically_past_the_protobuf_limit(tmp_path: Pa
     assert (tmp_path / "big.onnx.data").is_file() and out.stat().st_size < 20_000
     np.testing.assert_allclose(run_ort(out, {"input": _x()})[0], run_ort(CNN, {"input": _x()})[0], atol=1e-4)
     assert not any(p.name.startswith(".onnxopt-") for p in tmp_path.iterdir())
+
+
+def test_numbers_and_targets_are_checked_before_any_work(tmp_path: Path) -> None:
+    for kwargs, needle in (({"threads": 100_000}, "threads"), ({"batch": 0}, "batch"),
+                           ({"tolerance": float("nan")}, "finite"), ({"dims": {"n": 10**9}}, "between 1 and"),
+                           ({"metric": "cosine", "tolerance": 1.5}, "at most 1"),
+                           ({"drift_cosine": 2.0}, "--drift-cosine"),
+                           ({"output": tmp_path / "o.onnx", "also_writes": {"report": tmp_path / "o.onnx"}},
+                            "same file")):
+        with pytest.raises(UsageError, match=needle):
+            onnxopt.optimize(CNN, ["fold"], **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_commits_companions_before_the_model(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    res = onnxopt.optimize(CNN, ["fold"], data=EVAL, output=out, also_writes={"report": report},
+                           drift_cosine=0.0, drift_top1=0.0)
+    assert res.validation.verdict == "not gated" and res.validation.drift == []
+    order = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (order.append(Path(dst).name), real(src, dst)))
+    res.save(out, companions={report: b'{"ok": true}'})
+    assert order == ["r.json", "o.onnx"] and report.read_text() == '{"ok": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "r.json"]
+    with pytest.raises(UsageError, match="same file"):
+        res.save(tmp_path / "again.onnx", companions={tmp_path / "again.onnx": b"{}"})

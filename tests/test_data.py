@@ -140,3 +140,90 @@ def test_split_keeps_labels_with_their_feeds_and_refuses_counts_out_of_range() -
     for bad in (-1, 6):
         with pytest.raises(UsageError, match=f"cannot split 5 feeds after the first {bad}"):
             ds.split(bad)
+
+
+def test_integer_hints_follow_gather_tables_and_scalar_comparisons() -> None:
+    from onnxopt.data import needs_probe, probe_random_sizes, random_sizes
+    from onnxopt.errors import ModelError
+
+    nodes = [helper.make_node("Cast", ["ids"], ["ids32"], to=onnx.TensorProto.INT32),
+             helper.make_node("Gather", ["table", "ids32"], ["e"], axis=0),
+             helper.make_node("Gather", ["wide", "cols"], ["w"], axis=1),
+             helper.make_node("Constant", [], ["rates"], value=onnx.numpy_helper.from_array(
+                 np.array([8000, 16000], np.int64))),
+             helper.make_node("Equal", ["rate", "rates"], ["is_rate"]),
+             helper.make_node("Equal", ["ids", "rates"], ["ignored"])]
+    proto = make_model(nodes, [("ids", I64, ["batch", "seq"]), ("cols", I64, [3]), ("rate", I64, []),
+                               ("other", I64, [2])],
+                       [("e", F32, None), ("w", F32, None), ("is_rate", onnx.TensorProto.BOOL, None),
+                        ("ignored", onnx.TensorProto.BOOL, None)],
+                       {"table": np.zeros((3, 4), np.float32), "wide": np.zeros((2, 5), np.float32)})
+    specs = {s.name: s for s in input_specs(ir.from_proto(proto))}
+    assert specs["ids"].high == 3 and specs["ids"].choices is None  # not a scalar: no choices
+    assert specs["cols"].high == 5 and specs["rate"].choices == (8000, 16000) and specs["other"].high is None
+    ds = load_data("random:20", list(specs.values()), dims={"seq": 6})
+    ids = np.concatenate([f["ids"].ravel() for f in ds])
+    assert ids.min() >= 0 and ids.max() == 2
+    assert {int(f["rate"]) for f in ds} == {8000, 16000}
+    assert needs_probe(list(specs.values()))
+    assert random_sizes(list(specs.values()), {}) == [{("ids", 1): 1}, *({("ids", 1): s} for s in (32, 64, 128,
+                                                                                                   224, 320, 640))]
+    calls = []
+
+    def runs_from_64(feed: dict) -> None:
+        calls.append(feed["ids"].shape)
+        if feed["ids"].shape[1] < 64:
+            raise ModelError("too short")
+
+    sizes, note = probe_random_sizes(list(specs.values()), {}, None, runs_from_64)
+    assert sizes == {("ids", 1): 64} and calls == [(1, 1), (1, 32), (1, 64)] and "seq=64" in note
+
+
+def test_image_inputs_start_at_32_and_batches_are_never_laddered() -> None:
+    from onnxopt.data import random_sizes
+
+    proto = make_model([helper.make_node("Identity", ["img"], ["y"]), helper.make_node("Identity", ["st"], ["z"]),
+                        helper.make_node("Identity", ["nhwc"], ["w"])],
+                       [("img", F32, ["N", 3, "H", "W"]), ("st", F32, [2, "N", 8]), ("nhwc", F32, [1, "h", "w", 3])],
+                       [("y", F32, None), ("z", F32, None), ("w", F32, None)])
+    specs = input_specs(ir.from_proto(proto))
+    attempts = random_sizes(specs, {"W": 48})
+    assert attempts[0] == {("img", 2): 32, ("nhwc", 1): 32, ("nhwc", 2): 32}
+    assert attempts[-1] == {("img", 2): 640, ("nhwc", 1): 640, ("nhwc", 2): 640} and len(attempts) == 6
+    feed = load_data("random:1", specs, dims={"W": 48}, sizes=attempts[0]).feeds[0]
+    assert feed["img"].shape == (1, 3, 32, 48) and feed["st"].shape == (2, 1, 8) and feed["nhwc"].shape == (1, 32,
+                                                                                                            32, 3)
+
+
+def test_labels_must_be_one_whole_class_index_per_sample(tmp_path: Path) -> None:
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    np.savez(tmp_path / "col.npz", input=x, labels=np.arange(4).reshape(4, 1))
+    assert load_data(tmp_path / "col.npz", _specs()).labels[0].shape == (4,)
+    for name, labels, needle in (("wide", np.zeros((4, 3), np.int64), r"shape \[4, 3\]"),
+                                 ("frac", np.full(4, 0.5), "whole class indices")):
+        np.savez(tmp_path / f"{name}.npz", input=x, labels=labels)
+        with pytest.raises(UsageError, match=needle):
+            load_data(tmp_path / f"{name}.npz", _specs())
+    with pytest.raises(UsageError, match="batch 0"):
+        load_data("random:1", _specs(), batch=0)
+
+
+def test_comparison_counts_non_finite_values_and_compares_exact_outputs() -> None:
+    from onnxopt.validate import Comparison, OutputAccumulator
+
+    acc = OutputAccumulator("y")
+    a = np.array([[1.0, 2.0, np.nan], [np.inf, 1.0, 0.5]], np.float32)
+    b = np.array([[1.0, np.nan, np.nan], [np.inf, -np.inf, 0.5]], np.float32)
+    acc.add(a, b)
+    o = acc.result()
+    assert (o.nonfinite_a, o.nonfinite_b, o.new_nonfinite, o.mismatches) == (2, 4, 2, 2)
+    assert o.max_abs == 0.0 and np.isfinite(o.rel_l2)  # finite positions agree; nothing hidden in a max
+    cmp = Comparison([o], samples=2, feeds=1, tolerance=1e9)
+    assert not cmp.passed and "non-finite values differ" in cmp.describe()
+    assert Comparison([o], samples=2, feeds=1).verdict == "not gated" and Comparison([o], 2, 1).drift
+    text = OutputAccumulator("t")
+    text.add(np.array(["a", "b", "c", "d"], object), np.array(["a", "x", "c", "d"], object))
+    t = text.result()
+    assert t.exact and t.mismatches == 1 and t.rel_l2 == 0.25
+    assert not Comparison([t], 4, 1, tolerance=0.2) and Comparison([t], 4, 1, tolerance=0.25)
+    assert "1 of 4 elements differ" in Comparison([t], 4, 1).warnings()[0]

@@ -27,6 +27,8 @@ RTOL = 1e-4
 
 
 def _factorize(model: onnx.ModelProto | ir.Model, ctx: Context | None = None, **options):
+    """Run factorize deciding on MACs alone unless a test asks for the speed check (tests/test_speed.py)."""
+    options.setdefault("verify_speed", False)
     m = ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
     stats = make_pass("factorize", options).call(m, ctx or Context())
     return m, stats
@@ -174,7 +176,7 @@ def test_data_aware_is_exact_when_inputs_span_the_rank() -> None:
         model = ir.from_proto(proto)
         calib = load_data(feeds, input_specs(model))
         model, stats = _factorize(model, Context(calib=calib), rank_by="ratio", rank_ratio=0.25, round_to=1,
-                                  data_aware=aware, damping=1e-6)
+                                  data_aware=aware, **({"damping": 1e-6} if aware else {}))
         assert stats.layers[0]["ranks"] == [4]
         errors[aware] = _rel(ref, run_ort(model, test)[0])
     assert errors[True] < 1e-4 < 0.1 < errors[False]
@@ -270,7 +272,7 @@ def test_cli_runs_factorize_with_calibration(tmp_path) -> None:
     out = tmp_path / "out.onnx"
     code = cli.main([str(MODELS / "digits_mlp.onnx"), "--passes", "fold,factorize",
                      "--set", "factorize.data_aware=true", "--set", "factorize.rank_by=ratio",
-                     "--set", "factorize.rank_ratio=0.25",
+                     "--set", "factorize.rank_ratio=0.25", "--set", "factorize.verify_speed=false",
                      "--calib", str(MODELS / "digits_mlp_eval.npz"), "-o", str(out)])
     assert code == 0
     model = onnxopt.load(out)
@@ -336,18 +338,6 @@ def test_transformer_matmuls_with_dynamic_seq(ratio: float) -> None:
         assert a.shape == b.shape and np.isfinite(b).all()
         if ratio == 1.0:
             _close(a, b)
-
-
-def test_verify_speed_keeps_only_faster_layers() -> None:
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="big"),
-             helper.make_node("MatMul", ["h", "w2"], ["y"], name="small")]
-    inits = {"w1": RNG.normal(size=(512, 512)).astype(np.float32), "w2": RNG.normal(size=(512, 8)).astype(np.float32)}
-    proto = make_model(nodes, [("x", F32, [64, 512])], [("y", F32, [64, 8])], inits)
-    model, stats = _factorize(proto, rank_by="ratio", rank_ratio=0.125, verify_speed=True, verify_runs=10)
-    for row in stats.layers:
-        assert row["speed_ratio"] is not None and row["speed_ratio"] <= 0.95
-    timed = [s for s in stats.skipped if "ONNX Runtime" in s["reason"]]
-    assert len(stats.layers) + len(timed) + sum("would keep" in s["reason"] for s in stats.skipped) == 2
 
 
 # ------------------------------------------------------------------------------ regressions from real models

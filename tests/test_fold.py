@@ -477,3 +477,68 @@ def test_sweeps_repeat_until_nothing_changes_and_stop_there(monkeypatch) -> None
     assert _ops(model) == ["Conv"] and stats.summary["batchnorm_folded"] == 2
     assert 2 <= len(sweeps) <= 3  # the last sweep changes nothing and ends the loop
     assert_same_outputs(proto, model, {"x": RNG.normal(size=(1, 3, 4, 4)).astype(np.float32)})
+
+
+# ------------------------------------------------------------------------------ bounds on untrusted models
+def _lying_model(op: str) -> onnx.ModelProto:
+    """A 300-byte model whose one constant node would make 256 MB, its value_info declaring one number."""
+    big = 1 << 26
+    if op == "Expand":
+        node = helper.make_node("Expand", ["c", "shape"], ["e"])
+        inits = {"c": np.ones(1, np.float32), "shape": np.array([big], np.int64)}
+    else:  # OneHot: indices [1], depth 2**26 -> [1, 2**26]
+        node = helper.make_node("OneHot", ["idx", "depth", "vals"], ["e"], axis=-1)
+        inits = {"idx": np.zeros(1, np.int64), "depth": np.array(big, np.int64), "vals": np.array([0, 1], np.float32)}
+    nodes = [node, helper.make_node("ReduceSum", ["e"], ["s"], keepdims=0), helper.make_node("Add", ["x", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "liar", [helper.make_tensor_value_info("x", F32, [])],
+                              [helper.make_tensor_value_info("y", F32, [])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()],
+                              value_info=[helper.make_tensor_value_info("e", F32, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op", ["Expand", "OneHot"])
+def test_fold_sizes_come_from_inference_not_from_declared_shapes(op: str) -> None:
+    proto = _lying_model(op)
+    assert proto.ByteSize() < 400
+    model, stats = _fold(proto)
+    assert op in _ops(model)
+    reasons = [s["reason"] for s in stats.skipped if s["reason"].startswith("folded tensor would be")]
+    assert reasons == ["folded tensor would be 256.0 MB (> max_fold_mb)"], stats.skipped
+    assert sum(int(v.const_value.nbytes) for v in model.graph.initializers.values()) < 1024
+
+
+def _slow_grid_sample(n: int) -> onnx.ModelProto:
+    """`n` GridSamples of constant inputs (a per-pixel Python loop in onnx's reference evaluator)."""
+    nodes, inits = [], {}
+    for k in range(n):
+        inits[f"img{k}"] = RNG.standard_normal((1, 1, 16, 16)).astype(np.float32)
+        inits[f"grid{k}"] = RNG.uniform(-1, 1, (1, 128, 128, 2)).astype(np.float32)
+        nodes.append(helper.make_node("GridSample", [f"img{k}", f"grid{k}"], [f"g{k}"], name=f"gs{k}", mode="linear"))
+        nodes.append(helper.make_node("ReduceMax", [f"g{k}"], [f"m{k}"], keepdims=0))
+    nodes.append(helper.make_node("Sum", ["x"] + [f"m{k}" for k in range(n)], ["y"]))
+    return make_model(nodes, [("x", F32, [])], [("y", F32, [])], inits, opset=20)
+
+
+def test_a_slow_evaluation_is_stopped_and_left_unfolded_with_the_reason() -> None:
+    model, stats = _fold(_slow_grid_sample(1), eval_seconds=0.05)
+    assert "GridSample" in _ops(model)
+    assert {"node": "gs0", "reason": "evaluating GridSample took over 0.05 s (fold.eval_seconds); left as is"} \
+        in stats.skipped
+
+
+def test_once_the_evaluation_budget_is_spent_nodes_stay_with_the_reason() -> None:
+    model, stats = _fold(_slow_grid_sample(2), eval_seconds=10.0, eval_budget=0.05)
+    assert _ops(model).count("GridSample") == 2
+    reasons = {s["node"]: s["reason"] for s in stats.skipped if s["node"].startswith("gs")}
+    assert reasons["gs0"] == "evaluating GridSample took over 0.05 s (the rest of fold.eval_budget); left as is"
+    assert reasons["gs1"] == "not evaluated: fold's evaluation budget of 0.05 s is spent (fold.eval_budget)"
+
+
+@pytest.mark.parametrize("key", ["eval_seconds", "eval_budget", "max_fold_mb"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_fold_bounds_must_be_positive_and_finite(key: str, value: float) -> None:
+    with pytest.raises(UsageError, match=f"fold.{key} must be positive and finite"):
+        make_pass("fold", {key: value})

@@ -242,3 +242,120 @@ def test_iter_proto_graphs_reaches_nested_subgraphs() -> None:
                             [helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
                             [helper.make_tensor_value_info("y", F32, None)])
     assert sorted(g.name for g in io.iter_proto_graphs(top)) == ["leaf"] * 4 + ["mid"] * 2 + ["top"]
+
+
+# ---------------------------------------------------------------------------------------- checked, staged writes
+def test_check_targets_refuses_the_input_its_data_links_devices_and_collisions(tmp_path: Path) -> None:
+    model = _external_copy(tmp_path / "in", "m.onnx")
+    io.load(model)
+    protected = io.source_files(model)
+    assert protected == [model, (tmp_path / "in" / "m.onnx.data").resolve()]
+    (tmp_path / "link.onnx").symlink_to(model)
+    os.link(model, tmp_path / "hard.onnx")
+    cases = {
+        "is the input model": {"output": tmp_path / "link.onnx"},
+        "is the input model;": {"output": tmp_path / "hard.onnx"},
+        "external data file 'm.onnx.data'": {"report": tmp_path / "in" / "m.onnx.data"},
+        "character device": {"output": Path("/dev/null")},
+        "is a directory": {"output": tmp_path},
+        "same file as the output": {"output": tmp_path / "o.onnx", "report": tmp_path / "o.onnx"},
+        "does not exist": {"output": tmp_path / "no" / "o.onnx"},
+    }
+    for needle, targets in cases.items():
+        with pytest.raises(UsageError, match=needle):
+            io.check_targets(targets, protected)
+    io.check_targets({"output": tmp_path / "o.onnx", "report": tmp_path / "r.json"}, protected)
+    assert not _leftovers(tmp_path)
+
+
+def test_staging_commits_in_order_and_never_writes_through_a_symlink(tmp_path: Path) -> None:
+    pointee = tmp_path / "pointee.txt"
+    pointee.write_text("untouched")
+    (tmp_path / "r.json").symlink_to(pointee)
+    with io.Staging() as staging:
+        staging.add_model(ir.load(CNN), tmp_path / "o.onnx", external=True)
+        staging.add_bytes(tmp_path / "r.json", b"{}", first=True)
+        assert _leftovers(tmp_path)  # staged, nothing in place yet
+        assert not (tmp_path / "o.onnx").exists()
+        staging.commit()
+    assert pointee.read_text() == "untouched" and (tmp_path / "r.json").read_text() == "{}"
+    assert not (tmp_path / "r.json").is_symlink()
+    np.testing.assert_allclose(run_ort(tmp_path / "o.onnx", _x())[0], run_ort(CNN, _x())[0], rtol=1e-6)
+    assert not _leftovers(tmp_path)
+
+
+def test_a_failed_commit_puts_back_what_was_there(tmp_path: Path, monkeypatch) -> None:
+    report, out = tmp_path / "r.json", tmp_path / "o.onnx"
+    report.write_text("old report")
+    real = os.replace
+
+    def fail_on_model(src, dst) -> None:
+        if Path(dst) == out:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    staging = io.Staging()
+    staging.add_bytes(report, b"new report")
+    staging.add_model(ir.load(CNN), out, external=False)
+    monkeypatch.setattr(os, "replace", fail_on_model)
+    with pytest.raises(UsageError, match="cannot write .*o.onnx.*No space left"):
+        staging.commit()
+    assert report.read_text() == "old report" and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_full_disk_while_staging_is_a_user_error_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    def full(model: ir.Model, path: Path, external: bool) -> None:
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "_write", full)
+    with pytest.raises(UsageError, match="No space left on device"):
+        io.save(ir.load(CNN), tmp_path / "o.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folders_fail_at_the_check(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not writable"):
+        io.check_targets({"output": Path("/proc/x.onnx")})
+    with pytest.raises(UsageError, match="cannot write in folder '/proc'"):
+        io.Staging().folder(Path("/proc/x.onnx"))
+
+
+def test_raw_data_of_the_wrong_length_is_refused_before_reading(tmp_path: Path) -> None:
+    proto = onnx.load(str(CNN))
+    init = proto.graph.initializer[0]
+    init.raw_data = init.raw_data + b"\0\0\0\0"
+    onnx.save(proto, str(tmp_path / "long.onnx"))
+    with pytest.raises(ModelError, match=r"initializer '.*' holds \d+ bytes of raw data, but its dims"):
+        io.load(tmp_path / "long.onnx")
+
+
+def test_attribute_tensors_read_external_data_from_the_models_folder(tmp_path: Path, monkeypatch) -> None:
+    c = np.arange(4, dtype=np.float32)
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(c, "c")),
+         helper.make_node("Add", ["x", "c"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", F32, [4])], [helper.make_tensor_value_info("y", F32, [4])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    t = proto.graph.node[0].attribute[0].t
+    t.ClearField("raw_data")
+    t.ClearField("float_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value="c.bin")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "c.bin").write_bytes(c.tobytes())
+    onnx.save(proto, str(tmp_path / "m" / "c.onnx"))
+    (tmp_path / "c.bin").write_bytes(np.full(4, 99, np.float32).tobytes())  # a decoy where the user stands
+    monkeypatch.chdir(tmp_path)
+    model = io.load(tmp_path / "m" / "c.onnx")
+    assert io.source_files(model)[1] == (tmp_path / "m" / "c.bin").resolve()
+    np.testing.assert_array_equal(model.graph.node(0).attributes["value"].value.numpy(), c)
+
+
+def test_source_files_of_a_model_not_loaded_yet_include_its_external_data(tmp_path: Path) -> None:
+    model = _external_copy(tmp_path / "in", "fresh.onnx")
+    assert io.source_files(model) == [model, (tmp_path / "in" / "fresh.onnx.data").resolve()]
+    with pytest.raises(UsageError, match="external data file 'fresh.onnx.data'"):
+        io.check_targets({"report": tmp_path / "in" / "fresh.onnx.data"}, io.source_files(model))
+    assert io.source_files(tmp_path / "missing.onnx") == [tmp_path / "missing.onnx"]

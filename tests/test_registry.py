@@ -1,9 +1,11 @@
-"""The registry: option coercion, errors that name pass, key and what is allowed, the pass listing,
-third-party passes, run_pass, onnx_ir interop, and every idempotence claim checked."""
+"""The registry: option coercion, errors that name pass, key and what is allowed, options read under a mode
+(declared with ``when=``, audited for every built-in pass), the pass listing, third-party passes, run_pass,
+onnx_ir interop, and every idempotence claim checked."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -22,6 +24,7 @@ from onnxopt.errors import UsageError
 from onnxopt.registry import (
     Pass,
     PassStats,
+    call_pass,
     coerce,
     get_pass,
     list_passes,
@@ -146,6 +149,188 @@ def test_make_pass_errors_name_pass_key_and_what_is_allowed(scratch_registry, op
 def test_unknown_pass_lists_the_known_ones() -> None:
     with pytest.raises(UsageError, match=r"unknown pass 'nope' \(known passes: .*fold.*\)"):
         get_pass("nope")
+
+
+# ---------------------------------------------------------------------------------------- options read under a mode
+def _moded() -> type[Pass]:
+    @register_pass("test_moded")
+    class Moded(Pass):
+        """Options read under modes."""
+
+        kind: Literal["a", "b", "c"] = option("a", "the mode")
+        level: Literal["low", "high"] = option("low", "a second mode, read only under kind=c", when={"kind": "c"})
+        b_size: int = option(1, "read under kind=b", when={"kind": "b"})
+        bc_size: int = option(1, "read under kind=b or c", when={"kind": ("b", "c")})
+        high_c: float = option(0.5, "read under level=high (itself read under kind=c)", when={"level": "high"})
+        cap: float | None = option(None, "a limit")
+        free: float = option(1.0, "read while cap is not set", when={"cap": None})
+
+        def call(self, model: ir.Model, ctx: Context | None) -> PassStats:
+            return PassStats()
+
+    return Moded
+
+
+def test_an_option_selects_the_one_mode_that_reads_it(scratch_registry) -> None:
+    _moded()
+    p = make_pass("test_moded", {"b_size": "4"}, from_text=True)
+    assert (p.kind, p.b_size) == ("b", 4)
+    assert p.option_notes() == ["b_size=4 selected kind=b, the only kind that reads it"]
+    chained = make_pass("test_moded", {"high_c": 0.9})  # level=high, which is read only under kind=c
+    assert (chained.kind, chained.level, chained.high_c) == ("c", "high", 0.9) and len(chained.option_notes()) == 2
+    assert make_pass("test_moded", {"free": 2.0}).option_notes() == []  # cap is not set: free is read as it is
+    assert make_pass("test_moded", {"kind": "b", "bc_size": 3}).option_notes() == []
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"kind": "a", "b_size": 4}, "test_moded.b_size is read only when kind=b; you set kind=a"),
+        ({"bc_size": 2}, "test_moded.bc_size is read only when kind is b or c; set kind"),
+        ({"b_size": 2, "level": "high"}, "test_moded.level is read only when kind=c, but b_size selected kind=b"),
+        ({"cap": 3.0, "free": 2.0}, "test_moded.free is read only when cap is not set; you set cap=3.0"),
+        ({"kind": "b", "high_c": 0.9}, "test_moded.level is read only when kind=c; you set kind=b"),
+    ],
+)
+def test_an_option_no_chosen_mode_reads_is_refused_in_one_line(scratch_registry, options, message) -> None:
+    _moded()
+    with pytest.raises(UsageError) as err:
+        make_pass("test_moded", options)
+    assert str(err.value) == message
+    with pytest.raises(UsageError):  # built directly, as a user's script does, the same rules hold
+        _moded()(**options)
+
+
+def test_an_option_at_its_default_beside_an_explicit_mode_is_accepted(scratch_registry) -> None:
+    """A full option set (as a report lists every option) can be fed back."""
+    moded = _moded()
+    full = make_pass("test_moded", {"kind": "a"}).options()
+    assert make_pass("test_moded", full).options() == full and moded(**full).options() == full
+
+
+def test_a_condition_must_name_another_option(scratch_registry) -> None:
+    with pytest.raises(TypeError, match="names 'mode', which is not another option"):
+        @register_pass("test_bad_when")
+        class Bad(Pass):
+            size: int = option(1, "a size", when={"mode": "x"})
+
+
+# Every option of every built-in pass, audited: read whatever the other options say ...
+ALWAYS_READ = {
+    "fold": {"batchnorm", "constants", "dedup"},
+    "prune": {"criterion", "pattern", "exclude", "min_size", "storage"},
+    "channels": {"macs", "importance", "round_to", "min_channels", "exclude", "compensate", "reconstruct",
+                 "verify_speed"},
+    "factorize": {"method", "rank_by", "round_to", "min_saving", "data_aware", "verify_speed", "exclude"},
+    "distill": {"ridge", "max_samples", "layers", "holdout", "logits", "teacher"},
+    "quantize": {"mode", "exclude", "fold", "check_fusion", "require_speedup"},
+}
+# ... or only under a mode: (pass, option, a value, the mode option, a value of it that does not read the option,
+# the value the option selects when the mode is not set, or None when the mode's default reads it already).
+READ_UNDER_A_MODE = [
+    ("fold", "max_fold_mb", 8.0, "constants", False, None),
+    ("fold", "eval_seconds", 1.0, "constants", False, None),
+    ("fold", "eval_budget", 5.0, "constants", False, None),
+    ("prune", "sparsity", 0.7, "threshold", 0.1, None),
+    ("prune", "sparsity", 0.7, "pattern", "2:4", None),
+    ("prune", "scope", "layer", "threshold", 0.1, None),
+    ("prune", "threshold", 0.1, "criterion", "activation", None),
+    ("prune", "threshold", 0.1, "pattern", "2:4", None),
+    ("channels", "ratio", 0.5, "macs", 0.4, None),
+    ("channels", "min_speedup", 0.1, "verify_speed", False, None),
+    ("factorize", "rank_ratio", 0.25, "rank_by", "energy", "ratio"),
+    ("factorize", "energy", 0.8, "rank_by", "ratio", None),
+    ("factorize", "macs_target", 0.3, "rank_by", "energy", "macs"),
+    ("factorize", "damping", 0.1, "data_aware", False, True),
+    ("factorize", "verify_runs", 5, "verify_speed", False, None),
+    ("factorize", "min_speedup", 0.1, "verify_speed", False, None),
+    ("distill", "T", 2.0, "logits", False, True),
+    ("quantize", "activations", "int8", "mode", "dynamic", None),
+    ("quantize", "calibrate", "entropy", "mode", "weight-only", None),
+    ("quantize", "percentile", 99.9, "calibrate", "entropy", "percentile"),
+    ("quantize", "percentile", 99.9, "mode", "dynamic", None),
+    ("quantize", "per_channel", False, "mode", "weight-only", None),
+    ("quantize", "dynamic_conv", True, "mode", "static", "dynamic"),
+    ("quantize", "concat_range_ratio", 16.0, "mode", "dynamic", None),
+    ("quantize", "bits", 8, "mode", "static", "weight-only"),
+    ("quantize", "block_size", 64, "mode", "dynamic", "weight-only"),
+    ("quantize", "fallback", "none", "mode", "dynamic", None),
+    ("quantize", "target_cosine", 0.95, "mode", "dynamic", None),
+    ("quantize", "target_argmax", 0.9, "fallback", "none", None),
+    ("quantize", "smooth_alpha", 0.5, "mode", "dynamic", None),
+    ("quantize", "gptq", True, "mode", "dynamic", None),
+    ("quantize", "equalize", True, "mode", "weight-only", None),
+    ("quantize", "bias_correction", True, "mode", "dynamic", None),
+]
+
+
+def test_every_option_of_every_pass_is_audited() -> None:
+    conditional: dict[str, set[str]] = {}
+    for name, opt, *_ in READ_UNDER_A_MODE:
+        conditional.setdefault(name, set()).add(opt)
+    for name in ALWAYS_READ:
+        specs = option_specs(get_pass(name))
+        assert {s.name for s in specs} == ALWAYS_READ[name] | conditional.get(name, set()), name
+        assert {s.name for s in specs if s.when} == conditional.get(name, set()), name
+
+
+@pytest.mark.parametrize(("name", "opt", "value", "mode", "other", "selects"), READ_UNDER_A_MODE,
+                         ids=[f"{c[0]}.{c[1]}-{c[3]}" for c in READ_UNDER_A_MODE])
+def test_each_pass_refuses_or_selects_for_an_option_its_mode_does_not_read(name, opt, value, mode, other,
+                                                                           selects) -> None:
+    with pytest.raises(UsageError) as err:
+        make_pass(name, {opt: value, mode: other})
+    text = str(err.value)
+    assert text.startswith(f"{name}.{opt} is read only when ") and "\n" not in text
+    assert f"{mode}=" in text or f"{mode} is" in text
+    made = make_pass(name, {opt: value})
+    default = next(s.default for s in option_specs(get_pass(name)) if s.name == mode)
+    assert getattr(made, mode) == (default if selects is None else selects)
+    notes = made.option_notes()
+    assert (any(f"selected {mode}=" in n for n in notes)) == (selects is not None), notes
+
+
+def test_rank_ratio_alone_takes_effect_and_the_pass_says_so(tmp_path: Path, capsys) -> None:
+    src = MODELS / "digits_mlp.onnx"
+    out = tmp_path / "f.onnx"
+    assert main([str(src), "--passes", "factorize", "--set", "factorize.rank_ratio=0.25",
+                 "--set", "factorize.min_saving=0", "-o", str(out), "--bench-runs", "0", "--no-validate"]) == 0
+    text = capsys.readouterr().out
+    assert "rank_ratio=0.25 selected rank_by=ratio" in text and "rank_by=ratio" in text
+    assert main([str(src), "--passes", "factorize", "--set", "factorize.rank_ratio=0.25", "--set",
+                 "factorize.rank_by=energy", "-o", str(tmp_path / "g.onnx"), "--bench-runs", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "onnxopt: error: factorize.rank_ratio is read only when rank_by=ratio; you set rank_by=energy"
+
+
+def test_the_passes_verb_prints_when_an_option_is_read(capsys) -> None:
+    assert main(["passes"]) == 0
+    assert re.search(r"^\s+rank_ratio \(float, default 0.5\) \[read when rank_by=ratio\]: ",
+                     capsys.readouterr().out, re.M)
+    assert main(["passes", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    read_when = {o["name"]: o["read_when"] for o in doc["quantize"]["options"]}
+    assert read_when["bits"] == "mode=weight-only" and read_when["mode"] is None
+
+
+def test_a_pass_that_changes_nothing_always_says_why(scratch_registry) -> None:
+    @register_pass("test_silent")
+    class Silent(Pass):
+        declined: bool = option(False, "decline a node")
+
+        def call(self, model: ir.Model, ctx: Context | None) -> PassStats:
+            stats = PassStats()
+            if self.declined:
+                for node in model.graph:
+                    stats.skip(node, f"'{node.name}' is not interesting")
+            return stats
+
+    model = _relu_model()
+    quiet = call_pass(Silent(), model, None)
+    assert quiet.notes == ["test_silent: the model is unchanged (the pass found nothing to do)"]
+    notes = call_pass(Silent(declined=True), model, None).notes
+    assert notes[-1].startswith("test_silent: the model is unchanged: 2 nodes declined (2 like: ")
+    assert run_pass("test_silent", model).notes  # run_pass and the pipeline go through call_pass
 
 
 # ---------------------------------------------------------------------------------------- listing

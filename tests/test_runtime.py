@@ -123,3 +123,22 @@ def test_run_taps_streams_one_dict_per_feed() -> None:
     results = list(run_taps(_model(), ["h"], feeds))
     assert len(results) == 2
     np.testing.assert_allclose(results[1]["h"], 2 * results[0]["h"], rtol=1e-6)
+
+
+def test_onnx_runtime_prints_no_log_lines_when_a_run_fails(tmp_path: Path) -> None:
+    """ORT writes '[E:onnxruntime:...]' lines of its own when a run fails, unless its loggers are at fatal only."""
+    import subprocess
+    import sys
+
+    path = save_model(_model(), tmp_path / "m.onnx")
+    code = (f"import numpy as np\nfrom onnxopt.runtime import session, run\ns = session({str(path)!r})\n"
+            "try:\n    run(s, {'x': np.zeros((2, 3), np.float32), 'shape': np.array([4, 4])})\n"
+            "except Exception as e:\n    print(type(e).__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "ModelError" and r.stderr == "", r.stderr
+
+
+@pytest.mark.parametrize("threads", [0, -1, 100_000])
+def test_sessions_refuse_thread_counts_out_of_range(threads: int) -> None:
+    with pytest.raises(UsageError, match="threads"):
+        session(MODELS / "digits_cnn.onnx", threads=threads)

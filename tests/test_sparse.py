@@ -142,3 +142,46 @@ def test_int_weights_are_never_sparse() -> None:
     sparse.mark_sparse(model, ["E"])
     proto = ir.to_proto(model)
     assert sparse.apply_sparse_storage(proto) == []
+
+
+def test_densify_reads_external_values_from_the_models_folder_only(tmp_path: Path, monkeypatch) -> None:
+    """External values and indices are read beside the model (never from the current directory), after
+    the same checks as dense external data; without the model's folder they are refused."""
+    from onnxopt.errors import ModelError
+
+    def external_proto(location: str) -> onnx.ModelProto:
+        proto = _marked(["W"])
+        sparse.apply_sparse_storage(proto)
+        values = proto.graph.sparse_initializer[0].values
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / "w.bin").write_bytes(numpy_helper.to_array(values).tobytes())
+        values.ClearField("raw_data")
+        values.ClearField("float_data")
+        values.data_location = onnx.TensorProto.EXTERNAL
+        values.external_data.add(key="location", value=location)
+        return proto
+
+    proto = external_proto("w.bin")
+    sparse.densify(proto, tmp_path / "m")
+    w = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}["W"]
+    np.testing.assert_array_equal(w, _weights()["W"])
+    monkeypatch.chdir(tmp_path / "m")  # the file is right here, and still not read without the folder
+    with pytest.raises(ModelError, match="the model's folder is not known"):
+        sparse.densify(external_proto("w.bin"))
+    for location, needle in (("../m/../../w.bin", "outside the model's folder"), ("/etc/hostname", "absolute"),
+                             ("nope.bin", "missing")):
+        with pytest.raises(ModelError, match=needle):
+            sparse.densify(external_proto(location), tmp_path / "m")
+
+
+def test_densify_refuses_what_cannot_be_made_dense() -> None:
+    from onnxopt.errors import ModelError
+
+    values = numpy_helper.from_array(np.ones(2, np.float32), "W")
+    for dims, indices, needle in (([1 << 40], [0, 1], "cannot be made dense"), ([4], [1, 9], "indices outside"),
+                                  ([4], [1], "2 values for 1 indices")):
+        proto = _proto()
+        proto.graph.sparse_initializer.append(
+            helper.make_sparse_tensor(values, numpy_helper.from_array(np.array(indices, np.int64), "i"), dims))
+        with pytest.raises(ModelError, match=needle):
+            sparse.densify(proto)

@@ -14,8 +14,8 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxopt.graph import iter_graphs
 
@@ -41,15 +41,25 @@ class ModelStats:
 
 
 def infer_shapes(model: ir.Model) -> bool:
-    """Run ONNX shape inference on `model` in place (lenient). False when it failed.
+    """Run ONNX shape inference on `model` in place (lenient, no data propagation). False when it failed.
 
-    The declared shapes of the graph's inputs and outputs are kept as they were: inference may
-    refine a symbolic output dim to a number (an LSTM state [1, dim, 128] to [1, 1, 128]), and
-    the model's interface must not change.
+    Only what inference adds is taken: the type of a value that had none (a sequence stays a sequence:
+    its type is copied whole, never rebuilt from an element type) and the shapes and element types of
+    tensors. The declared shapes of the graph's inputs and outputs are kept as they were: inference may
+    refine a symbolic output dim to a number (an LSTM state [1, dim, 128] to [1, 1, 128]), and the
+    model's interface must not change.
+
+    Data propagation is off: on a model from anywhere it materializes every integer tensor it can
+    compute as a list of dims (a ``Range(0, 2**40)`` or a chain of ``Concat`` doublings needs more memory
+    than any machine has), and it buys nothing that folding the shape subgraph does not.
+    Weights above 1 KB go to inference as typed inputs without their data, so a large model is never
+    serialized whole.
     """
     declared = [(v, v.shape, v.type) for v in (*model.graph.inputs, *model.graph.outputs)]
     try:
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        proto = _inference_proto(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=False)
+        _merge_inferred(model, ir.serde.deserialize_model(inferred))
         return True
     except Exception as exc:  # models with custom ops can defeat onnx's inference
         logger.debug("shape inference failed: %s", exc)
@@ -59,6 +69,64 @@ def infer_shapes(model: ir.Model) -> bool:
             value.shape = shape
             if typ is not None:
                 value.type = typ
+
+
+_INFERENCE_DATA_LIMIT = 1024
+"""Initializers larger than this (bytes) go to shape inference without their data."""
+
+
+def _inference_proto(model: ir.Model) -> onnx.ModelProto:
+    """`model` as protobuf for shape inference: main-graph initializers above `_INFERENCE_DATA_LIMIT`
+    bytes become typed graph inputs without data for the time of the serialization (the model is
+    restored as it was, whatever happens)."""
+    graph = model.graph
+    inputs = list(graph.inputs)
+    held: list[ir.Value] = []
+    for value in list(graph.initializers.values()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= _INFERENCE_DATA_LIMIT:
+            continue
+        if value.shape is None:
+            value.shape = ir.Shape(tensor.shape)
+        if value.type is None:
+            value.type = ir.TensorType(tensor.dtype)
+        held.append(value)
+    try:
+        for value in held:
+            graph.initializers.pop(value.name)
+            if not value.is_graph_input():
+                graph.inputs.append(value)
+        tensors = [(v, v.const_value) for v in held]
+        for value in held:
+            value.const_value = None
+        try:
+            return ir.serde.serialize_model(model)
+        finally:
+            for value, tensor in tensors:
+                value.const_value = tensor
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        for value in held:
+            graph.register_initializer(value)
+
+
+def _merge_inferred(model: ir.Model, inferred: ir.Model) -> None:
+    """Take from `inferred` (the same graphs, inferred) the types values lack and the tensor shapes."""
+    for graph, other in zip(model.graphs(), inferred.graphs()):
+        found = ir.convenience.create_value_mapping(other)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            new = found.get(name)
+            if new is None or new.type is None:
+                continue
+            if value.type is None:
+                value.type = new.type
+            elif not isinstance(value.type, ir.TensorType) or not isinstance(new.type, ir.TensorType):
+                continue  # a sequence, optional or map stays what it is
+            elif new.dtype is not None and value.dtype != new.dtype:
+                value.dtype = new.dtype
+            if new.shape is not None and value.shape != new.shape:
+                value.shape = new.shape
 
 
 def dim_values(shape: ir.Shape | None, dims: dict[str, int]) -> list[int] | None:
@@ -141,9 +209,9 @@ def model_stats(
 
     ``count_nonzero=None`` counts nonzeros only below `NONZERO_COUNT_LIMIT` weight bytes.
     """
-    if count_nonzero is None:
-        from onnxopt.io import weight_bytes
+    from onnxopt.io import release_mapping, weight_bytes
 
+    if count_nonzero is None:
         count_nonzero = weight_bytes(model) <= NONZERO_COUNT_LIMIT
     infer_shapes(model)
     hist: Counter[str] = Counter()
@@ -173,6 +241,7 @@ def model_stats(
             params += int(tensor.size)
             if count_nonzero:
                 nonzero += int(np.count_nonzero(tensor.numpy()))
+                release_mapping(tensor)  # the pages read for counting leave the resident set
     macs = macs_by_node(model, dims)
     known = [m for m in macs.values() if m is not None]
     unknown = sum(1 for m in macs.values() if m is None)

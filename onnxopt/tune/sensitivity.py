@@ -67,11 +67,20 @@ LEVELS: dict[str, tuple[float, ...]] = {
 SETTING_KEY = {"prune": "sparsity", "channels": "ratio", "factorize": "rank_ratio"}
 """The per-layer option each pass's levels set."""
 
+REPRODUCIBLE: dict[str, dict[str, Any]] = {
+    "quantize": {"require_speedup": False},
+    "channels": {"verify_speed": False},
+    "factorize": {"verify_speed": False},
+}
+"""Options that make a pass's result depend on its inputs alone: no timing on this machine decides what it
+writes (tune times whole candidates itself), so a recipe rebuilds the same model. Static quantization also
+needs ``fallback = "none"`` (its automatic search has a time budget; tune chooses the float layers itself)."""
+
 _PASS_OPTIONS: dict[str, dict[str, Any]] = {
-    "quantize": {"check_fusion": False},
+    "quantize": {"check_fusion": False, "fallback": "none", **REPRODUCIBLE["quantize"]},
     "prune": {"scope": "layer"},
-    "channels": {"ratio": 0.0},
-    "factorize": {"rank_by": "ratio", "data_aware": True},
+    "channels": {"ratio": 0.0, **REPRODUCIBLE["channels"]},
+    "factorize": {"rank_by": "ratio", "data_aware": True, **REPRODUCIBLE["factorize"]},
 }
 """Options of the measured pass runs besides the per-layer ones (sensitivity runs skip the fusion count)."""
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from onnxopt.registry import SKIP
 from onnxopt.tune.constraint import Constraint
-from onnxopt.tune.sensitivity import SETTING_KEY, Row, SensitivityTable
+from onnxopt.tune.sensitivity import REPRODUCIBLE, SETTING_KEY, Row, SensitivityTable
 
 __all__ = ["SEARCH_PASSES", "PASSES_FOR", "Ladder", "SearchSpace", "allot"]
 
@@ -218,12 +218,12 @@ class SearchSpace:
         key = SETTING_KEY[name]
         own = {glob.escape(node): {SKIP: False, key: row.value} for row in chosen.values() for node in row.nodes}
         if name == "channels":
-            return {"ratio": 0.0, "round_to": int(params.get("channels.round_to", 1)),
+            return {"ratio": 0.0, "round_to": int(params.get("channels.round_to", 1)), **REPRODUCIBLE[name],
                     "reconstruct": bool(params.get("channels.reconstruct", False)),
                     "layers": {k: {key: v[key]} for k, v in own.items()}}
         layers = {"*": {SKIP: True}, **own}
         if name == "factorize":
-            return {"rank_by": "ratio", "data_aware": True, "layers": layers}
+            return {"rank_by": "ratio", "data_aware": True, **REPRODUCIBLE[name], "layers": layers}
         return {"scope": "layer", "storage": "sparse", "layers": layers}
 
     def _quantize(self, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -233,9 +233,10 @@ class SearchSpace:
                              for node in ladder.nodes})
         if not chosen and not self.unmeasured_quantize:
             return None
-        options: dict[str, Any] = {"mode": params.get("quantize.mode", "static")}
+        options: dict[str, Any] = {"mode": params.get("quantize.mode", "static"), **REPRODUCIBLE["quantize"]}
         if options["mode"] == "static":
             options["calibrate"] = params.get("quantize.calibrate", "minmax")
+            options["fallback"] = "none"
         if kept_float:
             options["layers"] = {glob.escape(n): {SKIP: True} for n in kept_float}
         return options

@@ -47,10 +47,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis import infer_shapes
+from onnxopt.analysis.stats import macs_by_node
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
-from onnxopt.errors import ModelError, UsageError
+from onnxopt.errors import ModelError, UsageError, first_line
 from onnxopt.graph import (
+    all_names,
     constant_array,
     is_constant,
     is_default_domain,
@@ -72,17 +74,25 @@ from onnxopt.registry import (
     run_pass,
 )
 
+from . import speed
+from .affine import fold_affine
 from .bias import apply_shift, bias_targets, input_means, weight_shift
-from .calib import Range, choose_range, collect_histograms, collect_minmax, weight_scales
-from .check import INTEGER_KERNELS, fusion_report
+from .calib import Range, choose_range, collect_histograms, collect_ranges_and_samples, weight_scales
+from .check import INTEGER_KERNELS, fusion_check_skipped, fusion_report
 from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
-from .fallback import OutputError, auto_fallback
+from .embedding import quantize_embeddings
+from .emulate import Emulator
+from .fallback import QUICK_FEEDS, Reference, groups_of, search
 from .gptq import accumulate_hessians, gptq_round
-from .layout import weight_axis
+from .guard import collapsed_tensors, float_chain
+from .layout import gemm_declined, stored_from_nk, weight_axis, weight_nk
 from .qdq import apply_static, group_qparams
+from .recurrent import MS_DOMAIN, lstm_declined, quantize_lstm
+from .regions import sensitive_regions
+from .score import Scores, Targets
 from .smooth import apply_smoothing, channel_absmax, smooth_targets
-from .static import SUPPORTED_OPS, candidate_tensors, matmul_add_to_gemm, name_nodes, plan_static, quantizable_nodes
+from .static import SUPPORTED_OPS, candidate_tensors, matmul_add_to_gemm, name_nodes, plan_static
 
 __all__ = ["Quantize", "QUANTIZED_OPS"]
 
@@ -92,17 +102,24 @@ QUANTIZED_OPS = INTEGER_KERNELS | {"QuantizeLinear", "DequantizeLinear", "Dynami
 _PER_CHANNEL_OPSET = 13
 _MIN_QDQ_OPSET = 10
 _DYNAMIC_OPSET = 11
-_FALLBACK_FEEDS = 8
+_FALLBACK_BUDGET_S = 30.0
+_TARGET_HEADROOM = 0.5
+_CLEARLY_FASTER = 0.85
+_SPEED_CHECK_MAX_BYTES = 1 << 30
+_SPEED_CACHE_MAX_BYTES = 256 << 20
 _FOLDABLE = frozenset({"BatchNormalization", "Constant", "Identity", "Dropout"})
 
 
 @dataclasses.dataclass
 class _Applied:
-    """What a static rewrite quantized: the compute nodes and their float input / weight names."""
+    """What a static rewrite quantized: the compute nodes and their float input / weight names, every
+    quantized node's name, and the fused activations (tensor -> clamp bound)."""
 
     compute: list[ir.Node]
     inputs: dict[int, str]
     weights: dict[int, str]
+    nodes: list[str] = dataclasses.field(default_factory=list)
+    fused: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
 
 @register_pass("quantize")
@@ -110,29 +127,52 @@ class Quantize(Pass):
     """Quantize to int8 QDQ (static, calibrated), dynamic int8, or blockwise int4/int8 weights (lossy)."""
 
     exact = False
-    idempotent = True
+    # Not idempotent by that contract: whether int8 is written depends on a timing of this machine
+    # (require_speedup), so a second run on a model the first left float can measure int8 faster and quantize
+    # it. A quantized model is left as is (already quantized), which is the idempotence that matters.
+    idempotent = False
+    speed = True
 
     mode: Literal["static", "dynamic", "weight-only"] = option(
         "static", "static (needs --calib), dynamic or weight-only"
     )
-    activations: Literal["uint8", "int8"] = option("uint8", "activation type: uint8 asymmetric or int8 symmetric")
-    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "how activation ranges are chosen")
-    percentile: float = option(99.99, "percentile kept by calibrate=percentile (50 < p <= 100)")
-    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)")
+    activations: Literal["uint8", "int8"] = option("uint8", "activation type: uint8 asymmetric or int8 symmetric",
+                                                   when={"mode": "static"})
+    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "how activation ranges are chosen",
+                                                                          when={"mode": "static"})
+    percentile: float = option(99.99, "percentile kept by calibrate=percentile (50 < p <= 100)",
+                               when={"calibrate": "percentile", "mode": "static"})
+    per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)",
+                               when={"mode": ("static", "dynamic")})
     dynamic_conv: bool = option(False, "dynamic mode: Conv to ConvInteger too (4x smaller weights, but ONNX Runtime's "
-                                "ConvInteger CPU kernel runs several times slower than a float Conv)")
+                                "ConvInteger CPU kernel runs several times slower than a float Conv)",
+                                when={"mode": "dynamic"})
     exclude: list[str] = option([], "node-name globs and op types left in float")
-    concat_range_ratio: float = option(32.0, "leave a Concat in float when its inputs' ranges differ more than this")
+    concat_range_ratio: float = option(32.0, "leave a Concat in float when its inputs' ranges differ more than this",
+                                       when={"mode": "static"})
     fold: bool = option(True, "fold BatchNorm and constants and infer shapes first (what ORT needs to fuse)")
-    bits: int = option(4, "weight-only: bits per weight, 4 or 8")
-    block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)")
+    bits: int = option(4, "weight-only: bits per weight, 4 or 8", when={"mode": "weight-only"})
+    block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)",
+                             when={"mode": "weight-only"})
     fallback: Literal["none", "auto"] = option(
-        "none", "auto: keep the most sensitive layers in float until --tolerance (rel L2) holds"
+        "auto", "static, auto: keep the fewest layer groups float that bring the outputs on calibration feeds within "
+        "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be",
+        when={"mode": "static"},
     )
-    smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)")
-    gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error")
-    equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)")
-    bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes")
+    target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model",
+                                  when={"mode": "static", "fallback": "auto"})
+    target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep",
+                                  when={"mode": "static", "fallback": "auto"})
+    require_speedup: bool = option(True, "time int8 against float in ONNX Runtime (the run's threads); static mode "
+                                   "writes the float model when int8 is not faster, the other modes say so")
+    smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)",
+                                 when={"mode": "static"})
+    gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error",
+                        when={"mode": ("static", "weight-only")})
+    equalize: bool = option(False, "static: cross-layer equalize Conv -> [Relu] -> Conv pairs first (exact)",
+                            when={"mode": "static"})
+    bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes",
+                                   when={"mode": "static"})
     check_fusion: bool = option(True, "load the result in ONNX Runtime and count the integer kernels it fuses")
     layers: dict[str, dict[str, Any]] = layers_option()
 
@@ -147,6 +187,10 @@ class Quantize(Pass):
             raise UsageError(f"quantize.smooth_alpha: {self.smooth_alpha} is not allowed (0 <= alpha < 1)")
         if not self.concat_range_ratio > 1.0:
             raise UsageError(f"quantize.concat_range_ratio: {self.concat_range_ratio} is not allowed (> 1)")
+        if not 0.0 < self.target_cosine <= 1.0:
+            raise UsageError(f"quantize.target_cosine: {self.target_cosine} is not allowed (0 < t <= 1)")
+        if not 0.0 <= self.target_argmax <= 1.0:
+            raise UsageError(f"quantize.target_argmax: {self.target_argmax} is not allowed (0 <= t <= 1)")
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
         if self.layers:  # a node its layers entry skips is excluded by name
@@ -161,60 +205,200 @@ class Quantize(Pass):
         if self.mode == "static":
             calib = ctx.require_calib("quantize mode=static", "or --set quantize.mode=dynamic, which needs none")
             load_data(calib, input_specs(model))
+        # The model as given, to write back when nothing is quantized or int8 is not faster. Past the size the
+        # speed check times, dynamic and weight-only modes keep no copy (it would keep every float weight alive).
+        keep_given = self.mode == "static" or weight_bytes(model) <= _SPEED_CHECK_MAX_BYTES
+        given = model.clone() if keep_given else None
+        self._float_reason: str | None = None
+        folded_any = False
         if self.fold and (self.mode == "static" or _has_foldable(model)):
             folded = run_pass("fold", model)
             stats.summary["folded_batchnorm"] = folded.summary.get("batchnorm_folded", 0)
+            folded_any = folded.modified
+            if folded.modified:
+                ctx.model_changed(model)
         bytes_before = weight_bytes(model)
         infer_shapes(model)
+        self._measured: speed.SpeedComparison | None = None
+        self._transformer = False
         if self.mode == "static":
+            prepared = model.clone()
             counts = self._static(model, ctx, stats)
+            if self._transformer and not self._float_reason and counts.get("quantized_nodes"):
+                counts = self._static_or_dynamic(model, prepared, given, ctx, stats, counts)
         elif self.mode == "dynamic":
             opset = opset_version(model)
             if opset < _DYNAMIC_OPSET and not _try_opset_upgrade(model, stats):
                 raise ModelError(f"mode=dynamic needs opset {_DYNAMIC_OPSET} (DynamicQuantizeLinear); this model has "
                                  f"opset {opset} and onnx's version converter could not upgrade it")
-            counts = apply_dynamic(model.graph, stats, exclude=self.exclude, per_channel=self.per_channel,
-                                   conv=self.dynamic_conv)
+            counts = self._dynamic(model, stats)
         else:
             hessians = self._weight_only_hessians(model, ctx) if self.gptq else None
             counts = apply_weight_only(model, stats, exclude=self.exclude, bits=self.bits, block_size=self.block_size,
                                        hessians=hessians)
+            counts["embeddings_quantized"] = quantize_embeddings(model.graph, stats, self.exclude)
         stats.summary.update(counts)
         stats.summary["weight_bytes_before"] = bytes_before
         stats.summary["weight_bytes_after"] = weight_bytes(model)
-        stats.modified = any(v for v in counts.values() if isinstance(v, int)) or bool(
-            stats.summary.get("opset_upgraded"))
-        if not any(v for k, v in counts.items() if isinstance(v, int) and k != "matmul_add_to_gemm"):
+        quantized = any(v for k, v in counts.items() if isinstance(v, int) and k != "matmul_add_to_gemm")
+        if not quantized:
             stats.notes.append(_why_nothing(model, self.mode))
-        if self.check_fusion and stats.modified:
+            if given is not None:
+                _restore(model, given, stats)
+            else:  # a big model keeps the exact folds it got
+                stats.modified = folded_any or bool(stats.summary.get("opset_upgraded"))
+            return stats
+        reason = self._float_reason or (self._speed_check(model, given, ctx, stats) if given is not None else None)
+        if reason:
+            stats.notes.append(reason)
+            stats.summary["wrote_float_model"] = reason
+            _restore(model, given, stats)
+            return stats
+        stats.modified = True
+        if self.check_fusion and (skipped := fusion_check_skipped(model)):
+            stats.notes.append(skipped)
+        elif self.check_fusion:
+            ctx.model_changed(model)  # a tapping session of the float model goes before ORT loads the result
             report = fusion_report(model, threads=ctx.threads)
             stats.summary.update({k: v for k, v in report.to_dict().items() if k != "ops"})
             stats.summary["ort_ops"] = report.ops
         return stats
 
+    def _targets(self, ctx: Context, *, headroom: bool = True) -> Targets:
+        """The targets the search aims at on the calibration feeds. Argmax agreement is counted on a few hundred
+        positions at most, so the search aims halfway between `target_argmax` and perfect, for data the
+        calibration never saw to still meet it; cosine and rel L2 are aimed at as given."""
+        argmax = 1 - (1 - self.target_argmax) * (_TARGET_HEADROOM if headroom else 1.0)
+        return Targets(self.target_cosine, argmax, ctx.tolerance)
+
+    def _dynamic(self, model: ir.Model, stats: PassStats, exclude: list[str] | None = None) -> dict[str, int]:
+        """Dynamic mode: MatMul/Gemm (and Conv on request) with DynamicQuantizeLinear, LSTMs, embedding tables."""
+        exclude = self.exclude if exclude is None else exclude
+        counts = apply_dynamic(model.graph, stats, exclude=exclude, per_channel=self.per_channel,
+                               conv=self.dynamic_conv)
+        counts["lstm_quantized"] = len(self._lstms(model, stats, exclude, {}))
+        counts["embeddings_quantized"] = quantize_embeddings(model.graph, stats, exclude)
+        return counts
+
+    def _static_or_dynamic(self, model: ir.Model, prepared: ir.Model, given: ir.Model, ctx: Context,
+                           stats: PassStats, counts: dict[str, int]) -> dict[str, int]:
+        """A transformer: build the dynamic model too, and keep whichever meets the targets and runs faster."""
+        if opset_version(prepared) < _DYNAMIC_OPSET:
+            return counts
+        # Dynamic, and dynamic with the MatMuls that read a GELU output left float: DynamicQuantizeLinear gives
+        # a whole activation one scale, and a GELU output's long positive tail leaves its many small values few levels.
+        gelu_fed = [n.name for n in prepared.graph if is_onnx_op(n, "MatMul")
+                    and "(activation)" in self._kept.get(_producer_past_constants(n.inputs[0]), "")]
+        variants = {"dynamic": self.exclude}
+        if gelu_fed:
+            variants["dynamic, GELU-fed MatMuls float"] = self.exclude + [glob.escape(n) for n in gelu_fed]
+        built = {}
+        for label, exclude in variants.items():
+            candidate = prepared.clone()
+            cand_stats = PassStats()
+            built[label] = (candidate, cand_stats, self._dynamic(candidate, cand_stats, exclude))
+        targets = self._targets(ctx)
+        check = Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)
+        feed = ctx.require_calib("quantize").feeds[0]
+        rows = {}
+        for label, candidate in [("static", model)] + [(k, v[0]) for k, v in built.items()]:
+            scores = check.scores(candidate)
+            timing = speed.measure(given, candidate, feed, threads=ctx.threads) if self.require_speedup else None
+            rows[label] = (scores.shortfall(targets), timing.ratio if timing else 1.0, scores, timing)
+        pick = _pick_variant({k: (v[0], v[2].cosine, v[1]) for k, v in rows.items()})
+        said = "; ".join(f"{k}: {v[2].describe()}" + (f", {v[3].ratio:.2f}x float latency" if v[3] else "")
+                         for k, v in rows.items())
+        stats.summary["transformer_modes"] = {k: {**v[2].to_dict(), "latency_ratio": v[1]} for k, v in rows.items()}
+        self._measured = rows[pick][3]
+        if pick == "static":
+            stats.notes.append(f"transformer: static int8 kept ({said})")
+            return counts
+        stats.notes.append(f"transformer: {pick} chosen over static ({said}); quantize.mode=static with "
+                           "fallback=none forces static")
+        dyn, dyn_stats, dyn_counts = built[pick]
+        model.graph = dyn.graph
+        model.opset_imports.update(dyn.opset_imports)
+        stats.layers, stats.skipped = dyn_stats.layers, dyn_stats.skipped
+        stats.summary.update(dyn_stats.summary)
+        stats.summary["mode"] = "dynamic"
+        return dyn_counts
+
+    def _speed_check(self, model: ir.Model, given: ir.Model, ctx: Context, stats: PassStats) -> str | None:
+        """Time the int8 model against the float model given to the pass (ONNX Runtime, the run's threads).
+
+        Returns why the float model is written instead (static mode, ``require_speedup``), else None; in the
+        other modes a slower result is only said.
+        """
+        if not self.require_speedup:
+            return None
+        size = weight_bytes(given)
+        if size > _SPEED_CHECK_MAX_BYTES:
+            stats.notes.append(f"speed not checked: the model holds {size / 2**30:.1f} GB of weights")
+            return None
+        try:
+            feed = (ctx.calib.feeds[0] if ctx.calib is not None and len(ctx.calib)
+                    else load_data("random:1", input_specs(given), dims=ctx.dims).feeds[0])
+            result = self._measured or speed.measure(given, model, feed, threads=ctx.threads,
+                                                     cache=size <= _SPEED_CACHE_MAX_BYTES)
+        except (ModelError, UsageError) as exc:
+            stats.notes.append(f"speed not checked: {first_line(exc)}")
+            return None
+        if result is None:
+            stats.notes.append(f"speed not checked: one float run takes more than {speed.MAX_RUN_S:g}s")
+            return None
+        threads = f"{ctx.threads} threads" if ctx.threads else "default threads"
+        stats.summary["speed_ratio"] = round(result.ratio, 3)
+        stats.summary["speed_quartiles"] = [round(result.low, 3), round(result.high, 3)]
+        if result.faster(speed.MARGIN):
+            return None
+        said = (f"int8 is not faster than float on this machine: {result.describe()} of the float latency "
+                f"(ONNX Runtime, {threads})")
+        if self.mode == "static":
+            return f"{said}; wrote the float model (quantize.require_speedup=false keeps int8)"
+        stats.notes.append(f"{said}; the {self.mode} model is written for its size")
+        stats.summary["slower_than_float"] = True
+        return None
+
     # ------------------------------------------------------------------------------ static
     def _static(self, model: ir.Model, ctx: Context, stats: PassStats) -> dict[str, int]:
-        if self.fallback == "auto" and ctx.tolerance is None:
-            raise UsageError("quantize.fallback=auto needs --tolerance T (the relative L2 error the outputs may have)")
         per_channel = self.per_channel and _try_opset_upgrade(model, stats)
+        affine = fold_affine(model.graph, self.exclude) if self.fold else {}
+        stats.summary.update(affine)
         gemms = matmul_add_to_gemm(model.graph, stats, self.exclude)
         if gemms:
             infer_shapes(model)
         if self.equalize:
             stats.summary["equalized_pairs"] = equalize_pairs(model.graph, stats)
+        if gemms or self.equalize or any(affine.values()):
+            ctx.model_changed(model)  # the rewrites above changed the model: tap it as it is now
         if self.smooth_alpha > 0:
             stats.summary["smoothed_layernorms"] = self._smooth(model, ctx, stats)
-        ranges = self._calibrate(model, ctx)
+            ctx.model_changed(model)
+        name_nodes(model.graph)
+        ranges, samples = self._calibrate(model, ctx)
         stats.summary.update({"mode": "static", "calibrate": self.calibrate, "activations_type": self.activations,
                               "per_channel": per_channel, "calibration_feeds": len(ctx.calib or [])})
+        kept = self._kept_float(model.graph, ranges, samples, stats)
         rounded = self._gptq(model, ctx, stats, per_channel) if self.gptq else {}
-        float_model = model.clone() if self.bias_correction else None
-        if self.fallback == "auto":
-            counts, applied = self._with_fallback(model, ctx, stats, ranges, per_channel, rounded)
-        else:
-            counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded)
+        float_model = model.clone()
+        skipped = len(stats.skipped)
+        counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded, kept)
+        if self.fallback == "auto" and applied.nodes:
+            extra = self._fallback(model, float_model, ctx, stats, ranges, per_channel, kept, applied)
+            if extra:
+                del stats.skipped[skipped:]
+                rebuilt = float_model.clone()
+                counts, applied = self._apply(rebuilt, stats, ranges, per_channel, self.exclude, rounded,
+                                              {**kept, **extra})
+                model.graph = rebuilt.graph
+                model.opset_imports.update(rebuilt.opset_imports)
+                final = self._reference.scores(model)
+                stats.summary["fallback_scores"] = final.to_dict()
+                if final.shortfall(self._targets(ctx, headroom=False)) > 0:
+                    stats.notes.append(f"fallback=auto: ONNX Runtime's int8 kernels give {final.describe()} on the "
+                                       "calibration feeds, short of the targets its QDQ emulation met")
         counts["matmul_add_to_gemm"] = gemms
-        if float_model is not None:
+        if self.bias_correction:
             counts["bias_corrected"] = self._correct_biases(model, float_model, ctx, stats, applied)
         return counts
 
@@ -254,7 +438,7 @@ class Quantize(Pass):
             w = constant_array(w_value)
             if w is None or w.ndim != 2 or w.dtype != np.float32 or x is None or not x.name:
                 continue
-            if not only_used_by(w_value, node) or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
+            if not only_used_by(w_value, node) or (node.op_type == "Gemm" and gemm_declined(node)):
                 continue
             targets.append((node, w, x.name))
         if not targets:
@@ -263,8 +447,7 @@ class Quantize(Pass):
         hessians = accumulate_hessians(ctx.activations(model, names, desc="gptq"), names)
         rounded = {}
         for node, w, x_name in targets:
-            by_rows = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-            w_nk = w if by_rows else w.T
+            w_nk = weight_nk(node, w)
             axis = weight_axis(node, w, per_channel)
             scales = weight_scales(w, axis)
             scales = np.broadcast_to(scales, (w_nk.shape[0],)) if axis is not None else np.full(w_nk.shape[0], scales)
@@ -273,7 +456,7 @@ class Quantize(Pass):
                 stats.skip(node, "gptq: input width does not match the weight")
                 continue
             q = gptq_round(w_nk, h, scales)
-            rounded[node.inputs[1].name] = q if by_rows else np.ascontiguousarray(q.T)
+            rounded[node.inputs[1].name] = stored_from_nk(node, q)
         stats.summary["gptq_layers"] = len(rounded)
         return rounded
 
@@ -298,58 +481,146 @@ class Quantize(Pass):
                         row["bias_shift_max"] = float(np.max(np.abs(delta)))
         return done
 
-    def _calibrate(self, model: ir.Model, ctx: Context) -> dict[str, Range]:
+    def _calibrate(self, model: ir.Model, ctx: Context) -> tuple[dict[str, Range], dict[str, np.ndarray]]:
+        """Each candidate tensor's range, and values sampled from it (for the collapse guard)."""
         names = candidate_tensors(model.graph, self.exclude)
-        ranges = collect_minmax(ctx.activations(model, names, desc="calibrating (ranges)"), names)
+        feeds = len(ctx.calib or [])
+        ranges, samples = collect_ranges_and_samples(ctx.activations(model, names, desc="calibrating (ranges)"),
+                                                     names, feeds)
         if self.calibrate != "minmax":
             hists = collect_histograms(ctx.activations(model, names, desc=f"calibrating ({self.calibrate})"), ranges)
             ranges = {n: choose_range(self.calibrate, hists[n], r, self.activations, percentile=self.percentile)
                       for n, r in ranges.items()}
-        return ranges
+        return ranges, samples
+
+    def _kept_float(self, graph: ir.Graph, ranges: dict[str, Range], samples: dict[str, np.ndarray],
+                    stats: PassStats) -> dict[str, str]:
+        """Nodes static mode keeps in float whatever else happens, by name, with the reason: range-sensitive
+        regions (normalizations, softmax, GELU, attention scores) and the chains after collapsed tensors."""
+        kept: dict[str, str] = {}
+        kinds: dict[str, int] = {}
+        for region in sensitive_regions(graph):
+            kinds[region.kind] = kinds.get(region.kind, 0) + 1
+            for node in region.nodes:
+                kept[node.name] = f"range-sensitive ({region.kind}): kept in float"
+        collapsed = collapsed_tensors(candidate_tensors(graph, self.exclude), ranges, samples, self.activations)
+        for node in float_chain(graph, collapsed):
+            kept.setdefault(node.name, "reads a tensor that 8 bits would destroy (collapse guard): kept in float")
+        if kinds:
+            stats.summary["range_sensitive_regions"] = dict(sorted(kinds.items()))
+        self._transformer = "attention" in kinds
+        self._kept = kept
+        if collapsed:
+            stats.summary["collapsed_tensors"] = {k: round(v, 3) for k, v in sorted(collapsed.items())}
+            worst = max(collapsed, key=collapsed.get)
+            stats.notes.append(f"collapse guard: {len(collapsed)} tensors would lose most of their values in 8 bits "
+                               f"(worst '{worst}': {collapsed[worst]:.0%}); they and the element-wise ops after them "
+                               "stay float")
+        return kept
 
     def _apply(self, model: ir.Model, stats: PassStats, ranges: dict[str, Range], per_channel: bool,
-               exclude: list[str], rounded: dict[str, np.ndarray]) -> tuple[dict[str, int], _Applied]:
+               exclude: list[str], rounded: dict[str, np.ndarray],
+               kept: dict[str, str] | None = None) -> tuple[dict[str, int], _Applied]:
         plan = plan_static(model.graph, ranges, stats, exclude=exclude, per_channel=per_channel,
-                           concat_range_ratio=self.concat_range_ratio)
+                           concat_range_ratio=self.concat_range_ratio, activations=self.activations,
+                           float_nodes=kept)
         qps = group_qparams(plan, ranges, self.activations)
         applied = _Applied(list(plan.compute), {id(n): n.inputs[0].name for n in plan.compute},
-                           {id(n): n.inputs[1].name for n in plan.compute})
+                           {id(n): n.inputs[1].name for n in plan.compute},
+                           [n.name for n in plan.compute + plan.others],
+                           {name: f.clip_max for name, f in plan.fused.items()})
         stats.layers = [{"node": node.name or node.op_type, "op": node.op_type, "weight": node.inputs[1].name,
                          "axis": axis} for node, _, axis in plan.weights]
-        counts = apply_static(model.graph, plan, qps, rounded)
+        counts = apply_static(model.graph, plan, qps, rounded, self.activations)
         counts["quantized_nodes"] = len(plan.compute) + len(plan.others)
+        lstms = self._lstms(model, stats, exclude, kept or {})
+        counts["lstm_quantized"] = len(lstms)
+        applied.nodes.extend(lstms)
         return counts, applied
 
-    def _with_fallback(self, model: ir.Model, ctx: Context, stats: PassStats, ranges: dict[str, Range],
-                       per_channel: bool, rounded: dict[str, np.ndarray]) -> tuple[dict[str, int], _Applied]:
-        name_nodes(model.graph)
-        base = model.clone()
-        compute, others = quantizable_nodes(base.graph, self.exclude)
-        units = compute + others  # element-wise and data-movement nodes can be the sensitive ones too
+    def _lstms(self, model: ir.Model, stats: PassStats, exclude: list[str], kept: dict[str, str]) -> list[str]:
+        """LSTM -> DynamicQuantizeLSTM (int8 weights); the names of the nodes rewritten."""
+        taken = all_names(model.graph)
+        done = []
+        for node in list(model.graph):
+            if not is_onnx_op(node, "LSTM"):
+                continue
+            if node.name in kept or matches_any(node, exclude):
+                stats.skip(node, kept.get(node.name, "excluded by the exclude option"))
+                continue
+            reason = lstm_declined(node)
+            if reason:
+                stats.skip(node, reason)
+                continue
+            quantize_lstm(model.graph, node, taken)
+            done.append(node.name)
+        if done:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return done
 
-        def build(float_nodes: set[str]) -> ir.Model:
-            candidate = base.clone()
-            exclude = self.exclude + [glob.escape(n) for n in sorted(float_nodes)]
-            self._apply(candidate, PassStats(), ranges, per_channel, exclude, rounded)
-            return candidate
+    # ------------------------------------------------------------------------------ fallback=auto
+    def _fallback(self, model: ir.Model, float_model: ir.Model, ctx: Context, stats: PassStats,
+                  ranges: dict[str, Range], per_channel: bool, kept: dict[str, str],
+                  applied: _Applied) -> dict[str, str]:
+        """The nodes to keep in float so that the outputs meet the targets (none when all-int8 does)."""
+        targets = self._targets(ctx)
+        check = Reference(float_model, ctx.require_calib("quantize fallback=auto").feeds, threads=ctx.threads)
+        self._reference = check
+        real = check.scores(model)
+        stats.summary["scores_all_quantized"] = real.to_dict()
+        if real.shortfall(targets) == 0:
+            return {}
+        groups = groups_of(float_model.graph, applied.nodes, macs_by_node(float_model, ctx.dims))
+        floats = {name: v.const_value for name, v in float_model.graph.initializers.items()}
+        lstms = {n.name: n for n in float_model.graph if is_onnx_op(n, "LSTM")}
+        with Emulator(model, floats, applied.fused, lstms, threads=ctx.threads) as emulator:
+            def emulated(extra: frozenset[str], quick: bool) -> Scores:
+                on = self._sites(float_model, ranges, per_channel, {**kept, **dict.fromkeys(extra, "")})
+                feeds = check.feeds[:QUICK_FEEDS] if quick else check.feeds
+                return check.compare(emulator.run(feeds, on))
 
-        feeds = (ctx.calib.feeds if ctx.calib is not None else [])[:_FALLBACK_FEEDS]
-        result = auto_fallback(build, units, OutputError(base, feeds, ctx.threads), float(ctx.tolerance))
-        exclude = self.exclude + [glob.escape(n) for n in result.float_nodes]
-        counts, applied = self._apply(model, stats, ranges, per_channel, exclude, rounded)
-        kept = set(result.float_nodes)
-        for row in stats.skipped:
-            if row["node"] in kept:
-                row["reason"] = "kept in float by fallback=auto (among the most sensitive layers)"
-        for row in stats.layers:
-            row["sensitivity"] = result.sensitivity.get(row["node"])
-        stats.summary.update({"fallback_float_nodes": result.float_nodes, "fallback_error": result.error,
-                              "error_all_quantized": result.error_all_quantized})
-        verdict = "holds" if result.reached else "could not be reached"
-        stats.notes.append(f"fallback=auto: {len(result.float_nodes)} of {len(units)} quantized nodes kept in float; "
-                           f"rel_l2 {result.error:.4g} on {len(feeds)} calibration feeds (all quantized: "
-                           f"{result.error_all_quantized:.4g}); tolerance {ctx.tolerance:g} {verdict}")
-        return counts, applied
+            # the emulation's error, scaled to what the real kernels give on the all-int8 model
+            base = {quick: emulated(frozenset(), quick) for quick in (False, True)}
+            real_quick = check.compare([list(o) for o in check.outputs_of(model)[:QUICK_FEEDS]])
+
+            def evaluate(extra: frozenset[str], quick: bool) -> Scores:
+                return emulated(extra, quick).scaled(base[quick], real_quick if quick else real)
+
+            result = search(evaluate, groups, targets, order=[n.name for n in float_model.graph],
+                            budget_s=_FALLBACK_BUDGET_S)
+        stats.summary.update({"fallback_float_nodes": result.float_nodes, "fallback_groups": result.groups,
+                              "fallback_evaluations": result.evaluations,
+                              "fallback_seconds": round(result.seconds, 2),
+                              "fallback_error": result.scores.rel_l2,
+                              "error_all_quantized": result.scores_all_quantized.rel_l2})
+        verdict = "met" if result.reached else "not met (the closest set found is kept)"
+        stats.notes.append(
+            f"fallback=auto: {len(result.float_nodes)} of {len(applied.nodes)} quantized nodes kept in float "
+            f"({', '.join(result.groups) or 'single nodes'}) for {_describe(targets)} on {len(check.feeds)} "
+            f"calibration feeds: {verdict}; all int8 gave {result.scores_all_quantized.describe()}, now "
+            f"{result.scores.describe()} (emulated; {result.evaluations} evaluations, {result.seconds:.1f}s)")
+        wanted = self._targets(ctx, headroom=False)
+        if not result.reached and result.scores.shortfall(wanted) > 0:
+            stats.notes.append(f"WARNING: int8 misses {_describe(wanted)} on the calibration feeds without keeping "
+                               f"most of the model float; the closest int8 model found is written "
+                               f"({len(result.float_nodes)} nodes float: {result.scores.describe()}); "
+                               "quantize.target_cosine / target_argmax say what is enough")
+            stats.summary["targets_met"] = False
+        reason = "kept in float by fallback=auto: the outputs miss the targets with it in int8"
+        return dict.fromkeys(result.float_nodes, reason)
+
+    def _sites(self, float_model: ir.Model, ranges: dict[str, Range], per_channel: bool,
+               kept: dict[str, str]) -> set[str]:
+        """The quantization sites (tensors, weights, constants, LSTMs) a build keeping `kept` float would have."""
+        plan = plan_static(float_model.graph, ranges, PassStats(), exclude=self.exclude, per_channel=per_channel,
+                           concat_range_ratio=self.concat_range_ratio, activations=self.activations,
+                           float_nodes=kept)
+        sites = set(plan.acts)
+        sites.update(node.inputs[index].name for node, index, _ in plan.weights)
+        sites.update(node.inputs[index].name for node, index in plan.consts)
+        sites.update(n.name for n in float_model.graph if is_onnx_op(n, "LSTM") and n.name not in kept
+                     and not matches_any(n, self.exclude))
+        return sites
 
 
 def _why_nothing(model: ir.Model, mode: str) -> str:
@@ -367,6 +638,41 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
         extra = f" (its operators are from {', '.join(foreign)})" if foreign else ""
         return f"nothing quantized: the main graph has no node that mode={mode} quantizes{extra}"
     return "nothing quantized: every candidate node was declined (see skipped for the reasons)"
+
+
+def _describe(targets: Targets) -> str:
+    text = f"cosine >= {targets.cosine:g}, argmax agreement >= {targets.argmax:g}"
+    return text + (f", rel_l2 <= {targets.rel_l2:g}" if targets.rel_l2 is not None else "")
+
+
+def _pick_variant(rows: dict[str, tuple[float, float, float]]) -> str:
+    """Of variants (shortfall, cosine, latency ratio): among those that meet the targets (else the closest), the
+    most accurate, unless another is clearly faster (a latency ratio below `_CLEARLY_FASTER` of its own)."""
+    met = [k for k, (short, _, _) in rows.items() if short == 0]
+    pool = met or [min(rows, key=lambda k: rows[k][0])]
+    best = max(pool, key=lambda k: rows[k][1])
+    faster = [k for k in pool if rows[k][2] < _CLEARLY_FASTER * rows[best][2]]
+    return min(faster, key=lambda k: rows[k][2]) if faster else best
+
+
+def _producer_past_constants(value: ir.Value | None) -> str:
+    """The name of the node that computes `value`, looking through element-wise ops by a constant."""
+    node = value.producer() if value is not None else None
+    while is_onnx_op(node, "Mul", "Div", "Add", "Sub") and any(is_constant(v) for v in node.inputs):
+        value = next((v for v in node.inputs if not is_constant(v)), None)
+        node = value.producer() if value is not None else None
+    return node.name if node is not None else ""
+
+
+def _restore(model: ir.Model, given: ir.Model, stats: PassStats) -> None:
+    """Put the model back as it was given to the pass (nothing quantized, or int8 not written)."""
+    imports = dict(given.opset_imports)
+    model.graph = given.graph
+    model.opset_imports.clear()
+    model.opset_imports.update(imports)
+    model.ir_version = given.ir_version
+    stats.modified = False
+    stats.summary.pop("opset_upgraded", None)
 
 
 def _has_foldable(model: ir.Model) -> bool:

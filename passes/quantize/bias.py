@@ -20,10 +20,13 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.analysis.layers import conv_geometry
 from onnxopt.graph import set_weight
 from onnxopt.registry import PassStats
 
-__all__ = ["bias_targets", "input_means", "weight_shift", "apply_shift"]
+from .layout import gemm_declined, weight_nk
+
+__all__ = ["bias_targets", "input_means", "weight_shift", "apply_shift", "dequantized"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def bias_targets(nodes: list[ir.Node]) -> list[ir.Node]:
             continue
         if _dq(node.inputs[1]) is None or _dq(node.inputs[2]) is None:
             continue
-        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        if node.op_type == "Gemm" and gemm_declined(node):
             continue
         out.append(node)
     return out
@@ -63,24 +66,27 @@ def input_means(stream: Iterator[dict[str, np.ndarray]], names: dict[str, str]) 
     return {k: sums[k] / max(counts[k], 1) for k in sums}
 
 
-def _dequantized_weight(dq: ir.Node) -> np.ndarray:
+def dequantized(dq: ir.Node) -> np.ndarray:
+    """The float value of a DequantizeLinear of a constant (per tensor or per axis), in float64."""
     q = np.asarray(dq.inputs[0].const_value.numpy()).astype(np.float64)
     s = np.asarray(dq.inputs[1].const_value.numpy(), dtype=np.float64)
-    if s.ndim == 1:
+    zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    z = np.asarray(zp_value.const_value.numpy(), dtype=np.float64) if zp_value is not None else np.zeros_like(s)
+    if s.ndim == 1 and q.ndim > 1:
         axis = dq.attributes.get_int("axis", 1)
         shape = [1] * q.ndim
         shape[axis] = -1
-        s = s.reshape(shape)
-    return q * s
+        s, z = s.reshape(shape), z.reshape(shape)
+    return (q - z) * s
 
 
 def weight_shift(node: ir.Node, w_float: np.ndarray, mu: np.ndarray) -> np.ndarray | None:
     """``(W - W') μ`` per output channel, or None when shapes do not line up."""
-    eps = np.asarray(w_float, dtype=np.float64) - _dequantized_weight(_dq(node.inputs[1]))
+    eps = np.asarray(w_float, dtype=np.float64) - dequantized(_dq(node.inputs[1]))
     if node.op_type == "Gemm":
-        w_nk = eps if node.attributes.get_int("transB", 0) else eps.T
+        w_nk = weight_nk(node, eps)
         return w_nk @ mu if w_nk.shape[1] == mu.shape[0] else None
-    group = node.attributes.get_int("group", 1)
+    group = conv_geometry(node, eps.shape).groups
     cout, cin_g = eps.shape[0], eps.shape[1]
     if cin_g * group != mu.shape[0] or cout % group:
         return None

@@ -31,6 +31,8 @@ from typing import Literal
 
 import numpy as np
 
+from onnxopt.graph import require_finite
+
 __all__ = [
     "BINS",
     "Range",
@@ -39,6 +41,7 @@ __all__ = [
     "quantize_array",
     "dequantize_array",
     "collect_minmax",
+    "collect_ranges_and_samples",
     "collect_histograms",
     "choose_range",
     "weight_scales",
@@ -47,6 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BINS = 2048
+SAMPLES = 8192
 _SHRINK_STEPS = 64
 ActType = Literal["uint8", "int8"]
 
@@ -135,11 +139,35 @@ def collect_minmax(stream: Iterable[dict[str, np.ndarray]], names: Iterable[str]
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 finite = x[np.isfinite(x)]
                 if finite.size == 0:
-                    continue
+                    require_finite(x, f"activation '{name}' on the calibration data",
+                                   "no finite value to take its range from (a weight or input before it is not finite)")
                 lo, hi = float(finite.min()), float(finite.max())
             r = Range(lo, hi)
             out[name] = out[name].union(r) if name in out else r
     return out
+
+
+def collect_ranges_and_samples(
+    stream: Iterable[dict[str, np.ndarray]], names: Iterable[str], feeds: int, samples: int = SAMPLES
+) -> tuple[dict[str, Range], dict[str, np.ndarray]]:
+    """`collect_minmax` plus, per tensor, about `samples` values taken at even strides from every feed
+    (``samples / feeds`` per feed), so later checks can see how a tensor's values spread inside its range
+    without keeping the activations."""
+    wanted = list(names)
+    per_feed = max(1, samples // max(feeds, 1))
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+
+    def sampled(stream: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        for result in stream:
+            for name in wanted:
+                x = result.get(name)
+                if x is not None and x.size and np.issubdtype(x.dtype, np.floating):
+                    flat = x.reshape(-1)
+                    kept[name].append(np.array(flat[:: max(1, flat.size // per_feed)][:per_feed], np.float32))
+            yield result
+
+    ranges = collect_minmax(sampled(stream), wanted)
+    return ranges, {k: np.concatenate(v) for k, v in kept.items() if v}
 
 
 def collect_histograms(

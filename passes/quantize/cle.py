@@ -21,8 +21,11 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.analysis.layers import conv_geometry
 from onnxopt.graph import constant_array, is_onnx_op, only_used_by, set_weight
 from onnxopt.registry import PassStats
+
+from .layout import out_channels
 
 __all__ = ["equalize_pairs"]
 
@@ -60,8 +63,8 @@ def _try_equalize(a: ir.Node, b: ir.Node) -> str | None:
     b1 = constant_array(bias) if bias is not None else None
     if bias is not None and (b1 is None or not only_used_by(bias, a)):
         return "the first bias is not a constant used only here"
-    channels = w1.shape[0]
-    group2 = b.attributes.get_int("group", 1)
+    channels = out_channels(a, w1)
+    group2 = conv_geometry(b, w2.shape).groups
     if group2 == 1 and w2.shape[1] == channels:
         r2 = np.abs(w2).max(axis=tuple(i for i in range(w2.ndim) if i != 1))
     elif group2 == channels and w2.shape[1] == 1 and w2.shape[0] == channels:

@@ -35,8 +35,10 @@ stored unsigned (two 4-bit values per byte, low nibble first); the kernel's defa
 With calibration data and ``gptq=true``, weight-only rounding is error-compensating (GPTQ, see
 `gptq`) with the same blockwise scales.
 
-Weights are read, quantized and released one at a time, so memory holds one float weight at a time
-on top of the memory-mapped model.
+Weights are read, quantized and released one at a time: a weight memory-mapped from external data is
+unmapped once quantized (`onnxopt.io.release_mapping`), so resident memory holds one float weight at a time, not
+every page read so far. int8 weights are quantized in blocks of rows that stay in cache (`_int8_symmetric`:
+the same numbers as ``calib.weight_scales`` and ``calib.quantize_array``, without full-size temporaries).
 """
 
 from __future__ import annotations
@@ -47,13 +49,21 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, is_constant, is_onnx_op, new_initializer, take_over_output, unique_name
+from onnxopt.graph import (
+    all_names,
+    is_constant,
+    is_onnx_op,
+    new_initializer,
+    require_finite,
+    take_over_output,
+    unique_name,
+)
+from onnxopt.io import release_mapping
 from onnxopt.progress import progress
 from onnxopt.registry import PassStats, matches_any
 
-from .calib import quantize_array, weight_scales
 from .gptq import gptq_round
-from .layout import gemm_declined
+from .layout import gemm_declined, weight_kn
 
 __all__ = ["apply_dynamic", "apply_weight_only", "pack_nbits"]
 
@@ -61,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 _FLOAT = ir.DataType.FLOAT
 _MS = "com.microsoft"
+# Bytes of float weight quantized per step of `_int8_symmetric`: small enough to stay in cache.
+_BLOCK_BYTES = 256 * 1024
 
 
 def _new_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], base: str, taken: set[str], *,
@@ -78,13 +90,11 @@ def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
         return "weight is not a constant initializer"
     if w_value.dtype != _FLOAT or w_value.shape is None or len(w_value.shape) != 2:
         return "weight is not a 2-D float32 constant"
-    if node.op_type == "Gemm":
-        if reason := gemm_declined(node):
-            return reason
-        trans = bool(node.attributes.get_int("transB", 0))
-        w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
-        return (np.ascontiguousarray(w.T) if trans else w), trans
-    return np.asarray(w_value.const_value.numpy(), dtype=np.float32), False
+    if node.op_type == "Gemm" and (reason := gemm_declined(node)):
+        return reason
+    w = require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'")
+    kn = weight_kn(node, w)
+    return np.ascontiguousarray(kn), kn is not w
 
 
 def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassStats) -> list[ir.Node]:
@@ -181,15 +191,16 @@ def _try_dynamic(
     got = _matmul_weight(node)
     if isinstance(got, str):
         return got
-    w, _ = got
+    w_value = node.inputs[1]
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     if bias is not None and not is_constant(bias):
+        del got
+        release_mapping(w_value.const_value)
         return "Gemm bias is not constant"
-    w_value = node.inputs[1]
     base = node.name or w_value.name
-    s_w = weight_scales(w, 1 if per_channel else None)
-    w_q = quantize_array(w, s_w.reshape(1, -1) if per_channel else s_w, 0, np.dtype(np.int8))
-    del w
+    w_q, s_w = _int8_symmetric(got[0], 1 if per_channel else None)
+    del got
+    release_mapping(w_value.const_value)
     q = _dynamic_input(graph, node, dql, taken)
     wq_value = new_initializer(graph, f"{w_value.name}_quantized", w_q, origin=w_value.name, taken=taken)
     wz_value = new_initializer(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken=taken)
@@ -198,6 +209,42 @@ def _try_dynamic(
     _rescale(graph, node, mmi, q, ws_value, bias, base, taken)
     _drop_if_unused(graph, w_value)
     return None
+
+
+def _int8_symmetric(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(round(w / s) as int8, s)`` with ``s = max|w| / 127`` per slice along `axis` (0: the first axis,
+    1: the columns of a 2-D weight, None: one scale), as ``calib.weight_scales`` and
+    ``calib.quantize_array`` compute them, in blocks of rows (no full-size float temporary)."""
+    if axis not in (None, 0, 1) or (axis == 1 and w.ndim != 2):
+        raise ValueError(f"axis {axis} of a rank-{w.ndim} weight")
+    rows = w.reshape(w.shape[0], int(np.prod(w.shape[1:]))) if w.ndim >= 2 else w.reshape(1, -1)
+    by_row = axis == 0
+    step = max(1, _BLOCK_BYTES // max(1, rows.shape[1] * 4))
+    hi = np.full(rows.shape[0] if by_row else rows.shape[1], -np.inf, np.float32)
+    lo = np.full_like(hi, np.inf)
+    for i in range(0, rows.shape[0], step):
+        block = rows[i:i + step]
+        if by_row:
+            hi[i:i + step], lo[i:i + step] = block.max(axis=1), block.min(axis=1)
+        elif block.size:
+            np.maximum(hi, block.max(axis=0), out=hi)
+            np.minimum(lo, block.min(axis=0), out=lo)
+    absmax = np.maximum(hi, -lo) if hi.size else np.zeros(0, np.float32)
+    if axis is None:
+        absmax = np.asarray(absmax.max() if absmax.size else 0.0, dtype=np.float32)
+    scales = (absmax / np.float32(127)).astype(np.float32)
+    scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
+    divisor = scales.reshape(-1, 1) if by_row else scales
+    q = np.empty(rows.shape, np.int8)
+    buf = np.empty((min(step, rows.shape[0]), rows.shape[1]), np.float32)
+    for i in range(0, rows.shape[0], step):
+        block = rows[i:i + step]
+        b = buf[:block.shape[0]]
+        np.divide(block, divisor[i:i + step] if by_row else divisor, out=b)
+        np.rint(b, out=b)
+        np.clip(b, -128, 127, out=b)
+        q[i:i + step] = b
+    return q.reshape(w.shape), scales
 
 
 def _conv_weight(node: ir.Node) -> tuple[np.ndarray, ir.Value | None] | str:
@@ -214,7 +261,7 @@ def _conv_weight(node: ir.Node) -> tuple[np.ndarray, ir.Value | None] | str:
     if bias is not None and (not is_constant(bias) or bias.dtype != _FLOAT or bias.shape is None
                              or list(bias.shape) != [m]):
         return f"Conv bias is not a float32 constant of shape [{m}]"
-    return np.asarray(w_value.const_value.numpy(), dtype=np.float32), bias
+    return require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'"), bias
 
 
 def _try_dynamic_conv(
@@ -230,9 +277,9 @@ def _try_dynamic_conv(
     w_value = node.inputs[1]
     base = node.name or w_value.name
     channel_shape = (1, w.shape[0]) + (1,) * (w.ndim - 2)  # broadcasts over [N, M, spatial...]
-    s_w = weight_scales(w, 0 if per_channel else None)
-    w_q = quantize_array(w, s_w.reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else s_w, 0, np.dtype(np.int8))
-    del w
+    w_q, s_w = _int8_symmetric(w, 0 if per_channel else None)
+    del w, got
+    release_mapping(w_value.const_value)
     q = _dynamic_input(graph, node, dql, taken)
     wq_value = new_initializer(graph, f"{w_value.name}_quantized", w_q, origin=w_value.name, taken=taken)
     wz_value = new_initializer(graph, f"{w_value.name}_zero_point", np.zeros((), np.int8), taken=taken)
@@ -317,8 +364,9 @@ def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int,
         return "Gemm input is not 2-D"
     h = hessians.get(x.name)
     packed, scales = pack_nbits(w, bits, block_size, h if h is not None and h.shape == (k, k) else None)
-    del w
+    del w, got
     w_value = node.inputs[1]
+    release_mapping(w_value.const_value)
     b_value = new_initializer(graph, f"{w_value.name}_quantized", packed, origin=w_value.name, taken=taken)
     s_value = new_initializer(graph, f"{w_value.name}_scale", scales.reshape(-1), taken=taken)
     attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),

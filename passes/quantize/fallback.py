@@ -1,117 +1,281 @@
-"""Sensitivity-driven mixed precision for the quantize pass (``fallback=auto``).
+"""Mixed precision by measurement (``fallback=auto``): the fewest layers kept float that bring the outputs
+within the targets.
 
-Given a builder that quantizes a copy of the float model with some compute nodes left in float, and
-a tolerance on the relative L2 error ``‖y_float − y_q‖ / ‖y_float‖`` (worst output, over held feeds):
+The sensitivity of a real network is spread out (on a CTC text recognizer no single layer is worth more
+than a few points of argmax agreement), so the search works on *groups* of quantized nodes, then shrinks
+what it chose:
 
-1. Quantize everything. Within tolerance: done.
-2. Sensitivity of each compute node: the error of a model where *only* that node (with the Q/DQ
-   of its inputs and output) is quantized.
-3. Keep the ``k`` most sensitive nodes in float, ``k = 1, 2, 4, ...`` until the error is within
-   tolerance, then bisect between ``k/2`` and ``k`` for the smallest such ``k``.
-4. Sensitivities measured alone do not add up, so each kept node is tried quantized again (least
-   sensitive first) and stays quantized when the tolerance still holds.
+- groups by kind (depthwise convolutions, 1x1 convolutions, other convolutions, the first layers,
+  Gemm/MatMul with weights, activation x activation MatMuls, Add, Mul, element-wise ops with a constant
+  operand, Concat, pooling, LSTM) and by depth (the quantized nodes in graph order, cut into
+  `DEPTH_SEGMENTS` contiguous segments);
+- the score of a candidate is `score.Scores.shortfall` against the targets (cosine per output, argmax
+  agreement of class outputs, optionally a relative L2 bound) on a few calibration feeds.
 
-Costs ``N + O(log N) + k`` quantize-and-run rounds for ``N`` compute nodes; calibration runs once (the
-ranges of the float model do not depend on which nodes are quantized).
+Steps: all quantized; if short of the targets, each group alone in float (its gain); groups added in order
+of gain per cost (cost: the share of the model's MACs that would run in float, plus a little per node)
+until the targets hold; then each chosen group is split in halves, and a half that can be quantized again
+without missing the targets is (a bisection over graph order). Every evaluation runs the same
+ONNX Runtime session (`emulate.Emulator`), so the search costs model runs, not model builds. It stops
+after `MAX_EVALUATIONS` evaluations or ``budget_s`` seconds with the best set it has.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.graph import constant_array, is_constant
 from onnxopt.io import temp_model_file
 from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 
-__all__ = ["FallbackResult", "OutputError", "auto_fallback"]
+from .score import Scores, Targets, class_outputs, score_outputs
+
+__all__ = ["Group", "FallbackResult", "Reference", "groups_of", "search", "DEPTH_SEGMENTS", "MAX_EVALUATIONS"]
 
 logger = logging.getLogger(__name__)
 
-Builder = Callable[[set[str]], ir.Model]
+DEPTH_SEGMENTS = 8
+MAX_EVALUATIONS = 80
+MIN_FEEDS = 2
+MAX_FEEDS = 8
+QUICK_FEEDS = 2
+MAX_FLOAT_COST = 0.75
+"""The search stops adding groups once they would keep about this share of the MACs float: an int8
+model that slow is no faster than the float one."""
+SPLIT_COST = 0.4
+"""A kind or depth group whose float cost is above this is offered as two halves instead."""
+GIVE_UP_FRACTION = 0.5
+"""When the groups that fit under `MAX_FLOAT_COST` recover less than this share of the shortfall
+together (each measured alone), the targets are out of reach: the search stops there."""
+_NODE_COST = 0.002
+
+Evaluate = Callable[[frozenset[str], bool], Scores]
+"""``evaluate(float_nodes, quick)``: the scores with those nodes float; `quick` on the first feeds only."""
 
 
-class OutputError:
-    """Worst relative L2 error of a model's outputs against the float model's, on fixed feeds."""
-
-    def __init__(self, reference: ir.Model, feeds: Sequence[dict[str, np.ndarray]], threads: int | None) -> None:
-        self.feeds = list(feeds)
-        self.threads = threads
-        self.reference = self._outputs(reference)
-
-    def _outputs(self, model: ir.Model) -> list[list[np.ndarray]]:
-        with temp_model_file(model) as path:
-            sess = session(path, threads=self.threads)
-            return [run(sess, feed) for feed in self.feeds]
-
-    def __call__(self, model: ir.Model) -> float:
-        got = self._outputs(model)
-        worst = 0.0
-        for k in range(len(self.reference[0])):
-            ref = np.concatenate([np.ravel(r[k]).astype(np.float64) for r in self.reference])
-            out = np.concatenate([np.ravel(g[k]).astype(np.float64) for g in got])
-            denom = float(np.linalg.norm(ref))
-            err = float(np.linalg.norm(ref - out)) / denom if denom > 0 else float(np.linalg.norm(out))
-            worst = max(worst, err)
-        return worst
+@dataclasses.dataclass(frozen=True)
+class Group:
+    label: str
+    nodes: frozenset[str]
+    cost: float
 
 
 @dataclasses.dataclass
 class FallbackResult:
-    model: ir.Model
     float_nodes: list[str]
-    error: float
-    error_all_quantized: float
-    sensitivity: dict[str, float]
+    groups: list[str]
+    scores: Scores
+    scores_all_quantized: Scores
     reached: bool
+    evaluations: int
+    seconds: float
+    stopped_early: bool = False
 
 
-def auto_fallback(build: Builder, units: Sequence[str], error: OutputError, tolerance: float) -> FallbackResult:
-    """Keep the fewest, most sensitive `units` in float so that `error` is within `tolerance`."""
-    full = build(set())
-    err_full = error(full)
-    if err_full <= tolerance or not units:
-        return FallbackResult(full, [], err_full, err_full, {}, err_full <= tolerance)
-    everything = set(units)
-    sensitivity = {}
-    for unit in progress(list(units), desc="layer sensitivity"):
-        sensitivity[unit] = error(build(everything - {unit}))
-    order = sorted(units, key=lambda u: -sensitivity[u])
-    tried: dict[int, tuple[ir.Model, float]] = {}
+def _conv_kind(node: ir.Node, graph_inputs: set[int]) -> str:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = w.shape if w is not None else None
+    x = node.inputs[0]
+    if x is not None and id(x) in graph_inputs:
+        return "first layers"
+    if shape is not None and len(shape) >= 3:
+        group = node.attributes.get_int("group", 1)
+        if group > 1 and shape[1] == 1:
+            return "depthwise Conv"
+        if all(d == 1 for d in list(shape)[2:]):
+            return "1x1 Conv"
+    return "Conv"
 
-    def attempt(k: int) -> float:
-        if k not in tried:
-            model = build(set(order[:k]))
-            tried[k] = (model, error(model))
-            logger.debug("fallback k=%d error=%.4g", k, tried[k][1])
-        return tried[k][1]
 
-    k = 1
-    while k < len(order) and attempt(k) > tolerance:
-        k *= 2
-    k = min(k, len(order))
-    if attempt(k) > tolerance:
-        best = min(tried, key=lambda n: tried[n][1])
-        model, err = tried[best]
-        return FallbackResult(model, order[:best], err, err_full, sensitivity, False)
-    lo, hi = k // 2 + 1, k  # attempt(k // 2) failed (or k == 1)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if attempt(mid) <= tolerance:
-            hi = mid
-        else:
-            lo = mid + 1
-    model, err = tried[hi]
-    kept = order[:hi]
-    # 4. the greedy order is only a guess: try to quantize again each kept node, least sensitive first
-    for unit in progress(sorted(kept, key=lambda u: sensitivity[u]), desc="fallback refinement"):
-        trial = [u for u in kept if u != unit]
-        candidate = build(set(trial))
-        e = error(candidate)
-        if e <= tolerance:
-            kept, model, err = trial, candidate, e
-    return FallbackResult(model, kept, err, err_full, sensitivity, True)
+def _kind(node: ir.Node, graph_inputs: set[int]) -> str:
+    op = node.op_type
+    if op == "Conv":
+        return _conv_kind(node, graph_inputs)
+    if op in ("Gemm", "MatMul"):
+        if op == "MatMul" and not is_constant(node.inputs[1]):
+            return "MatMul of activations"
+        return "Gemm/MatMul"
+    if op in ("Add", "Mul"):
+        if any(constant_array(v) is not None for v in node.inputs):
+            return "element-wise with a constant"
+        return op
+    if op in ("AveragePool", "GlobalAveragePool"):
+        return "pooling"
+    return op
+
+
+def groups_of(graph: ir.Graph, names: Sequence[str], macs: dict[str, int | None]) -> list[Group]:
+    """Kind and depth groups over the quantized nodes `names` (in graph order); cost from `macs`."""
+    wanted = set(names)
+    nodes = [n for n in graph if n.name in wanted]
+    inputs = {id(v) for v in graph.inputs}
+    total = float(sum((macs.get(n.name) or 0) for n in nodes)) or 1.0
+
+    def cost(members: list[ir.Node]) -> float:
+        return sum((macs.get(n.name) or 0) for n in members) / total + _NODE_COST * len(members)
+
+    by_kind: dict[str, list[ir.Node]] = {}
+    for node in nodes:
+        by_kind.setdefault(_kind(node, inputs), []).append(node)
+    parts: list[tuple[str, list[ir.Node]]] = list(by_kind.items())
+    if len(nodes) >= 2 * DEPTH_SEGMENTS:
+        for k, chunk in enumerate(np.array_split(np.arange(len(nodes)), DEPTH_SEGMENTS)):
+            parts.append((f"depth {k + 1}/{DEPTH_SEGMENTS}", [nodes[i] for i in chunk]))
+    else:
+        parts.extend((n.name, [n]) for n in nodes)
+    groups = []
+    while parts:  # a group too costly to keep float is offered in halves (graph order)
+        label, members = parts.pop(0)
+        if cost(members) > SPLIT_COST and len(members) > 1:
+            half = len(members) // 2
+            parts.extend([(f"{label} (first half)", members[:half]), (f"{label} (second half)", members[half:])])
+            continue
+        groups.append(Group(label, frozenset(n.name for n in members), cost(members)))
+    unique: dict[frozenset[str], Group] = {}
+    for g in groups:
+        unique.setdefault(g.nodes, g)
+    return list(unique.values())
+
+
+class Reference:
+    """The float model's outputs on a few calibration feeds, and the scores of other outputs against them.
+
+    Feeds: the first calibration feeds, as many as fit about `budget_s` seconds of float runs (at least
+    `MIN_FEEDS`, at most `MAX_FEEDS`), so that one evaluation of a large model stays short.
+    """
+
+    def __init__(self, float_model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], *, threads: int | None,
+                 budget_s: float = 1.0) -> None:
+        self.threads = threads
+        self.names = [o.name for o in float_model.graph.outputs]
+        self.classes = class_outputs(float_model.graph)
+        with temp_model_file(float_model) as path:
+            sess = session(path, threads=threads)
+            t0 = time.perf_counter()
+            first = run(sess, feeds[0])
+            one = time.perf_counter() - t0
+            count = int(min(MAX_FEEDS, len(feeds), max(MIN_FEEDS, budget_s // max(one, 1e-6))))
+            self.feeds = list(feeds[:count])
+            self.outputs = [first] + [run(sess, f) for f in self.feeds[1:]]
+        self._last: tuple[ir.Graph, list[list[np.ndarray]]] | None = None
+
+    def compare(self, outputs: Sequence[Sequence[np.ndarray]]) -> Scores:
+        """Scores of `outputs` (for the first ``len(outputs)`` reference feeds)."""
+        return score_outputs(self.names, self.outputs[: len(outputs)], outputs, self.classes)
+
+    def outputs_of(self, model: ir.Model) -> list[list[np.ndarray]]:
+        """The outputs of `model` (run in ONNX Runtime) on the reference feeds (remembered for the last model)."""
+        if self._last is None or self._last[0] is not model.graph:
+            with temp_model_file(model) as path:
+                sess = session(path, threads=self.threads)
+                self._last = (model.graph, [run(sess, f) for f in self.feeds])
+        return self._last[1]
+
+    def scores(self, model: ir.Model) -> Scores:
+        """Scores of `model` (run in ONNX Runtime) on the reference feeds."""
+        return self.compare(self.outputs_of(model))
+
+
+class _Budget:
+    def __init__(self, evaluate: Evaluate, targets: Targets, budget_s: float) -> None:
+        self.evaluate = evaluate
+        self.targets = targets
+        self.deadline = time.perf_counter() + budget_s
+        self.count = 0
+        self.cache: dict[frozenset[str], Scores] = {}
+        self.quick_cache: dict[tuple[str, frozenset[str]], float] = {}
+
+    @property
+    def spent(self) -> bool:
+        return self.count >= MAX_EVALUATIONS or time.perf_counter() > self.deadline
+
+    def __call__(self, float_nodes: frozenset[str]) -> Scores:
+        if float_nodes not in self.cache:
+            self.count += 1
+            self.cache[float_nodes] = self.evaluate(float_nodes, False)
+            logger.debug("fallback: %d float nodes -> %s", len(float_nodes), self.cache[float_nodes].describe())
+        return self.cache[float_nodes]
+
+    def short(self, float_nodes: frozenset[str]) -> float:
+        return self(float_nodes).shortfall(self.targets)
+
+    def quick(self, float_nodes: frozenset[str]) -> float:
+        """The shortfall on the first feeds only (screening), cached apart from full evaluations."""
+        key = ("quick", float_nodes)
+        if key not in self.quick_cache:
+            self.count += 1
+            self.quick_cache[key] = self.evaluate(float_nodes, True).shortfall(self.targets)
+        return self.quick_cache[key]
+
+
+def search(evaluate: Evaluate, groups: Sequence[Group], targets: Targets, *, order: Sequence[str],
+           budget_s: float = 120.0) -> FallbackResult:
+    """The fewest float nodes (by the steps of the module doc) for which `evaluate` meets `targets`.
+
+    `order` is the graph order of the node names, used to split groups in halves.
+    """
+    t0 = time.perf_counter()
+    ev = _Budget(evaluate, targets, budget_s)
+    empty: frozenset[str] = frozenset()
+    base = ev(empty)
+
+    def result(chosen: frozenset[str], labels: list[str], reached: bool) -> FallbackResult:
+        rank = {n: i for i, n in enumerate(order)}
+        return FallbackResult(sorted(chosen, key=lambda n: rank.get(n, 0)), labels, ev(chosen), base, reached,
+                              ev.count, time.perf_counter() - t0, ev.spent)
+
+    if base.shortfall(targets) == 0 or not groups:
+        return result(empty, [], base.shortfall(targets) == 0)
+    gains: dict[str, float] = {}
+    for g in progress(list(groups), desc="fallback: group sensitivity"):
+        if ev.spent:
+            break
+        gains[g.label] = ev.quick(empty) - ev.quick(g.nodes)
+    ranked = sorted((g for g in groups if gains.get(g.label, 0.0) > 0), key=lambda g: -gains[g.label] / (g.cost + 1e-9))
+    cost = {g.label: g.cost for g in groups}
+    affordable, spent = 0.0, 0.0
+    for g in ranked:
+        if spent + g.cost <= MAX_FLOAT_COST:
+            affordable, spent = affordable + gains[g.label], spent + g.cost
+    if affordable < GIVE_UP_FRACTION * ev.quick(empty):
+        logger.debug("fallback: the groups within the cost cap recover %.3g of a %.3g shortfall: giving up",
+                     affordable, ev.quick(empty))
+        return result(empty, [], False)
+    group_cost = {g.nodes: g.cost for g in groups}
+    current, labels = empty, []
+    for g in ranked:
+        if ev.short(current) == 0 or ev.spent or sum(cost[lb] for lb in labels) > MAX_FLOAT_COST:
+            break
+        current, labels = current | g.nodes, labels + [g.label]
+    if ev.short(current) > 0:
+        affordable_sets = [s for s in ev.cache if _cost(s, group_cost) <= MAX_FLOAT_COST]
+        best = min(affordable_sets, key=lambda s: (ev.cache[s].shortfall(targets), len(s)))
+        return result(best, labels if best == current else [], False)
+    return result(_shrink(ev, current, order), labels, True)
+
+
+def _cost(nodes: frozenset[str], group_cost: dict[frozenset[str], float]) -> float:
+    """The float cost of a node set: the groups it is made of (a set that is not a union of groups costs 0)."""
+    return sum(c for g, c in group_cost.items() if g <= nodes) if nodes else 0.0
+
+
+def _shrink(ev: _Budget, current: frozenset[str], order: Sequence[str]) -> frozenset[str]:
+    """Quantize again the halves of `current` (in graph order) that the targets do not need in float."""
+    rank = {n: i for i, n in enumerate(order)}
+    stack = [sorted(current, key=lambda n: rank.get(n, 0))]
+    while stack and not ev.spent:
+        piece = stack.pop()
+        trial = current - frozenset(piece)
+        if ev.short(trial) == 0:
+            current = trial
+        elif len(piece) > 1:
+            half = len(piece) // 2
+            stack.extend([piece[half:], piece[:half]])
+    return current

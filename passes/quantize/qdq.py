@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, new_initializer, record_origin, unique_name
+from onnxopt.graph import all_names, new_initializer, record_origin, require_finite, unique_name
 
 from .calib import ActType, QParams, Range, qparams, quantize_array, weight_scales
 from .static import Fusion, StaticPlan
@@ -52,10 +52,11 @@ def group_qparams(plan: StaticPlan, ranges: dict[str, Range], act: ActType) -> d
 
 
 def apply_static(graph: ir.Graph, plan: StaticPlan, qps: dict[str, QParams],
-                 rounded: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+                 rounded: dict[str, np.ndarray] | None = None, act: ActType = "uint8") -> dict[str, int]:
     """Rewrite `graph` as planned; return counts of what was inserted.
 
-    `rounded` maps weight names to int8 data rounded elsewhere (GPTQ) with the same scales.
+    `rounded` maps weight names to int8 data rounded elsewhere (GPTQ) with the same scales; `act` is the
+    type constant operands of element-wise ops are stored in (each with its own scale and zero point).
     """
     taken = all_names(graph)
     for name, fusion in plan.fused.items():
@@ -75,9 +76,12 @@ def apply_static(graph: ir.Graph, plan: StaticPlan, qps: dict[str, QParams],
             continue
         _quantize_bias(graph, node, index, qp.scale, weight_scale[id(node)], replaced, taken)
         biases += 1
+    consts: dict[str, ir.Value] = {}
+    for node, index in plan.consts:
+        _quantize_constant(graph, node, index, act, consts, replaced, taken)
     _drop_replaced(graph, replaced)
     return {"activations": len(plan.acts), "weights": len(cache), "biases": biases,
-            "fused_activations": len(plan.fused)}
+            "fused_activations": len(plan.fused), "constant_operands": len(consts)}
 
 
 def _fuse(graph: ir.Graph, fusion: Fusion, name: str) -> None:
@@ -140,7 +144,7 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | Non
     w_value = node.inputs[index]
     key = (w_value.name, axis)
     if key not in cache:
-        w = np.asarray(w_value.const_value.numpy(), dtype=np.float32)
+        w = require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'")
         scales = weight_scales(w, axis)
         bshape = [1] * w.ndim
         if axis is not None:
@@ -168,6 +172,21 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node, index: int, x_scale: float, w
     dq_out = _dq_node(graph, q_value, scale, np.zeros(scale.shape, np.int32), 0, b_value.name, b_value.shape, taken)
     node.replace_input_with(index, dq_out)
     replaced.append((b_value, dq_out))
+
+
+def _quantize_constant(graph: ir.Graph, node: ir.Node, index: int, act: ActType, done: dict[str, ir.Value],
+                       replaced: list[tuple[ir.Value, ir.Value]], taken: set[str]) -> None:
+    """A constant operand of an element-wise op as an 8-bit initializer (own range, per tensor) + DequantizeLinear."""
+    value = node.inputs[index]
+    if value.name not in done:
+        c = np.asarray(value.const_value.numpy(), dtype=np.float32)
+        qp = qparams(Range(float(c.min()), float(c.max())), act)
+        q = quantize_array(c, qp.scale, qp.zero_point, qp.dtype)
+        q_value = new_initializer(graph, f"{value.name}_quantized", q, origin=value.name, taken=taken)
+        done[value.name] = _dq_node(graph, q_value, np.asarray(qp.scale, np.float32),
+                                    np.asarray(qp.zero_point, qp.dtype), None, value.name, value.shape, taken)
+        replaced.append((value, done[value.name]))
+    node.replace_input_with(index, done[value.name])
 
 
 def _drop_replaced(graph: ir.Graph, replaced: list[tuple[ir.Value, ir.Value]]) -> None:

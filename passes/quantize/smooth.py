@@ -22,6 +22,8 @@ import onnx_ir as ir
 from onnxopt.graph import constant_array, only_used_by, set_weight
 from onnxopt.registry import PassStats, matches_any
 
+from .layout import gemm_declined, weight_kn
+
 __all__ = ["smooth_targets", "channel_absmax", "apply_smoothing"]
 
 logger = logging.getLogger(__name__)
@@ -31,11 +33,9 @@ def _weight_kn(node: ir.Node) -> np.ndarray | None:
     w = constant_array(node.inputs[1])
     if w is None or w.ndim != 2 or w.dtype != np.float32 or not only_used_by(node.inputs[1], node):
         return None
-    if node.op_type == "Gemm":
-        if node.attributes.get_int("transA", 0):
-            return None
-        return w.T if node.attributes.get_int("transB", 0) else w
-    return w
+    if node.op_type == "Gemm" and gemm_declined(node):
+        return None
+    return weight_kn(node, w)
 
 
 def smooth_targets(graph: ir.Graph, exclude: list[str], stats: PassStats) -> list[tuple[ir.Node, list[ir.Node]]]:
@@ -84,6 +84,5 @@ def apply_smoothing(ln: ir.Node, users: list[ir.Node], x_max: np.ndarray, alpha:
     set_weight(ln.inputs[2], (beta / s).astype(beta.dtype))
     for node in users:
         w = constant_array(node.inputs[1])
-        trans = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-        scaled = w * (s[None, :] if trans else s[:, None])
-        set_weight(node.inputs[1], scaled.astype(np.float32))
+        scaled = weight_kn(node, w) * s[:, None]  # rows of [K, N] are the input channels
+        set_weight(node.inputs[1], weight_kn(node, scaled).astype(np.float32))

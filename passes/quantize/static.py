@@ -51,7 +51,7 @@ from onnxopt.graph import (
 )
 from onnxopt.registry import PassStats, matches_any
 
-from .calib import Range
+from .calib import ActType, Range, dequantize_array, qparams, quantize_array
 from .layout import gemm_declined, out_channels, weight_axis
 
 __all__ = [
@@ -66,7 +66,6 @@ __all__ = [
     "plan_static",
     "matmul_add_to_gemm",
     "name_nodes",
-    "quantizable_nodes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,6 +76,8 @@ _POOLS = frozenset({"AveragePool", "GlobalAveragePool"})
 _SHARED = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Resize", "Split", "Slice", "Squeeze", "Unsqueeze"})
 _ACTIVATIONS = frozenset({"Relu", "Clip"})
 _FLOAT = ir.DataType.FLOAT
+CONST_MAX_REL_ERROR = 0.01
+CONST_MAX_SIZE = 1 << 16
 
 
 @dataclasses.dataclass
@@ -97,6 +98,8 @@ class StaticPlan:
     fused: dict[str, Fusion] = dataclasses.field(default_factory=dict)
     weights: list[tuple[ir.Node, int, int | None]] = dataclasses.field(default_factory=list)
     biases: list[tuple[ir.Node, int, str]] = dataclasses.field(default_factory=list)
+    consts: list[tuple[ir.Node, int]] = dataclasses.field(default_factory=list)
+    """Constant operands of element-wise ops, quantized per tensor with their own range."""
     compute: list[ir.Node] = dataclasses.field(default_factory=list)
     others: list[ir.Node] = dataclasses.field(default_factory=list)
 
@@ -124,6 +127,7 @@ class MarkOptions:
     ranges: dict[str, Range]
     per_channel: bool
     concat_range_ratio: float
+    activations: ActType = "uint8"
 
 
 Marker = Callable[[ir.Node, StaticPlan, MarkOptions], str | None]
@@ -165,16 +169,6 @@ def name_nodes(graph: ir.Graph) -> None:
     for node in graph:
         if not node.name:
             node.name = unique_name(graph, node.op_type, taken)
-
-
-def quantizable_nodes(graph: ir.Graph, exclude: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Names of the compute nodes and of the other supported nodes that are not excluded."""
-    patterns = list(exclude)
-    compute, others = [], []
-    for node in graph:
-        if _is_supported(node) and not matches_any(node, patterns):
-            (compute if node.op_type in COMPUTE else others).append(node.name)
-    return compute, others
 
 
 # ------------------------------------------------------------------------------ pre-rewrite
@@ -222,6 +216,8 @@ def _try_matmul_add_to_gemm(graph: ir.Graph, node: ir.Node) -> str | None:
 
 # ------------------------------------------------------------------------------ the handlers
 def _mark_compute(node: ir.Node, plan: StaticPlan, opts: MarkOptions) -> str | None:
+    if node.op_type == "ConvTranspose":
+        return _mark_weight_only(node, plan, opts)
     x = node.inputs[0]
     if not _is_float_activation(x):
         return "first input is not a float activation"
@@ -252,16 +248,59 @@ def _mark_compute(node: ir.Node, plan: StaticPlan, opts: MarkOptions) -> str | N
     return None
 
 
+def _mark_weight_only(node: ir.Node, plan: StaticPlan, opts: MarkOptions) -> str | None:
+    """ConvTranspose: ONNX Runtime has no integer kernel for it on CPU (a DQ -> ConvTranspose -> Q group stays
+    float between the two), so its activations keep their float form and only the weight is stored int8."""
+    w = constant_array(node.inputs[1])
+    if w is None or w.dtype != np.float32:
+        return "weight is not a float32 constant initializer"
+    plan.weights.append((node, 1, weight_axis(node, w, opts.per_channel)))
+    return "no integer ConvTranspose kernel in ONNX Runtime: activations left in float (weight stored int8)"
+
+
 def _mark_binary(node: ir.Node, plan: StaticPlan, opts: MarkOptions) -> str | None:
     a, b = node.inputs[0], node.inputs[1]
-    if not (_is_float_activation(a) and _is_float_activation(b)):
-        return "an operand is constant or not float: left in float"
     if not _is_float_activation(node.outputs[0]):
         return "output is not a float activation"
-    plan.mark(a)
-    plan.mark(b)
+    if _is_float_activation(a) and _is_float_activation(b):
+        plan.mark(a)
+        plan.mark(b)
+    else:
+        k = 1 if _is_float_activation(a) else 0
+        reason = _constant_operand_declined(node.inputs[k], node.inputs[1 - k], opts)
+        if reason:
+            return reason
+        plan.mark(node.inputs[1 - k])
+        plan.consts.append((node, k))
     plan.mark(node.outputs[0])
     plan.others.append(node)
+    return None
+
+
+def _constant_operand_declined(const: ir.Value | None, other: ir.Value | None, opts: MarkOptions) -> str | None:
+    """Why a constant operand cannot be stored as a per-tensor 8-bit value, else None (the per-node check).
+
+    The constant gets its own scale over ``[min(c, 0), max(c, 0)]``; it is declined when its round trip
+    loses more than `CONST_MAX_REL_ERROR` of it (relative L2) or turns a non-zero element into a value
+    off by more than half of it (a small gamma next to a large one).
+    """
+    if not _is_float_activation(other):
+        return "neither operand is a float activation"
+    c = constant_array(const)
+    if c is None or c.dtype != np.float32 or c.size == 0:
+        return "the constant operand is not float32"
+    if c.size > CONST_MAX_SIZE:
+        return f"the constant operand has {c.size} elements (more than {CONST_MAX_SIZE})"
+    if not np.all(np.isfinite(c)):
+        return "the constant operand is not finite"
+    qp = qparams(Range(float(c.min()), float(c.max())), opts.activations)
+    rt = dequantize_array(quantize_array(c, qp.scale, qp.zero_point, qp.dtype), qp.scale, qp.zero_point)
+    err = np.abs(rt - c)
+    norm = float(np.linalg.norm(c))
+    if norm > 0 and float(np.linalg.norm(err)) > CONST_MAX_REL_ERROR * norm:
+        return "the constant operand loses too much as one 8-bit tensor: left in float"
+    if np.any((c != 0) & (err > 0.5 * np.abs(c))):
+        return "a constant element is below half an 8-bit step: left in float"
     return None
 
 
@@ -319,13 +358,23 @@ def plan_static(
     per_channel: bool,
     concat_range_ratio: float,
     fuse_activations: bool = True,
+    activations: ActType = "uint8",
+    float_nodes: dict[str, str] | None = None,
 ) -> StaticPlan:
-    """Mark the tensors, weights and biases of `graph` to quantize (see the module doc); change nothing."""
+    """Mark the tensors, weights and biases of `graph` to quantize (see the module doc); change nothing.
+
+    `float_nodes` maps names of nodes the pass keeps in float (range-sensitive regions, collapsed
+    tensors, fallback) to the reason, which goes into the skipped list.
+    """
     plan = StaticPlan()
-    opts = MarkOptions(ranges, per_channel, concat_range_ratio)
+    opts = MarkOptions(ranges, per_channel, concat_range_ratio, activations)
+    kept = float_nodes or {}
     patterns = list(exclude)
     for node in graph:
         if not _is_supported(node):
+            continue
+        if node.name in kept:
+            stats.skip(node, kept[node.name])
             continue
         if matches_any(node, patterns):
             stats.skip(node, "excluded by the exclude option")
@@ -334,14 +383,14 @@ def plan_static(
         reason = marker(node, plan, opts) if marker is not None else None
         if reason:
             stats.skip(node, reason)
-    _propagate_shared(graph, plan, patterns)
+    _propagate_shared(graph, plan, patterns, kept)
     if fuse_activations:
         for node in graph:
-            if node.op_type in _ACTIVATIONS and not matches_any(node, patterns):
+            if node.op_type in _ACTIVATIONS and node.name not in kept and not matches_any(node, patterns):
                 reason = _try_fuse_activation(node, plan)
                 if reason:
                     logger.debug("not fusing %s: %s", node.name, reason)
-        _propagate_shared(graph, plan, patterns)
+        _propagate_shared(graph, plan, patterns, kept)
     for name in list(plan.acts):
         value = plan.acts[name]
         if value.is_graph_output() or name not in ranges:
@@ -349,9 +398,9 @@ def plan_static(
     return plan
 
 
-def _propagate_shared(graph: ir.Graph, plan: StaticPlan, patterns: list[str]) -> None:
+def _propagate_shared(graph: ir.Graph, plan: StaticPlan, patterns: list[str], kept: dict[str, str]) -> None:
     """Tie the data input and outputs of data-movement ops; mark both sides when either is marked."""
-    shared = [n for n in graph if is_onnx_op(n, *_SHARED) and not matches_any(n, patterns)]
+    shared = [n for n in graph if is_onnx_op(n, *_SHARED) and n.name not in kept and not matches_any(n, patterns)]
     changed = True
     while changed:
         changed = False

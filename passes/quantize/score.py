@@ -1,0 +1,175 @@
+"""How close a quantized model's outputs are to the float model's: the targets the quantize pass holds.
+
+Per output, pooled over feeds: cosine similarity, relative L2 error ``‖a−b‖/‖a‖``, and, for outputs
+that carry class scores, the share of positions whose argmax along the last axis agrees (top-1 for
+a classifier, per-timestep characters for a CTC recognizer). An output carries class scores when it
+comes (through Identity/Reshape/Squeeze/Unsqueeze/Flatten/Cast) from a Softmax/LogSoftmax over its
+last axis, or from a Gemm/MatMul with more than one output column: a sigmoid map, boxes or a
+hidden state do not (`class_outputs`).
+
+`Targets` says what is good enough (default: cosine >= 0.99 on every output, argmax agreement >=
+0.99 on class outputs); `Scores.shortfall` is how far a model is from them (0: within).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.graph import constant_array, is_onnx_op
+
+__all__ = ["Targets", "OutputScore", "Scores", "class_outputs", "score_outputs", "worst_slice"]
+
+_PASS_THROUGH = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast")
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """Minimum cosine per output and minimum argmax agreement per class output."""
+
+    cosine: float = 0.99
+    argmax: float = 0.99
+    rel_l2: float | None = None
+    """A bound on every output's relative L2 error too (the run's --tolerance), or None."""
+
+
+@dataclasses.dataclass
+class OutputScore:
+    name: str
+    cosine: float
+    rel_l2: float
+    argmax: float | None = None
+
+
+@dataclasses.dataclass
+class Scores:
+    outputs: list[OutputScore]
+
+    @property
+    def cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=1.0)
+
+    @property
+    def rel_l2(self) -> float:
+        return max((o.rel_l2 for o in self.outputs), default=0.0)
+
+    @property
+    def argmax(self) -> float | None:
+        vals = [o.argmax for o in self.outputs if o.argmax is not None]
+        return min(vals) if vals else None
+
+    def shortfall(self, targets: Targets) -> float:
+        """How far below the targets (0 when every output meets them); comparable across candidates."""
+        gap = max(0.0, targets.cosine - self.cosine)
+        if self.argmax is not None:
+            gap = max(gap, targets.argmax - self.argmax)
+        if targets.rel_l2 is not None:
+            gap = max(gap, self.rel_l2 - targets.rel_l2)
+        return gap
+
+    def scaled(self, emulated: Scores, real: Scores) -> Scores:
+        """These (emulated) scores with each output's error (``1 - cosine``, rel L2, ``1 - argmax``) scaled by
+        how the real kernels' error compares with the emulation's on a reference model (both all int8)."""
+        out = []
+        for mine, emu, ref in zip(self.outputs, emulated.outputs, real.outputs):
+            cos = 1 - (1 - mine.cosine) * _ratio(1 - ref.cosine, 1 - emu.cosine)
+            rel = mine.rel_l2 * _ratio(ref.rel_l2, emu.rel_l2)
+            arg = None
+            if mine.argmax is not None and emu.argmax is not None and ref.argmax is not None:
+                arg = 1 - (1 - mine.argmax) * _ratio(1 - ref.argmax, 1 - emu.argmax)
+            out.append(OutputScore(mine.name, min(cos, 1.0), max(rel, 0.0), arg if arg is None else min(arg, 1.0)))
+        return Scores(out)
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"cosine": round(self.cosine, 6), "rel_l2": round(self.rel_l2, 6),
+                "argmax": None if self.argmax is None else round(self.argmax, 6)}
+
+    def describe(self) -> str:
+        text = f"cosine {self.cosine:.4f}, rel_l2 {self.rel_l2:.3g}"
+        return text + (f", argmax agreement {self.argmax:.2%}" if self.argmax is not None else "")
+
+
+def _ratio(real: float, emulated: float) -> float:
+    if emulated <= 0 or real <= 0:
+        return 1.0
+    return float(np.clip(real / emulated, 0.25, 4.0))
+
+
+def class_outputs(graph: ir.Graph) -> dict[str, int | None]:
+    """Graph outputs that carry class scores, with their class count when known (see the module doc)."""
+    found: dict[str, int | None] = {}
+    for out in graph.outputs:
+        if out.dtype is not None and not out.dtype.is_floating_point():
+            continue
+        value, node = out, out.producer()
+        while node is not None and is_onnx_op(node, *_PASS_THROUGH) and node.inputs:
+            value = node.inputs[0]
+            node = value.producer() if value is not None else None
+        if node is None:
+            continue
+        if is_onnx_op(node, "Softmax", "LogSoftmax"):
+            rank = value.shape.rank() if value is not None and value.shape is not None else None
+            axis = node.attributes.get_int("axis", -1)
+            if axis == -1 or (rank is not None and axis == rank - 1):
+                found[out.name] = None
+        elif is_onnx_op(node, "Gemm", "MatMul"):
+            w = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if w is None or w.ndim != 2:
+                continue
+            width = int(w.shape[0] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w.shape[1])
+            if width > 1:
+                found[out.name] = width
+    return found
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def score_outputs(names: Sequence[str], refs: Sequence[Sequence[np.ndarray]], outs: Sequence[Sequence[np.ndarray]],
+                  classes: dict[str, int | None]) -> Scores:
+    """Scores of `outs` against `refs` (per feed, a list of arrays in `names` order), pooled over feeds."""
+    scores = []
+    for k, name in enumerate(names):
+        a = np.concatenate([np.ravel(r[k]).astype(np.float64) for r in refs])
+        b = np.concatenate([np.ravel(o[k]).astype(np.float64) for o in outs])
+        finite = np.isfinite(b).all()
+        na = float(np.linalg.norm(a))
+        rel = float(np.linalg.norm(a - b)) / na if na > 0 else float(np.linalg.norm(b))
+        score = OutputScore(name, _cosine(a, b) if finite else 0.0, rel if finite else float("inf"))
+        if name in classes:
+            width = classes[name]
+            agree = total = 0
+            for r, o in zip(refs, outs):
+                ra, oa = np.asarray(r[k]), np.asarray(o[k])
+                if ra.ndim == 0 or ra.shape[-1] < 2 or (width is not None and ra.shape[-1] != width):
+                    continue
+                agree += int(np.sum(ra.argmax(-1) == oa.argmax(-1)))
+                total += ra.size // ra.shape[-1]
+            score.argmax = agree / total if total else None
+        scores.append(score)
+    return Scores(scores)
+
+
+def worst_slice(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> float | None:
+    """Worst relative L2 error over the slices of the first non-trivial axis after the batch axis
+    (pooled over feeds; slices whose reference is nearly empty are skipped), or None."""
+    shape = np.asarray(refs[0]).shape
+    axis = next((i for i in range(1, len(shape)) if shape[i] > 1), None)
+    if axis is None or any(np.asarray(r).shape[axis] != shape[axis] for r in refs):
+        return None
+    pairs = []
+    for i in range(shape[axis]):
+        a = np.concatenate([np.take(np.asarray(r), i, axis=axis).ravel() for r in refs]).astype(np.float64)
+        b = np.concatenate([np.take(np.asarray(o), i, axis=axis).ravel() for o in outs]).astype(np.float64)
+        pairs.append((a, b))
+    mean_norm = float(np.mean([np.linalg.norm(a) for a, _ in pairs]))
+    errors = [float(np.linalg.norm(a - b) / np.linalg.norm(a)) for a, b in pairs
+              if np.linalg.norm(a) >= 1e-2 * mean_norm and np.linalg.norm(a) > 0]
+    return max(errors) if errors else None

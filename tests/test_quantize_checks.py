@@ -1,0 +1,242 @@
+"""The quantize pass's measured decisions: the collapse guard and range-sensitive regions on a LayerNorm written
+as tf2onnx writes it, the speed check (mocked, so the decision is deterministic), the exact affine folds, LSTMs
+and embedding tables, and already-quantized models left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import F32, make_model, run_ort
+from onnx import TensorProto, helper
+from onnxopt.passes.quantize import speed
+from onnxopt.passes.quantize.affine import fold_affine
+from onnxopt.passes.quantize.score import Targets, class_outputs, score_outputs
+from onnxopt.passes.quantize.speed import SpeedComparison
+
+from onnxopt.analysis import infer_shapes
+from onnxopt.context import Context
+from onnxopt.data import input_specs, load_data
+from onnxopt.registry import make_pass
+
+RNG = np.random.default_rng(7)
+T, D, H, C = 16, 32, 64, 4
+
+
+def _w(*shape: int, scale: float = 0.3) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _tf2onnx_layernorm_classifier() -> onnx.ModelProto:
+    """A Keras-style token classifier as tf2onnx writes it: LayerNorm decomposed into ReduceMean / Sub /
+    Mul(d, d) / Add(eps) / Sqrt / Reciprocal / Mul(gamma) / Mul(x, s) / Mul(mean, s) / Sub(beta, .) / Add (and a
+    ReduceSum * (1/D) form), Dense as MatMul + Add, GlobalAveragePooling1D, Softmax. Padded positions are zero
+    vectors and eps is 1e-12 (as in Hugging Face TF models), so there ``Reciprocal(Sqrt(var + eps))`` is 1e6."""
+    nodes: list[onnx.NodeProto] = []
+    inits: dict[str, np.ndarray] = {}
+    count = [0]
+
+    def const(name: str, arr: np.ndarray) -> str:
+        key = f"{name}_{len(inits)}"
+        inits[key] = np.asarray(arr)
+        return key
+
+    def node(op: str, ins: list[str], **attrs: object) -> str:
+        count[0] += 1
+        out = f"{op}__{count[0]}"
+        nodes.append(helper.make_node(op, ins, [out], name=f"model/{op}_{count[0]}", **attrs))
+        return out
+
+    axes = const("axes", np.array([-1], np.int64))
+
+    def mean(x: str, use_sum: bool) -> str:
+        if use_sum:
+            return node("Mul", [node("ReduceSum", [x, axes], keepdims=1), const("inv_d", np.float32(1.0 / D))])
+        return node("ReduceMean", [x], axes=[-1], keepdims=1)
+
+    def layernorm(x: str, use_sum: bool) -> str:
+        m = mean(x, use_sum)
+        d = node("Sub", [x, m])
+        var = mean(node("Mul", [d, d]), use_sum)
+        rs = node("Reciprocal", [node("Sqrt", [node("Add", [var, const("eps", np.float32(1e-12))])])])
+        s = node("Mul", [rs, const("gamma", 1 + _w(D, scale=0.1))])
+        return node("Add", [node("Mul", [x, s]), node("Sub", [const("beta", _w(D, scale=0.1)), node("Mul", [m, s])])])
+
+    def dense(x: str, k: int, n: int) -> str:
+        return node("Add", [node("MatMul", [x, const("kernel", _w(k, n, scale=1 / np.sqrt(k)))]),
+                            const("bias", _w(n, scale=0.1))])
+
+    h = layernorm("x", use_sum=False)
+    for _ in range(2):
+        h = layernorm(node("Add", [h, dense(node("Relu", [dense(h, D, H)]), H, D)]), use_sum=True)
+    logits = dense(node("ReduceMean", [h], axes=[1], keepdims=0), D, C)
+    nodes.append(helper.make_node("Softmax", [logits], ["probs"], axis=-1, name="model/softmax"))
+    return make_model(nodes, [("x", F32, ["batch", T, D])], [("probs", F32, ["batch", C])], inits, opset=13)
+
+
+def _padded_tokens(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Feeds of 8 sequences each, every sequence zero-padded after a random length."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        x = rng.standard_normal((8, T, D)).astype(np.float32) + rng.standard_normal((1, 1, D)).astype(np.float32)
+        for row, length in enumerate(rng.integers(3, T - 2, 8)):
+            x[row, length:] = 0.0
+        feeds.append({"x": x})
+    return feeds
+
+
+def _quantize(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **options: object):
+    model = ir.from_proto(proto)
+    calib = load_data(feeds, input_specs(model)) if feeds else None
+    stats = make_pass("quantize", {"require_speedup": False, **options}).call(model, Context(calib=calib))
+    return model, stats
+
+
+def _scores(proto: onnx.ModelProto, model: ir.Model, feeds: list[dict[str, np.ndarray]]):
+    names = [o.name for o in proto.graph.output]
+    refs = [run_ort(proto, f) for f in feeds]
+    outs = [run_ort(model, f) for f in feeds]
+    return score_outputs(names, refs, outs, class_outputs(ir.from_proto(proto).graph))
+
+
+# ------------------------------------------------------------------------------ never silently broken
+@pytest.mark.parametrize("fallback", ["none", "auto"])
+def test_decomposed_layernorm_as_tf2onnx_writes_it_stays_correct(fallback: str) -> None:
+    proto = _tf2onnx_layernorm_classifier()
+    calib, held = _padded_tokens(8, 0), _padded_tokens(6, 1)
+    model, stats = _quantize(proto, calib, fallback=fallback)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert stats.modified and stats.summary["range_sensitive_regions"]["normalization"] == 3
+    scores = _scores(proto, model, held)
+    assert scores.cosine >= 0.99 and scores.argmax >= 0.99
+    # the decomposition's Muls never became integer element-wise kernels (what collapsed the model)
+    assert stats.summary["ort_ops"].get("QLinearMul", 0) == 0
+
+
+def test_the_regions_are_what_keeps_that_layernorm_correct() -> None:
+    """Quantizing inside the decomposed LayerNorm (the guard and regions bypassed) collapses the same model."""
+    from onnxopt.passes import quantize as package
+
+    proto = _tf2onnx_layernorm_classifier()
+    calib, held = _padded_tokens(8, 0), _padded_tokens(6, 1)
+    original = package.Quantize._kept_float
+    try:
+        package.Quantize._kept_float = lambda self, graph, ranges, samples, stats: {}
+        model, _ = _quantize(proto, calib, fallback="none")
+    finally:
+        package.Quantize._kept_float = original
+    assert _scores(proto, model, held).shortfall(Targets()) > 0.02
+
+
+# ------------------------------------------------------------------------------ never slower than fp32
+def _small_cnn() -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    return make_model(nodes, [("x", F32, [1, 3, 16, 16])], [("y", F32, [1, 8, 16, 16])],
+                      {"w1": _w(8, 3, 3, 3), "b1": _w(8), "w2": _w(8, 8, 3, 3), "b2": _w(8)})
+
+
+@pytest.mark.parametrize(("ratio", "kept_int8"), [(1.6, False), (0.97, False), (0.6, True)])
+def test_int8_that_is_not_faster_comes_back_float_with_the_reason(monkeypatch: pytest.MonkeyPatch, ratio: float,
+                                                                  kept_int8: bool) -> None:
+    calls = []
+
+    def measured(float_model: ir.Model, quantized: ir.Model, feed: dict, *, threads: int | None,
+                 cache: bool = True) -> SpeedComparison:
+        calls.append(threads)
+        return SpeedComparison(ratio, ratio * 0.95, ratio * 1.05, 7, 1.0, ratio, 0.1)
+
+    monkeypatch.setattr(speed, "measure", measured)
+    proto = _small_cnn()
+    model = ir.from_proto(proto)
+    calib = load_data("random:4", input_specs(model))
+    stats = make_pass("quantize", {"fallback": "none"}).call(model, Context(calib=calib, threads=3))
+    assert calls == [3]  # measured once, with the run's threads
+    assert stats.summary["speed_ratio"] == pytest.approx(ratio)
+    ops = [n.op_type for n in model.graph]
+    if kept_int8:
+        assert stats.modified and "QuantizeLinear" in ops
+    else:
+        assert not stats.modified and ops == [n.op_type for n in proto.graph.node]
+        assert "not faster than float" in stats.summary["wrote_float_model"]
+        assert "require_speedup=false" in stats.notes[-1]
+    forced = make_pass("quantize", {"fallback": "none", "require_speedup": False})
+    again = ir.from_proto(proto)
+    assert forced.call(again, Context(calib=calib)).modified and len(calls) == 1
+
+
+# ------------------------------------------------------------------------------ exact rewrites
+def test_affine_folds_are_exact_and_remove_the_element_wise_ops() -> None:
+    c = np.array([1.5, -0.5, 2.0, 0.25], np.float32).reshape(4, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c1", "scale"], ["m1"], name="lab_mul"),
+             helper.make_node("Add", ["m1", "shift"], ["a1"], name="lab_add"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu"),
+             helper.make_node("Div", ["r1", "six"], ["d1"], name="div6"),
+             helper.make_node("Add", ["d1", "half"], ["h1"], name="shift_in"),
+             helper.make_node("Conv", ["h1", "w2"], ["pw"], name="pointwise"),
+             helper.make_node("Conv", ["d1", "w3"], ["y2"], name="padded_only_scaled", pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["pw"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "wm"], ["mm"], name="fc"),
+             helper.make_node("Mul", ["mm", "colscale"], ["y"], name="fc_scale")]
+    proto = make_model(nodes, [("x", F32, [2, 3, 6, 6])], [("y", F32, [2, 5]), ("y2", F32, [2, 2, 6, 6])],
+                       {"w1": _w(4, 3, 3, 3), "b1": _w(4), "scale": c, "shift": _w(4, 1, 1), "six": np.float32(6.0),
+                        "half": np.float32(0.5), "w2": _w(2, 4, 1, 1), "w3": _w(2, 4, 3, 3),
+                        "wm": _w(72, 5), "colscale": _w(5)})
+    model = ir.from_proto(proto)
+    infer_shapes(model)
+    counts = fold_affine(model.graph)
+    assert counts == {"affine_after_layers": 3, "affine_before_layers": 2}
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu", "Conv", "Conv", "Flatten", "MatMul"]
+    x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    for ref, got in zip(run_ort(proto, {"x": x}), run_ort(model, {"x": x})):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_lstm_becomes_dynamic_quantize_lstm() -> None:
+    hidden, inputs = 16, 8
+    nodes = [helper.make_node("LSTM", ["x", "w", "r", "b"], ["y", "h", "c"], name="lstm", hidden_size=hidden),
+             helper.make_node("Squeeze", ["y", "ax"], ["s"], name="squeeze"),
+             helper.make_node("MatMul", ["s", "wo"], ["out"], name="head")]
+    proto = make_model(nodes, [("x", F32, [10, 2, inputs])], [("out", F32, [10, 2, 3])],
+                       {"w": _w(1, 4 * hidden, inputs), "r": _w(1, 4 * hidden, hidden), "b": _w(1, 8 * hidden),
+                        "ax": np.array([1], np.int64), "wo": _w(hidden, 3)})
+    for mode in ("static", "dynamic"):
+        extra = {"fallback": "none"} if mode == "static" else {}
+        model, stats = _quantize(proto, [{"x": RNG.standard_normal((10, 2, inputs)).astype(np.float32)}
+                                         for _ in range(4)], mode=mode, **extra)
+        assert stats.summary["lstm_quantized"] == 1
+        assert "DynamicQuantizeLSTM" in [n.op_type for n in model.graph]
+        x = RNG.standard_normal((10, 2, inputs)).astype(np.float32)
+        ref, got = run_ort(proto, {"x": x})[0], run_ort(model, {"x": x})[0]
+        assert float(np.linalg.norm(ref - got) / np.linalg.norm(ref)) < 0.05
+
+
+def test_embedding_tables_are_stored_int8_per_row() -> None:
+    vocab, dim = 1000, 96
+    table = _w(vocab, dim)
+    table[3] *= 50  # one row far larger than the others: per-row scales keep the rest exact to 1/254
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    proto = make_model(nodes, [("ids", TensorProto.INT64, [2, 5])], [("y", F32, [2, 5, 8])],
+                       {"table": table, "w": _w(dim, 8)})
+    model, stats = _quantize(proto, [], mode="dynamic")
+    assert stats.summary["embeddings_quantized"] == 1
+    assert "table" not in model.graph.initializers
+    assert stats.summary["weight_bytes_after"] < 0.3 * stats.summary["weight_bytes_before"]
+    ids = np.array([[3, 0, 999, 5, 3], [1, 2, 3, 4, 500]], np.int64)
+    rows = run_ort(model.clone(), {"ids": ids})
+    ref = run_ort(proto, {"ids": ids})[0]
+    assert float(np.linalg.norm(ref - rows[0]) / np.linalg.norm(ref)) < 0.02
+
+
+# ------------------------------------------------------------------------------ modified only when quantized
+def test_nothing_quantized_leaves_the_model_as_given() -> None:
+    proto = make_model([helper.make_node("Sigmoid", ["x"], ["y"], name="s")], [("x", F32, [2])], [("y", F32, [2])],
+                       opset=11)
+    model, stats = _quantize(proto, [{"x": np.ones(2, np.float32)}])
+    assert not stats.modified and model.opset_imports[""] == 11
+    assert "opset_upgraded" not in stats.summary

@@ -79,10 +79,11 @@ needs ``fallback = "none"`` (its automatic search has a time budget; tune choose
 _PASS_OPTIONS: dict[str, dict[str, Any]] = {
     "quantize": {"check_fusion": False, "fallback": "none", **REPRODUCIBLE["quantize"]},
     "prune": {"scope": "layer"},
-    "channels": {"ratio": 0.0, **REPRODUCIBLE["channels"]},
+    "channels": {"ratio": 0.0, "round_to": 1, **REPRODUCIBLE["channels"]},
     "factorize": {"rank_by": "ratio", "data_aware": True, **REPRODUCIBLE["factorize"]},
 }
-"""Options of the measured pass runs besides the per-layer ones (sensitivity runs skip the fusion count)."""
+"""Options of the measured pass runs besides the per-layer ones (sensitivity runs skip the fusion count and
+cut channels one by one: the search rounds them with its own ``channels.round_to``)."""
 
 
 @dataclasses.dataclass

@@ -60,7 +60,8 @@ def test_later_entries_win_and_ops_match_by_type() -> None:
     ({"layers": {"fc1": {"skip": "maybe"}}}, "prune.layers.fc1.skip: 'maybe' is not a valid bool"),
     ({"layers": {"fc1": 0.5}}, "'fc1' needs a table of settings"),
     ({"layers": ["fc1"]}, "expected a table of node globs"),
-    ({"threshold": 0.1, "layers": {"fc1": {"sparsity": 0.5}}}, "give sparsity or threshold, not both"),
+    ({"threshold": 0.1, "layers": {"fc1": {"sparsity": 0.5}}},
+     "layers 'fc1': prune.sparsity is read only when threshold is not set"),
 ])
 def test_bad_layer_settings_are_usage_errors(options: dict, message: str) -> None:
     with pytest.raises(UsageError, match=None) as info:
@@ -96,7 +97,8 @@ def test_prune_per_layer_sparsity_and_skip() -> None:
 
 def test_channels_per_group_ratio() -> None:
     model = _folded()
-    stats = run_pass("channels", model, None, ratio=0.0, layers={"block1.conv1": {"ratio": 0.5}})
+    stats = run_pass("channels", model, None, ratio=0.0, round_to=1, verify_speed=False,
+                     layers={"block1.conv1": {"ratio": 0.5}})
     assert [row["group"] for row in stats.layers] == ["block1.conv1"]
     assert _weight(model, "block1.conv1").shape[0] == 8
     assert _weight(model, "block1.conv2").shape[1] == 8
@@ -105,7 +107,7 @@ def test_channels_per_group_ratio() -> None:
 
 def test_factorize_per_layer_rank_and_skip() -> None:
     model = _folded()
-    stats = run_pass("factorize", model, None, rank_by="ratio",
+    stats = run_pass("factorize", model, None, rank_by="ratio", verify_speed=False,
                      layers={"*": {"skip": True}, "fc1": {"skip": False, "rank_ratio": 0.25}})
     assert [row["node"] for row in stats.layers] == ["fc1"]
     assert stats.layers[0]["ranks"] == [16]  # a quarter of min(512, 64)
@@ -120,7 +122,8 @@ def test_quantize_skip_keeps_the_node_in_float() -> None:
 
     ctx = Context(calib=Dataset(feeds, [None] * len(feeds), "test"))
     model = _folded()
-    run_pass("quantize", model, ctx, check_fusion=False, layers={"fc2": {"skip": True}})
+    run_pass("quantize", model, ctx, check_fusion=False, require_speedup=False, fallback="none",
+             layers={"fc2": {"skip": True}})
     fc2 = _node(model, "fc2")
     assert fc2.op_type == "Gemm" and fc2.inputs[1].const_value is not None  # weight still a float initializer
     fc1 = _node(model, "fc1")

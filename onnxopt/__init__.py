@@ -2,7 +2,8 @@
 
 The public names below are imported on first use (PEP 562), so ``import onnxopt`` and
 ``onnxopt --version`` stay fast: onnx, onnx_ir and ONNX Runtime load when a function that needs
-them is first reached. ``onnxopt.merge`` is the merge package, callable as the `merge` function.
+them is first reached. ``onnxopt.merge`` and ``onnxopt.tune`` are packages, callable as their `merge`
+and `tune` functions.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _PUBLIC: dict[str, str] = {
     "Result": "onnxopt.api",
     "merge": "onnxopt.merge",
     "merge_models": "onnxopt.merge",
+    "tune": "onnxopt.tune",
+    "TuneResult": "onnxopt.tune",
     "Context": "onnxopt.context",
     "load": "onnxopt.io",
     "save": "onnxopt.io",
@@ -37,7 +40,7 @@ _PUBLIC: dict[str, str] = {
     "ModelError": "onnxopt.errors",
     "OnnxoptError": "onnxopt.errors",
 }
-"""Public name -> the module that defines it (``merge`` is the package ``onnxopt.merge`` itself)."""
+"""Public name -> the module that defines it (``merge`` and ``tune`` are the packages themselves)."""
 
 __all__ = ["__version__", *_PUBLIC]
 
@@ -57,6 +60,8 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time `__getattr_
     from onnxopt.registry import list_passes as list_passes
     from onnxopt.registry import option as option
     from onnxopt.registry import register_pass as register_pass
+    from onnxopt.tune import TuneResult as TuneResult
+    from onnxopt.tune import tune as tune
 
 
 def __getattr__(name: str) -> Any:

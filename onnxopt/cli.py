@@ -525,6 +525,7 @@ VERBS: dict[str, str] = {
     "compare": "onnxopt.cli:_cmd_compare",
     "passes": "onnxopt.cli:_cmd_passes",
     "merge": "onnxopt.merge.verb:main",
+    "tune": "onnxopt.tune.verb:main",
     "report": "onnxopt.report.verb:main",
 }
 """Every verb besides the default (optimize): ``"module:function"``, imported when the verb runs."""

@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
+import glob
+import json
 import logging
 import re
 import types
@@ -39,6 +41,7 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from onnxopt.errors import UsageError
+from onnxopt.graph import iter_graphs
 
 if TYPE_CHECKING:
     from onnxopt.context import Context
@@ -59,6 +62,13 @@ __all__ = [
     "resolve_options",
     "call_pass",
     "matches_any",
+    "LAYERS",
+    "SKIP",
+    "layers_option",
+    "layer_keys",
+    "coerce_layers",
+    "layer_settings",
+    "exclude_patterns",
 ]
 
 logger = logging.getLogger(__name__)
@@ -401,9 +411,10 @@ def make_pass(name: str, options: dict[str, Any] | None = None, *, from_text: bo
             allowed = ", ".join(specs) or "none"
             raise UsageError(f"pass '{name}' has no option '{key}' (options: {allowed})")
         spec = specs[key]
-        kwargs[key] = coerce(raw, spec.type, f"{name}.{key}", from_text=from_text)
+        kwargs[key] = (coerce_layers(cls, raw, from_text=from_text) if key == LAYERS and layer_keys(cls) is not None
+                       else coerce(raw, spec.type, f"{name}.{key}", from_text=from_text))
     try:
-        return cls(**kwargs)
+        return _checked_layers(cls(**kwargs), kwargs)
     except UsageError:
         raise
     except (TypeError, ValueError) as exc:
@@ -525,3 +536,101 @@ def matches_any(node: ir.Node, patterns: Iterable[str]) -> bool:
         if pat == node.op_type or fnmatch.fnmatchcase(name, pat):
             return True
     return False
+
+
+# ---------------------------------------------------------------- per-layer settings
+LAYERS = "layers"
+"""The option a pass declares with `layers_option` to take settings per layer."""
+SKIP = "skip"
+"""The per-layer key every ``layers`` option accepts: ``skip = true`` leaves matching nodes alone."""
+
+
+def layers_option(*keys: str) -> Any:
+    """Declare a pass's ``layers`` option: ``{node glob or op type: {key: value}}`` for the options `keys`
+    (and ``skip``), so a recipe can set them per layer (TOML: a ``[passes.layers]`` table after the pass).
+
+    Entries apply in order and later ones win, so ``{"*": {"skip": true}, "conv3": {"skip": false}}``
+    touches conv3 alone. Values are checked like the pass-wide ones (`make_pass`); a pass reads the values
+    for its nodes with `layer_settings` and its exclusions with `exclude_patterns`.
+    """
+    allowed = ", ".join((*keys, SKIP))
+    doc = f"per-layer settings {{node glob or op type: {{{allowed}}}}}; later entries win, skip=true leaves it alone"
+    return dataclasses.field(default_factory=dict, metadata={"doc": doc, "layer_keys": tuple(keys)})
+
+
+def layer_keys(cls: type[Pass]) -> tuple[str, ...] | None:
+    """The options pass `cls` takes per layer, or None when it declares no `layers_option`."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    for f in dataclasses.fields(cls):
+        if f.name == LAYERS and "layer_keys" in f.metadata:
+            return tuple(f.metadata["layer_keys"])
+    return None
+
+
+def coerce_layers(cls: type[Pass], raw: Any, *, from_text: bool = False) -> dict[str, dict[str, Any]]:
+    """The ``layers`` value `raw` of pass `cls` (a mapping, or JSON text from ``--set``) with every value
+    coerced by its option's annotation; UsageError naming the entry otherwise."""
+    where = f"option {cls.name}.{LAYERS}"
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            raise UsageError(f"{where}: write it as JSON, e.g. {{\"conv1\": {{\"skip\": true}}}}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: expected a table of node globs to settings, got {type(raw).__name__}")
+    keys = layer_keys(cls) or ()
+    types_ = {s.name: s.type for s in option_specs(cls)}
+    out: dict[str, dict[str, Any]] = {}
+    for pattern, settings in raw.items():
+        if not isinstance(settings, dict):
+            raise UsageError(f"{where}: '{pattern}' needs a table of settings, got {settings!r}")
+        entry = {}
+        for key, value in settings.items():
+            if key != SKIP and key not in keys:
+                raise UsageError(f"{where}: '{key}' cannot be set per layer (per-layer keys: "
+                                 f"{', '.join((*keys, SKIP))})")
+            tp = bool if key == SKIP else types_[key]
+            entry[key] = coerce(value, tp, f"{cls.name}.{LAYERS}.{pattern}.{key}",
+                                from_text=from_text or isinstance(value, str))
+        out[str(pattern)] = entry
+    return out
+
+
+def _checked_layers(p: Pass, kwargs: dict[str, Any]) -> Pass:
+    """`p`, once every ``layers`` entry has passed the checks the pass makes of its own options."""
+    entries = kwargs.get(LAYERS) if layer_keys(type(p)) is not None else None
+    for pattern, settings in (entries or {}).items():
+        values = {k: v for k, v in settings.items() if k != SKIP}
+        if values:
+            try:
+                type(p)(**{**kwargs, **values, LAYERS: {}})
+            except (UsageError, TypeError, ValueError) as exc:
+                raise UsageError(f"pass '{type(p).name}' {LAYERS} '{pattern}': {exc}") from None
+    return p
+
+
+def layer_settings(p: Pass, *nodes: ir.Node) -> dict[str, Any]:
+    """The per-layer options of pass `p` for the layer made of `nodes`: the pass-wide values, then every
+    ``layers`` entry whose glob matches one of the nodes (name glob or op type), in order; with ``skip``."""
+    keys = layer_keys(type(p))
+    out: dict[str, Any] = {k: getattr(p, k) for k in keys or ()}
+    out[SKIP] = False
+    entries = getattr(p, LAYERS, None) if keys is not None else None
+    for pattern, settings in (entries or {}).items():
+        if any(matches_any(node, (pattern,)) for node in nodes):
+            out.update(settings)
+    return out
+
+
+def exclude_patterns(p: Pass, model: ir.Model) -> list[str]:
+    """The pass's ``exclude`` patterns plus the escaped names of the nodes its ``layers`` entries skip: what a
+    pass with an ``exclude`` option hands its helpers so that ``skip = true`` works like ``exclude``."""
+    patterns = list(getattr(p, "exclude", None) or [])
+    if not getattr(p, LAYERS, None) or layer_keys(type(p)) is None:
+        return patterns
+    for graph in iter_graphs(model.graph):
+        for node in graph:
+            if node.name and layer_settings(p, node)[SKIP]:
+                patterns.append(glob.escape(node.name))
+    return patterns

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -56,7 +56,16 @@ from onnxopt.graph import (
     set_weight,
 )
 from onnxopt.io import load, temp_model_file
-from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
+from onnxopt.registry import (
+    Pass,
+    PassStats,
+    exclude_patterns,
+    layer_settings,
+    layers_option,
+    matches_any,
+    option,
+    register_pass,
+)
 from onnxopt.runtime import TapSession
 
 from ._channels_fit import refit_consumer
@@ -86,6 +95,7 @@ class Channels(Pass):
     exclude: list[str] = option([], "producer node names (globs) or op types whose output channels are kept")
     compensate: bool = option(True, "fold removed channels' constant (or mean, with --calib) into consumer biases")
     reconstruct: bool = option(False, "refit consumer weights by least squares on --calib data")
+    layers: dict[str, dict[str, Any]] = layers_option("ratio")
     verify_speed: bool = option(
         True, "time the cut model against the uncut one; keep the largest cut that is faster (false: MACs only)")
     min_speedup: float = option(0.05, "verify_speed: a cut must make the model this fraction faster, in [0, 1)",
@@ -102,6 +112,8 @@ class Channels(Pass):
             raise UsageError(f"channels.min_speedup: {self.min_speedup} is outside [0, 1)")
         if self.min_channels < 1:
             raise UsageError(f"channels.min_channels: {self.min_channels} must be at least 1")
+        if self.macs is not None and any("ratio" in v for v in self.layers.values()):
+            raise UsageError("channels.layers: a per-layer ratio needs ratio mode; drop macs")
 
     # ------------------------------------------------------------------ driver
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
@@ -113,7 +125,7 @@ class Channels(Pass):
         stats = PassStats()
         cg = build_channel_graph(model, ctx.dims)
         groups = cg.groups()
-        candidates = self._candidates(groups, stats)
+        candidates = self._candidates(groups, stats, exclude_patterns(self, model))
         stats.summary = {"groups": len(groups), "prunable_groups": len(candidates)}
         if not candidates:
             if self.macs is not None:
@@ -151,10 +163,10 @@ class Channels(Pass):
         return stats
 
     # ------------------------------------------------------------------ candidates and scores
-    def _candidates(self, groups: list[Group], stats: PassStats) -> list[Group]:
+    def _candidates(self, groups: list[Group], stats: PassStats, exclude: list[str]) -> list[Group]:
         out = []
         for g in groups:
-            if self.exclude and any(matches_any(p.node, self.exclude) for p in g.producers):
+            if exclude and any(matches_any(p.node, exclude) for p in g.producers):
                 stats.skip(g.name, "excluded by channels.exclude")
                 continue
             if not g.prunable():
@@ -193,7 +205,8 @@ class Channels(Pass):
         if self.macs is None:
             plan = {}
             for g in candidates:
-                keep = self._keep_count(g, g.size - int(math.floor(self.ratio * g.size + 1e-9)))
+                ratio = layer_settings(self, *(p.node for p in g.producers))["ratio"]
+                keep = self._keep_count(g, g.size - int(math.floor(ratio * g.size + 1e-9)))
                 order = sorted(g.prunable(), key=lambda u: (scores[id(g)][u], u))
                 plan[id(g)] = order[:g.size - keep]
             return plan

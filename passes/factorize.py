@@ -76,7 +76,16 @@ from onnxopt.graph import (
 )
 from onnxopt.io import load, temp_model_file
 from onnxopt.progress import progress
-from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass
+from onnxopt.registry import (
+    Pass,
+    PassStats,
+    exclude_patterns,
+    layer_settings,
+    layers_option,
+    matches_any,
+    option,
+    register_pass,
+)
 
 from . import _lowrank as lr
 
@@ -121,6 +130,7 @@ class Factorize(Pass):
     min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, in [0, 1)",
                                 when={"verify_speed": True})
     exclude: list[str] = option([], "node names (globs) or op types to leave alone")
+    layers: dict[str, dict[str, Any]] = layers_option("rank_ratio", "energy")
 
     def __post_init__(self) -> None:
         checks = [
@@ -164,13 +174,14 @@ class Factorize(Pass):
     # -------------------------------------------------------------------------- candidates
     def _collect(self, model: ir.Model, ctx: Context, stats: PassStats) -> list[_Layer]:
         layers: list[_Layer] = []
+        exclude = exclude_patterns(self, model)
         for node in list(model.graph):
             if not is_onnx_op(node, "Conv", "Gemm", "MatMul"):
                 continue
             if node.metadata_props.get(FACTORIZED):
                 stats.skip(node, "already factorized")
                 continue
-            if matches_any(node, self.exclude):
+            if matches_any(node, exclude):
                 stats.skip(node, "excluded by factorize.exclude")
                 continue
             result = _try_layer(node, self.method, ctx.dims)
@@ -195,10 +206,11 @@ class Factorize(Pass):
             return self._choose_by_macs(model, ctx, layers, stats)
         chosen = []
         for layer in layers:
+            own = layer_settings(self, layer.node)
             if self.rank_by == "ratio":
-                ranks = layer.plan.ranks_for_ratio(self.rank_ratio, self.round_to)
+                ranks = layer.plan.ranks_for_ratio(own["rank_ratio"], self.round_to)
             else:
-                ranks = layer.plan.ranks_for_energy(self.energy, self.round_to)
+                ranks = layer.plan.ranks_for_energy(own["energy"], self.round_to)
             reason = _try_saving(layer, ranks, self.min_saving)
             if reason:
                 stats.skip(layer.node, reason)

@@ -33,7 +33,7 @@ import logging
 import math
 import zlib
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -44,7 +44,7 @@ from onnxopt.context import Context
 from onnxopt.errors import UsageError
 from onnxopt.graph import require_finite, set_weight
 from onnxopt.io import weight_bytes
-from onnxopt.registry import Pass, PassStats, option, register_pass
+from onnxopt.registry import Pass, PassStats, exclude_patterns, layer_settings, layers_option, option, register_pass
 from onnxopt.sparse import mark_sparse, sparse_nbytes
 
 from ._prune_targets import Target, feature_scale, find_targets
@@ -110,6 +110,7 @@ class Prune(Pass):
     storage: Literal["dense", "sparse", "auto"] = option(
         "dense", "dense: zeros in place; sparse: sparse_initializer where smaller; auto: sparse if it saves >= 10%"
     )
+    layers: dict[str, dict[str, Any]] = layers_option("sparsity")
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -137,7 +138,7 @@ class Prune(Pass):
         stats = PassStats()
         if self.criterion == "activation":
             ctx.require_calib("prune criterion=activation", "it weighs |w| by input activation norms")
-        targets = find_targets(model, self.exclude, self.min_size, stats)
+        targets = find_targets(model, exclude_patterns(self, model), self.min_size, stats)
         nm = parse_pattern(self.pattern)
         if nm is not None:
             targets = [t for t in targets if not _declined(t, _try_nm_layout(t, nm[1]), stats)]
@@ -146,13 +147,25 @@ class Prune(Pass):
             targets, scales = _activation_scales(model, ctx, targets, stats)
         if not targets:
             return _nothing_prunable(stats)
-        rows = [_apply(t, mask, zipped) for t, mask, zipped in self._masks(targets, scales, nm)]
+        rows = [_apply(t, mask, zipped) for t, mask, zipped in self._layered_masks(targets, scales, nm)]
         marked = self._choose_storage(model, rows, stats)
         stats.layers = rows
         stats.summary = self._summary(rows, nm)
         stats.modified = marked or any(r["nonzero_after"] < r["nonzero_before"] for r in rows)
         stats.notes.append(_SPEED_NOTE if nm is None else _NM_NOTE)
         return stats
+
+    def _layered_masks(
+        self, targets: list[Target], scales: dict[int, np.ndarray], nm: tuple[int, int] | None
+    ) -> Iterator[tuple[Target, np.ndarray, int]]:
+        """`_masks`, except that a target whose ``layers`` entry sets its own sparsity is pruned alone at it."""
+        own = {id(t): layer_settings(self, *(u.node for u in t.uses))["sparsity"] for t in targets}
+        for t in (t for t in targets if own[id(t)] != self.sparsity):
+            w = _weight(t)
+            yield t, _lowest_mask(_scores(w, scales.get(id(t))), round(own[id(t)] * w.size)), _zipped(w)
+        rest = [t for t in targets if own[id(t)] == self.sparsity]
+        if rest:
+            yield from self._masks(rest, scales, nm)
 
     def _masks(
         self, targets: list[Target], scales: dict[int, np.ndarray], nm: tuple[int, int] | None

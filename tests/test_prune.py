@@ -441,7 +441,8 @@ def test_options_are_listed(capsys: pytest.CaptureFixture) -> None:
     assert main(["passes", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)["prune"]
     names = [o["name"] for o in doc["options"]]
-    assert names == ["sparsity", "threshold", "scope", "criterion", "pattern", "exclude", "min_size", "storage"]
+    assert names == ["sparsity", "threshold", "scope", "criterion", "pattern", "exclude", "min_size", "storage",
+                     "layers"]
     assert all(o["doc"] for o in doc["options"]) and not doc["exact"]
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -63,7 +63,16 @@ from onnxopt.graph import (
     upgrade_opset,
 )
 from onnxopt.io import weight_bytes
-from onnxopt.registry import Pass, PassStats, matches_any, option, register_pass, run_pass
+from onnxopt.registry import (
+    Pass,
+    PassStats,
+    exclude_patterns,
+    layers_option,
+    matches_any,
+    option,
+    register_pass,
+    run_pass,
+)
 
 from . import speed
 from .affine import fold_affine
@@ -165,6 +174,7 @@ class Quantize(Pass):
     bias_correction: bool = option(False, "static: shift each int32 bias by the mean output error it causes",
                                    when={"mode": "static"})
     check_fusion: bool = option(True, "load the result in ONNX Runtime and count the integer kernels it fuses")
+    layers: dict[str, dict[str, Any]] = layers_option()
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -183,6 +193,8 @@ class Quantize(Pass):
             raise UsageError(f"quantize.target_argmax: {self.target_argmax} is not allowed (0 <= t <= 1)")
 
     def call(self, model: ir.Model, ctx: Context | None = None) -> PassStats:
+        if self.layers:  # a node its layers entry skips is excluded by name
+            return dataclasses.replace(self, exclude=exclude_patterns(self, model), layers={}).call(model, ctx)
         stats = PassStats()
         found = sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
         if found:

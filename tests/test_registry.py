@@ -218,12 +218,12 @@ def test_a_condition_must_name_another_option(scratch_registry) -> None:
 # Every option of every built-in pass, audited: read whatever the other options say ...
 ALWAYS_READ = {
     "fold": {"batchnorm", "constants", "dedup"},
-    "prune": {"criterion", "pattern", "exclude", "min_size", "storage"},
+    "prune": {"criterion", "pattern", "exclude", "min_size", "storage", "layers"},
     "channels": {"macs", "importance", "round_to", "min_channels", "exclude", "compensate", "reconstruct",
-                 "verify_speed"},
-    "factorize": {"method", "rank_by", "round_to", "min_saving", "data_aware", "verify_speed", "exclude"},
+                 "verify_speed", "layers"},
+    "factorize": {"method", "rank_by", "round_to", "min_saving", "data_aware", "verify_speed", "exclude", "layers"},
     "distill": {"ridge", "max_samples", "layers", "holdout", "logits", "teacher"},
-    "quantize": {"mode", "exclude", "fold", "check_fusion", "require_speedup"},
+    "quantize": {"mode", "exclude", "fold", "check_fusion", "require_speedup", "layers"},
 }
 # ... or only under a mode: (pass, option, a value, the mode option, a value of it that does not read the option,
 # the value the option selects when the mode is not set, or None when the mode's default reads it already).

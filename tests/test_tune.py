@@ -247,3 +247,16 @@ def test_tune_verb_is_listed_and_lazy() -> None:
     assert proc.stdout.split() == ["onnxopt.tune.verb:main", "False"]
     with pytest.raises(UsageError):
         onnxopt.tune(CNN, calib=CALIB, max_drop=1.0, objective="speed")
+
+
+def test_html_report_is_the_page_of_the_json_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from onnxopt.report import read_report
+
+    page = tmp_path / "tune.html"
+    code = cli(["tune", str(CNN), "--calib", str(CALIB), "--data", str(EVAL), "-o", str(tmp_path / "t.onnx"),
+                "--report", str(page), "--max-drop", "1", "--budget-trials", "2", *QUICK])
+    assert code == 0, capsys.readouterr().err
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and 'data-section="tune"' in text and "Sensitivity: the error" in text
+    doc = read_report(page)  # the data is embedded: `onnxopt report` can draw it again
+    assert doc["kind"] == "tune" and doc["verdict"] == "chosen" and doc["sensitivity"]["rows"]

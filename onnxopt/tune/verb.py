@@ -9,10 +9,8 @@ holds the constraint on held-out data and beats the original on the objective.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from onnxopt.cli import EXIT_OK, EXIT_TOLERANCE, Parser, add_shared_arguments, parse_dims, setup_logging
@@ -60,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    "objective allows)")
     p.add_argument("--max-layers", type=int, default=48, metavar="N",
                    help="layers whose sensitivity is measured, heaviest first (default 48)")
-    p.add_argument("--report", default=None, metavar="FILE.json", help="write the tune report as JSON")
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="write the tune report: FILE.html a self-contained page (sensitivity heat map, Pareto front, "
+                        "the chosen model's report), else JSON")
     p.add_argument("--external-data", action="store_true", help="write weights to OUTPUT.data")
     p.add_argument("--bench-runs", type=int, default=50, metavar="N",
                    help="interleaved latency runs for the chosen model's table (0: skip; default 50)")
@@ -93,7 +93,9 @@ def main(argv: Sequence[str]) -> int:
     )
     print(summary_text(result))
     if args.report:
-        Path(args.report).write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        from onnxopt.report import write_report
+
+        write_report(args.report, result.to_dict())
     if not result.passed:
         print(f"onnxopt: nothing qualifies: no candidate holds {result.constraint.describe()} on held-out data and "
               f"beats the original on {result.objective}; {result.describe()}; nothing written", file=sys.stderr)

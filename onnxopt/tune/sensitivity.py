@@ -79,11 +79,13 @@ needs ``fallback = "none"`` (its automatic search has a time budget; tune choose
 _PASS_OPTIONS: dict[str, dict[str, Any]] = {
     "quantize": {"check_fusion": False, "fallback": "none", **REPRODUCIBLE["quantize"]},
     "prune": {"scope": "layer"},
-    "channels": {"ratio": 0.0, "round_to": 1, **REPRODUCIBLE["channels"]},
+    "channels": {"ratio": 0.0, "round_to": 1, "reconstruct": True, **REPRODUCIBLE["channels"]},
     "factorize": {"rank_by": "ratio", "data_aware": True, **REPRODUCIBLE["factorize"]},
 }
-"""Options of the measured pass runs besides the per-layer ones (sensitivity runs skip the fusion count and
-cut channels one by one: the search rounds them with its own ``channels.round_to``)."""
+"""Options of the measured pass runs besides the per-layer ones. Sensitivity runs skip the fusion count and
+cut channels one by one (the search rounds them with its own ``channels.round_to``), with the consumers
+refit by least squares on the calibration data: a cut is judged by the error left after the cheapest repair
+the search can apply to it, or the per-layer bound would drop cuts that repaired cost nothing."""
 
 
 @dataclasses.dataclass

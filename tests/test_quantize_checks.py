@@ -240,3 +240,20 @@ def test_nothing_quantized_leaves_the_model_as_given() -> None:
     model, stats = _quantize(proto, [{"x": np.ones(2, np.float32)}])
     assert not stats.modified and model.opset_imports[""] == 11
     assert "opset_upgraded" not in stats.summary
+
+
+def test_transformer_modes_are_compared_under_fallback_auto_only() -> None:
+    # fallback=auto on a model with attention builds the dynamic variants too and keeps the best; with
+    # fallback=none the pass quantizes statically as asked (tune relies on it to choose the mode itself).
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    proto = onnx.load(str(models / "digits_transformer.onnx"))
+    x = np.load(models / "digits_seq_eval.npz")["input"]
+    feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
+    _, auto = _quantize(proto, feeds)
+    assert {"static", "dynamic"} <= set(auto.summary["transformer_modes"])
+    model, fixed = _quantize(proto, feeds, fallback="none")
+    assert "transformer_modes" not in fixed.summary and fixed.summary["mode"] == "static"
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph)  # static Q/DQ, not DynamicQuantizeLinear
+    assert not any(n.op_type == "DynamicQuantizeLinear" for n in model.graph)

@@ -224,7 +224,8 @@ class Quantize(Pass):
         if self.mode == "static":
             prepared = model.clone()
             counts = self._static(model, ctx, stats)
-            if self._transformer and not self._float_reason and counts.get("quantized_nodes"):
+            if (self._transformer and self.fallback == "auto" and not self._float_reason
+                    and counts.get("quantized_nodes")):
                 counts = self._static_or_dynamic(model, prepared, given, ctx, stats, counts)
         elif self.mode == "dynamic":
             opset = opset_version(model)
@@ -313,8 +314,8 @@ class Quantize(Pass):
         if pick == "static":
             stats.notes.append(f"transformer: static int8 kept ({said})")
             return counts
-        stats.notes.append(f"transformer: {pick} chosen over static ({said}); quantize.mode=static with "
-                           "fallback=none forces static")
+        stats.notes.append(f"transformer: {pick} chosen over static ({said}); quantize.fallback=none "
+                           "keeps static int8")
         dyn, dyn_stats, dyn_counts = built[pick]
         model.graph = dyn.graph
         model.opset_imports.update(dyn.opset_imports)

@@ -215,6 +215,21 @@ def test_factorize_backs_off_when_the_whole_model_is_not_faster() -> None:
     assert "kept 1 of 4" in stats.notes[-1] and "x0.90" in stats.summary["model_speed"]
 
 
+def test_factorize_keeps_nothing_when_the_whole_model_gains_less_than_min_speedup() -> None:
+    # Faster alone, but the whole model only 3 % faster with any of them: within a busy CPU's noise.
+    def rule(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
+        return 0.5 if len(a.graph.node) == 1 else 0.97
+
+    with timing.use_timer(Scripted(rule)):
+        model, stats = _factorize(_matmul_stack(2), rank_by="ratio", rank_ratio=0.125)
+    assert not stats.layers and not stats.modified
+    assert [n.op_type for n in model.graph].count("MatMul") == 2
+    assert "kept 0 of 2" in stats.notes[-1] and "not x0.95 or faster" in stats.notes[-1]
+    with timing.use_timer(Scripted(rule)):  # a smaller bar lets the same gain through
+        _, low = _factorize(_matmul_stack(2), rank_by="ratio", rank_ratio=0.125, min_speedup=0.02)
+    assert len(low.layers) == 2
+
+
 def test_factorize_macs_target_is_sought_among_layers_that_are_faster() -> None:
     # mm0 (nearly rank 8, so the cheapest to cut) is never faster factored; the target moves to the others.
     proto = _matmul_stack(3)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 import onnxopt
+from benchmarks.quantize import inside
 from onnxopt.data import Dataset, input_specs, load_data
 from onnxopt.report import table
 from onnxopt.tune.constraint import Constraint, Reference
@@ -87,10 +88,11 @@ def ort_int8(src: Path, out: Path, calib: Dataset) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_name(out.stem + ".pre.onnx")
-    try:
-        quant_pre_process(str(src), str(pre))
-    except Exception:  # its symbolic shape inference gives up on some graphs: the documented fallback
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    with inside(out.parent):  # its shape inference drops a temporary model into the working directory
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception:  # its symbolic shape inference gives up on some graphs: the documented fallback
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     model = onnx.load(str(pre))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     if opset < 13:

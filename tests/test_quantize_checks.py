@@ -196,6 +196,26 @@ def test_affine_folds_are_exact_and_remove_the_element_wise_ops() -> None:
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_a_shift_left_in_front_of_a_padded_layer_gets_a_name_of_its_own() -> None:
+    # Div(4) -> Add(1) -> padded Conv: the scale goes into the weights, the shift cannot go into the bias
+    # (padding), so Add(x, 4) stays in front. It computes x + 4, not x / 4 + 1: under the old name the
+    # report would compare two different tensors.
+    rng = np.random.default_rng(7)  # its own generator: the module's feeds the other tests' data
+    nodes = [helper.make_node("Div", ["x", "four"], ["d"], name="div"),
+             helper.make_node("Add", ["d", "one"], ["a"], name="add"),
+             helper.make_node("Conv", ["a", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    proto = make_model(nodes, [("x", F32, [1, 3, 5, 5])], [("y", F32, [1, 4, 5, 5])],
+                       {"four": np.float32(4.0), "one": np.float32(1.0), "w": rng.standard_normal((4, 3, 3, 3))
+                        .astype(np.float32)})
+    model = ir.from_proto(proto)
+    infer_shapes(model)
+    assert fold_affine(model.graph)["affine_before_layers"] == 2  # both ops of the chain
+    (add,) = [n for n in model.graph if n.op_type == "Add"]
+    assert add.outputs[0].name not in ("a", "d") and add.outputs[0].name.startswith("a")
+    x = rng.standard_normal((1, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(model, {"x": x})[0], run_ort(proto, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
 def test_lstm_becomes_dynamic_quantize_lstm() -> None:
     hidden, inputs = 16, 8
     nodes = [helper.make_node("LSTM", ["x", "w", "r", "b"], ["y", "h", "c"], name="lstm", hidden_size=hidden),

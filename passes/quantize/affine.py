@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis.layers import LINEAR_OPS, Linear, linear_of
-from onnxopt.graph import constant_array, is_constant, is_onnx_op, new_initializer, take_over_output
+from onnxopt.graph import constant_array, is_constant, is_onnx_op, new_initializer, take_over_output, unique_name
 from onnxopt.registry import matches_any
 
 __all__ = ["fold_affine", "fold_after_layers", "fold_before_layers"]
@@ -307,7 +307,9 @@ def _drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
 
 def _rewire_shift(graph: ir.Graph, chain: list[ir.Node], x: ir.Value, end: ir.Value, shift: np.ndarray,
                   axis: int, rank: int | None) -> None:
-    """Leave one ``Add(x, shift)`` in front of the layers (under the chain output's name)."""
+    """Leave one ``Add(x, shift)`` in front of the layers, under a name of its own: it computes
+    ``x + b / a``, not the chain's ``a x + b``, and a name in both models means the same tensor (the
+    report compares tensors by name)."""
     last = chain[-1]
     if rank is not None and axis % rank != rank - 1:
         shape = [1] * (rank - axis % rank)
@@ -319,6 +321,9 @@ def _rewire_shift(graph: ir.Graph, chain: list[ir.Node], x: ir.Value, end: ir.Va
     c = new_initializer(graph, f"{last.name or end.name}_shift", const.astype(dtype))
     add = ir.Node("", "Add", [x, c], name=last.name or None)
     graph.insert_before(last, add)
-    take_over_output(graph, last, add.outputs[0])
+    add.outputs[0].name = unique_name(graph, f"{end.name}.unscaled")
+    add.outputs[0].type = end.type
+    end.replace_all_uses_with(add.outputs[0])
+    graph.remove(last, safe=True)
     for op in reversed(chain[:-1]):
         graph.remove(op, safe=True)

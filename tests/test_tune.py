@@ -260,3 +260,6 @@ def test_html_report_is_the_page_of_the_json_data(tmp_path: Path, capsys: pytest
     assert text.startswith("<!DOCTYPE html>") and 'data-section="tune"' in text and "Sensitivity: the error" in text
     doc = read_report(page)  # the data is embedded: `onnxopt report` can draw it again
     assert doc["kind"] == "tune" and doc["verdict"] == "chosen" and doc["sensitivity"]["rows"]
+    # the chosen model's sections are gathered when a report is asked for: per-layer errors, outputs
+    assert doc["result"]["layers"]["rows"] and "rel_l2" in doc["result"]["layers"]["rows"][0]
+    assert doc["result"]["distributions"]["outputs"] and "written without per-layer" not in text

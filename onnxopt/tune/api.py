@@ -74,6 +74,7 @@ def tune(
     output: str | os.PathLike[str] | None = None,
     bench_runs: int = 50,
     max_layers: int = 48,
+    details: bool = False,
 ) -> TuneResult:
     """Search for the recipe that minimizes `objective` under the constraint (see the module doc).
 
@@ -83,7 +84,9 @@ def tune(
     that way and the passes calibrate on its first part. `storage` is an SQLAlchemy URL (default:
     ``sqlite:///OUTPUT.tune.db`` with `output`, else in memory); a study of the same name in it is
     resumed. Trials run in `workers` processes, or as Ray tasks on the cluster `ray` (``local`` for
-    one started here). With `output`, the chosen model is staged beside it (`TuneResult.save`).
+    one started here). With `output`, the chosen model is staged beside it (`TuneResult.save`). With
+    `details`, the chosen model's run also gathers what a drawn report needs (per-layer errors, output
+    distributions, profiles: `optimize(details=True)`).
     """
     t0 = time.perf_counter()
     constraint = Constraint.from_options(max_drop, tolerance, metric)
@@ -139,7 +142,7 @@ def tune(
         trials = record_trials(the_study, constraint.limit)
         measured = finalists(trials, model_path, job, held, constraint, objective, workspace)
         chosen, result = choose(measured, model_path, calib_ds, held, constraint, objective, threads, dims, batch,
-                                 output, bench_runs, notes)
+                                 output, bench_runs, notes, details=details)
         counts = {s: sum(1 for t in trials if t.state == s) for s in ("complete", "pruned", "fail", "running")}
         study_info = {"name": name, "storage": _shown_url(url), "sampler": sampler, "seed": seed,
                       "trials_total": len(trials), "trials_this_run": ran, "trials_before": finished_before,

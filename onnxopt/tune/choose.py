@@ -76,14 +76,16 @@ def finalists(trials: Sequence[TrialRecord], model_path: Path, job: Job, held: D
 
 def choose(finalists: Sequence[Finalist], model_path: Path, calib: Dataset, held: Dataset, constraint: Constraint,
             objective: str, threads: int | None, dims: dict[str, int], batch: int | None,
-            output: str | os.PathLike[str] | None, bench_runs: int, notes: list[str]) -> tuple[Finalist | None,
-                                                                                               Result | None]:
-    """The best finalist that holds on held-out data and beats the original, built through `optimize`."""
+            output: str | os.PathLike[str] | None, bench_runs: int, notes: list[str], *,
+            details: bool = False) -> tuple[Finalist | None, Result | None]:
+    """The best finalist that holds on held-out data and beats the original, built through `optimize`
+    (with `details`, gathering what a drawn report needs)."""
     for f in sorted((f for f in finalists if f.holds and f.beats), key=lambda f: (f.objective, f.error)):
         try:
             result = optimize(str(model_path), [tuple(step) for step in f.recipe], calib=calib, data=held,
                               tolerance=constraint.validate_tolerance, metric=constraint.validate_metric,
-                              dims=dims, batch=batch, latency_runs=bench_runs, threads=threads, output=output)
+                              dims=dims, batch=batch, latency_runs=bench_runs, threads=threads, output=output,
+                              details=details)
         except ModelError as exc:
             notes.append(f"trial {f.number} left out: {exc}")
             continue

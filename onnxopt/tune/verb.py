@@ -89,7 +89,7 @@ def main(argv: Sequence[str]) -> int:
         budget_minutes=args.budget_minutes, workers=args.workers, storage=args.storage, study=args.study,
         ray=args.ray, sampler=args.sampler, seed=args.seed, holdout=args.holdout, passes=passes,
         threads=args.threads, dims=parse_dims(args.dims), batch=args.batch, output=args.output,
-        bench_runs=args.bench_runs, max_layers=args.max_layers,
+        bench_runs=args.bench_runs, max_layers=args.max_layers, details=bool(args.report),
     )
     print(summary_text(result))
     if args.report:

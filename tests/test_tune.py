@@ -263,3 +263,16 @@ def test_html_report_is_the_page_of_the_json_data(tmp_path: Path, capsys: pytest
     # the chosen model's sections are gathered when a report is asked for: per-layer errors, outputs
     assert doc["result"]["layers"]["rows"] and "rel_l2" in doc["result"]["layers"]["rows"][0]
     assert doc["result"]["distributions"]["outputs"] and "written without per-layer" not in text
+
+
+def test_a_model_with_nothing_to_act_on_says_why(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # An int8 model: every layer's weight is quantized, so there is nothing to search; tune says that,
+    # not that no action saves anything.
+    int8 = tmp_path / "int8.onnx"
+    onnxopt.optimize(str(CNN), ["fold", ("quantize", {"require_speedup": False, "fallback": "none"})],
+                     calib=str(CALIB), validate=False, latency_runs=0).save(int8)
+    code = cli(["tune", str(int8), "--calib", str(CALIB), "--data", str(EVAL), "-o", str(tmp_path / "t.onnx"),
+                "--max-drop", "1", "--budget-trials", "2", "--bench-runs", "0"])
+    captured = capsys.readouterr()
+    assert code == 1 and not (tmp_path / "t.onnx").exists()
+    assert "no layer to act on: its 9 linear layer(s) are already quantized" in captured.out + captured.err

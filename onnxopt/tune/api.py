@@ -34,7 +34,7 @@ from onnxopt.tune.constraint import Constraint, Reference
 from onnxopt.tune.objectives import OBJECTIVES
 from onnxopt.tune.result import TuneResult
 from onnxopt.tune.search import Kept, counted_trials, run_trials
-from onnxopt.tune.sensitivity import SensitivityTable, measure_sensitivity, plan_actions
+from onnxopt.tune.sensitivity import SensitivityTable, measure_sensitivity, plan_actions, why_no_layers
 from onnxopt.tune.space import PASSES_FOR, SEARCH_PASSES, SearchSpace
 from onnxopt.tune.study import MEMORY, open_study, pareto_front, record_trials
 from onnxopt.tune.workers import Job
@@ -131,7 +131,8 @@ def tune(
         finished_before = counted_trials(the_study)
         ran = 0
         if space.empty():
-            notes.append("no action saves anything on this objective within the constraint: nothing to search")
+            notes.append(why_no_layers(base) if table.layers_total == 0 else
+                         "no action saves anything on this objective within the constraint: nothing to search")
         else:
             if not the_study.trials:
                 for point in space.starting_points():

@@ -47,12 +47,14 @@ from onnxopt.analysis import build_channel_graph, linear_of, macs_by_node
 from onnxopt.context import Context
 from onnxopt.data import Dataset
 from onnxopt.errors import OnnxoptError, first_line
+from onnxopt.graph import iter_graphs
 from onnxopt.io import temp_model_file, weight_bytes
 from onnxopt.progress import progress
 from onnxopt.registry import SKIP, run_pass
 from onnxopt.tune.constraint import Reference
 
-__all__ = ["LEVELS", "Action", "Row", "SensitivityTable", "plan_actions", "measure_sensitivity", "SharedTapsContext"]
+__all__ = ["LEVELS", "Action", "Row", "SensitivityTable", "plan_actions", "why_no_layers", "measure_sensitivity",
+           "SharedTapsContext"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +173,38 @@ class SensitivityTable:
 
 
 # ---------------------------------------------------------------------------------- the actions
+_INTEGER_LAYERS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "MatMulNBits"})
+"""Layers of a model quantized before (besides QLinear* and DynamicQuantize*), which no pass rewrites."""
+
+
+def why_no_layers(base: ir.Model) -> str:
+    """Why `plan_actions` found no layer to act on, in one clause: quantized weights, layers only inside
+    control-flow bodies (which the passes do not rewrite), or no linear layer at all."""
+    quantized = inside = 0
+    kernels: set[str] = set()
+    for graph in iter_graphs(base.graph):
+        for node in graph:
+            if node.op_type.startswith("QLinear") or node.op_type.startswith("DynamicQuantize") or \
+                    node.op_type in _INTEGER_LAYERS:
+                kernels.add(node.op_type)
+            linear, _ = linear_of(node)
+            if linear is None:
+                continue
+            if graph is not base.graph:
+                inside += 1
+            elif linear.weight.quantized:
+                quantized += 1
+    parts = []
+    if quantized:
+        parts.append(f"its {quantized} linear layer(s) are already quantized")
+    if kernels:
+        parts.append(f"it runs integer kernels already ({', '.join(sorted(kernels))})")
+    if inside:
+        parts.append(f"{inside} linear layer(s) sit inside If/Loop/Scan bodies, which the passes do not rewrite")
+    return "no layer to act on: " + ("; ".join(parts) if parts else
+                                     "no Conv, ConvTranspose, Gemm or MatMul with a constant weight")
+
+
 def plan_actions(base: ir.Model, passes: Sequence[str], dims: dict[str, int], *, max_layers: int = 48,
                  coverage: float = 0.97) -> tuple[list[Action], int]:
     """The actions to measure, the heaviest layers first, and how many layers the model has.

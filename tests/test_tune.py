@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -276,3 +277,27 @@ def test_a_model_with_nothing_to_act_on_says_why(tmp_path: Path, capsys: pytest.
     captured = capsys.readouterr()
     assert code == 1 and not (tmp_path / "t.onnx").exists()
     assert "no layer to act on: its 9 linear layer(s) are already quantized" in captured.out + captured.err
+
+
+def test_a_trial_asked_by_a_process_killed_before_it_recorded_itself_is_failed(tmp_path: Path) -> None:
+    # The coordinator asks Optuna for a trial, then records its host and pid on it: killed in between, the
+    # trial is left running with no pid. A later run fails it when no process that opened the study can
+    # still be asking (they all ran here and are gone); with a process on another machine it waits.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    study = open_study(url, "s")
+    study.set_user_attr(f"asker:{socket.gethostname()}:{gone.pid}", 0.0)  # as if that process had opened it
+    orphan = study.ask()
+    elsewhere = open_study(f"sqlite:///{tmp_path / 't.db'}", "t")
+    elsewhere.set_user_attr("asker:another-host:1", 0.0)
+    young = elsewhere.ask()
+    assert _state(url, "s", orphan.number) == optuna.trial.TrialState.RUNNING
+    reopened = open_study(url, "s")
+    assert reopened.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    again = open_study(f"sqlite:///{tmp_path / 't.db'}", "t")  # another machine may still be asking
+    assert again.trials[young.number].state == optuna.trial.TrialState.RUNNING
+
+
+def _state(url: str, name: str, number: int) -> optuna.trial.TrialState:
+    return optuna.load_study(study_name=name, storage=url).trials[number].state

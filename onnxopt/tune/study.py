@@ -78,6 +78,7 @@ def open_study(storage: str, name: str, *, sampler: str = "tpe", seed: int | Non
         raise UsageError(f"study '{name}' in '{storage}' is not a tune study (it has {len(study.directions)} "
                          "objectives); give another --study name")
     _fail_dead_trials(study)
+    study.set_user_attr(f"{_ASKER}{socket.gethostname()}:{os.getpid()}", time.time())
     return study
 
 
@@ -102,13 +103,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_ASKER = "asker:"
+"""Study attribute prefix: ``asker:HOST:PID`` for every process that opened the study to run trials."""
+
+_ORPHAN_SECONDS = 600.0
+"""A running trial that never recorded its process is failed after this long when a process on another
+machine may still be working on the study (it records itself milliseconds after it asks)."""
+
+
 def _fail_dead_trials(study: Any) -> None:
+    """Fail the trials left running by processes of this machine that no longer exist. A trial whose
+    process died between asking for it and recording itself has no pid: it is failed when no process that
+    opened the study could still be asking (all of them ran here and are gone), else once it is old."""
     import optuna
 
-    here = socket.gethostname()
+    here, me = socket.gethostname(), os.getpid()
+    askers = [key[len(_ASKER):].rsplit(":", 1) for key in study.user_attrs if key.startswith(_ASKER)]
+    remote = any(host != here for host, _ in askers)
+    asking_here = any(host == here and pid.isdigit() and int(pid) != me and _alive(int(pid)) for host, pid in askers)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") == here and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
+        if "pid" not in t.user_attrs:
+            age = time.time() - t.datetime_start.timestamp() if t.datetime_start is not None else 0.0
+            dead = (not remote and not asking_here) or age > _ORPHAN_SECONDS
+        else:
+            dead = t.user_attrs.get("host") == here and isinstance(pid, int) and pid != me and not _alive(pid)
+        if dead:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             logger.info("trial %d was left running by a process that ended; marked failed", t.number)
 

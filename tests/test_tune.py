@@ -102,7 +102,8 @@ def test_two_workers_an_interrupt_and_a_resumed_study(tmp_path: Path, capsys: py
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not _counted_while_running(db) >= 3:
+        # until three trials are counted and both workers have finished one (which takes them depends on timing)
+        while time.monotonic() < deadline and not (_counted_while_running(db) >= 3 and _worker_pids(db) >= 2):
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be interrupted"
     finally:
@@ -131,6 +132,15 @@ def _counted_while_running(db: Path) -> int:
         return _counted(db)
     except Exception:  # the run is still creating the database or the study
         return 0
+
+
+def _worker_pids(db: Path) -> int:
+    """How many processes have run the study's finished trials so far (0 while it is being created)."""
+    try:
+        trials = _study_trials(db)
+    except Exception:
+        return 0
+    return len({t.user_attrs.get("detail", {}).get("pid") for t in trials if t.state.is_finished()} - {None})
 
 
 def _counted_after_reopen(db: Path) -> int:

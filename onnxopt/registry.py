@@ -59,6 +59,7 @@ __all__ = [
     "make_pass",
     "run_pass",
     "option_specs",
+    "untimed_options",
     "resolve_options",
     "call_pass",
     "matches_any",
@@ -81,14 +82,20 @@ Condition = tuple[tuple[str, tuple[Any, ...]], ...]
 """(option name, the values of it under which an option is read), all of which must hold."""
 
 
-def option(default: Any, doc: str, *, when: Mapping[str, Any] | None = None) -> Any:
+_NO_VALUE = object()
+
+
+def option(default: Any, doc: str, *, when: Mapping[str, Any] | None = None, untimed: Any = _NO_VALUE) -> Any:
     """Declare a pass option with its default and one line of documentation.
 
     `when` names the mode the option is read under: ``{"rank_by": "ratio"}``, several values as a tuple
     (``{"mode": ("static", "dynamic")}``), ``None`` for "while that option is not set", and several keys
-    when all must hold.
+    when all must hold. `untimed` is the value under which the option no longer lets a measurement of this
+    machine (a timing, a time budget) decide what the pass writes (`untimed_options`).
     """
     meta = {"doc": doc, "when": _condition(when)}
+    if untimed is not _NO_VALUE:
+        meta["untimed"] = untimed
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
@@ -233,6 +240,7 @@ class OptionSpec:
     default: Any
     doc: str
     when: Condition = ()
+    untimed: Any = _NO_VALUE
 
     @property
     def type_name(self) -> str:
@@ -297,8 +305,18 @@ def option_specs(cls: type[Pass]) -> list[OptionSpec]:
         else:
             default = None
         specs.append(OptionSpec(f.name, hints.get(f.name, str), default, f.metadata.get("doc", ""),
-                                f.metadata.get("when", ())))
+                                f.metadata.get("when", ()), f.metadata.get("untimed", _NO_VALUE)))
     return specs
+
+
+def untimed_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The option values that make pass `name` write the same model whatever the machine's load: each option
+    declared with ``untimed=`` whose mode holds under `options` (the rest at their defaults). What a caller
+    that times whole candidates itself, or must rebuild a model exactly from a recipe, adds to the options."""
+    specs = option_specs(get_pass(name))
+    values = {s.name: s.default for s in specs} | dict(options or {})
+    return {s.name: s.untimed for s in specs if s.untimed is not _NO_VALUE
+            and all(_holds(values.get(mode), allowed) for mode, allowed in s.when)}
 
 
 # ---------------------------------------------------------------- options read under a mode

@@ -97,7 +97,8 @@ class Channels(Pass):
     reconstruct: bool = option(False, "refit consumer weights by least squares on --calib data")
     layers: dict[str, dict[str, Any]] = layers_option("ratio")
     verify_speed: bool = option(
-        True, "time the cut model against the uncut one; keep the largest cut that is faster (false: MACs only)")
+        True, "time the cut model against the uncut one; keep the largest cut that is faster (false: MACs only)",
+        untimed=False)
     min_speedup: float = option(0.05, "verify_speed: a cut must make the model this fraction faster, in [0, 1)",
                                 when={"verify_speed": True})
 

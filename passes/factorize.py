@@ -125,7 +125,8 @@ class Factorize(Pass):
     damping: float = option(0.01, "data_aware: ridge added to the activation second moment, × its mean diagonal",
                             when={"data_aware": True})
     verify_speed: bool = option(
-        True, "keep a substitution only if it runs faster in ONNX Runtime, alone and in the model (false: MACs only)")
+        True, "keep a substitution only if it runs faster in ONNX Runtime, alone and in the model (false: MACs only)",
+        untimed=False)
     verify_runs: int = option(9, "verify_speed: most interleaved timing blocks per check (>= 3)",
                               when={"verify_speed": True})
     min_speedup: float = option(0.05, "verify_speed: keep a layer only if this fraction faster alone, and the "

@@ -452,3 +452,16 @@ def test_stats_skip_records_the_node_and_reason() -> None:
     stats.skip("named", "too small")
     assert stats.to_dict()["skipped"] == [{"node": "Gemm", "reason": "weight is shared"},
                                           {"node": "named", "reason": "too small"}]
+
+
+def test_untimed_options_take_timing_out_of_each_pass_under_its_mode() -> None:
+    # The options that let a measurement of the machine decide what a pass writes, at the value that stops
+    # it; an option its mode does not read is left out (it would be refused).
+    from onnxopt.registry import untimed_options
+
+    assert untimed_options("channels") == {"verify_speed": False}
+    assert untimed_options("factorize", {"rank_by": "ratio"}) == {"verify_speed": False}
+    assert untimed_options("quantize") == {"fallback": "none", "require_speedup": False}
+    assert untimed_options("quantize", {"mode": "dynamic"}) == {"require_speedup": False}
+    assert untimed_options("prune") == {} and untimed_options("fold") == {}
+    make_pass("quantize", {"mode": "dynamic", **untimed_options("quantize", {"mode": "dynamic"})})

@@ -50,7 +50,7 @@ from onnxopt.errors import OnnxoptError, first_line
 from onnxopt.graph import iter_graphs
 from onnxopt.io import temp_model_file, weight_bytes
 from onnxopt.progress import progress
-from onnxopt.registry import SKIP, run_pass
+from onnxopt.registry import SKIP, run_pass, untimed_options
 from onnxopt.tune.constraint import Reference
 
 __all__ = ["LEVELS", "Action", "Row", "SensitivityTable", "plan_actions", "why_no_layers", "measure_sensitivity",
@@ -69,25 +69,17 @@ LEVELS: dict[str, tuple[float, ...]] = {
 SETTING_KEY = {"prune": "sparsity", "channels": "ratio", "factorize": "rank_ratio"}
 """The per-layer option each pass's levels set."""
 
-REPRODUCIBLE: dict[str, dict[str, Any]] = {
-    "quantize": {"require_speedup": False},
-    "channels": {"verify_speed": False},
-    "factorize": {"verify_speed": False},
-}
-"""Options that make a pass's result depend on its inputs alone: no timing on this machine decides what it
-writes (tune times whole candidates itself), so a recipe rebuilds the same model. Static quantization also
-needs ``fallback = "none"`` (its automatic search has a time budget; tune chooses the float layers itself)."""
-
 _PASS_OPTIONS: dict[str, dict[str, Any]] = {
-    "quantize": {"check_fusion": False, "fallback": "none", **REPRODUCIBLE["quantize"]},
+    "quantize": {"check_fusion": False},
     "prune": {"scope": "layer"},
-    "channels": {"ratio": 0.0, "round_to": 1, "reconstruct": True, **REPRODUCIBLE["channels"]},
-    "factorize": {"rank_by": "ratio", "data_aware": True, **REPRODUCIBLE["factorize"]},
+    "channels": {"ratio": 0.0, "round_to": 1, "reconstruct": True},
+    "factorize": {"rank_by": "ratio", "data_aware": True},
 }
 """Options of the measured pass runs besides the per-layer ones. Sensitivity runs skip the fusion count and
 cut channels one by one (the search rounds them with its own ``channels.round_to``), with the consumers
 refit by least squares on the calibration data: a cut is judged by the error left after the cheapest repair
-the search can apply to it, or the per-layer bound would drop cuts that repaired cost nothing."""
+the search can apply to it, or the per-layer bound would drop cuts that repaired cost nothing. Every run
+also takes the passes' `untimed_options`: no timing of this machine decides what a measured pass writes."""
 
 
 @dataclasses.dataclass
@@ -115,7 +107,8 @@ class Action:
 
     def options(self) -> dict[str, Any]:
         own = {glob.escape(n): {SKIP: False, **self.setting} for n in self.nodes}
-        return {**_PASS_OPTIONS[self.pass_name], "layers": {"*": {SKIP: True}, **own}}
+        options = _PASS_OPTIONS[self.pass_name]
+        return {**options, **untimed_options(self.pass_name, options), "layers": {"*": {SKIP: True}, **own}}
 
 
 @dataclasses.dataclass

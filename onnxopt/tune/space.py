@@ -32,9 +32,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from onnxopt.registry import SKIP
+from onnxopt.registry import SKIP, untimed_options
 from onnxopt.tune.constraint import Constraint
-from onnxopt.tune.sensitivity import REPRODUCIBLE, SETTING_KEY, Row, SensitivityTable
+from onnxopt.tune.sensitivity import SETTING_KEY, Row, SensitivityTable
 
 __all__ = ["SEARCH_PASSES", "PASSES_FOR", "Ladder", "SearchSpace", "allot"]
 
@@ -218,13 +218,14 @@ class SearchSpace:
         key = SETTING_KEY[name]
         own = {glob.escape(node): {SKIP: False, key: row.value} for row in chosen.values() for node in row.nodes}
         if name == "channels":
-            return {"ratio": 0.0, "round_to": int(params.get("channels.round_to", 1)), **REPRODUCIBLE[name],
-                    "reconstruct": bool(params.get("channels.reconstruct", False)),
-                    "layers": {k: {key: v[key]} for k, v in own.items()}}
-        layers = {"*": {SKIP: True}, **own}
-        if name == "factorize":
-            return {"rank_by": "ratio", "data_aware": True, **REPRODUCIBLE[name], "layers": layers}
-        return {"scope": "layer", "storage": "sparse", "layers": layers}
+            options = {"ratio": 0.0, "round_to": int(params.get("channels.round_to", 1)),
+                       "reconstruct": bool(params.get("channels.reconstruct", False)),
+                       "layers": {k: {key: v[key]} for k, v in own.items()}}
+        elif name == "factorize":
+            options = {"rank_by": "ratio", "data_aware": True, "layers": {"*": {SKIP: True}, **own}}
+        else:
+            options = {"scope": "layer", "storage": "sparse", "layers": {"*": {SKIP: True}, **own}}
+        return {**options, **untimed_options(name, options)}
 
     def _quantize(self, params: dict[str, Any]) -> dict[str, Any] | None:
         chosen = {layer: row for layer, row in self.allotted("quantize", params).items()
@@ -233,13 +234,12 @@ class SearchSpace:
                              for node in ladder.nodes})
         if not chosen and not self.unmeasured_quantize:
             return None
-        options: dict[str, Any] = {"mode": params.get("quantize.mode", "static"), **REPRODUCIBLE["quantize"]}
+        options: dict[str, Any] = {"mode": params.get("quantize.mode", "static")}
         if options["mode"] == "static":
             options["calibrate"] = params.get("quantize.calibrate", "minmax")
-            options["fallback"] = "none"
         if kept_float:
             options["layers"] = {glob.escape(n): {SKIP: True} for n in kept_float}
-        return options
+        return {**options, **untimed_options("quantize", options)}
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -157,14 +157,15 @@ class Quantize(Pass):
     fallback: Literal["none", "auto"] = option(
         "auto", "static, auto: keep the fewest layer groups float that bring the outputs on calibration feeds within "
         "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be",
-        when={"mode": "static"},
+        when={"mode": "static"}, untimed="none",  # the search has a time budget
     )
     target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model",
                                   when={"mode": "static", "fallback": "auto"})
     target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep",
                                   when={"mode": "static", "fallback": "auto"})
     require_speedup: bool = option(True, "time int8 against float in ONNX Runtime (the run's threads); static mode "
-                                   "writes the float model when int8 is not faster, the other modes say so")
+                                   "writes the float model when int8 is not faster, the other modes say so",
+                                   untimed=False)
     smooth_alpha: float = option(0.0, "static: SmoothQuant strength for LayerNorm -> MatMul/Gemm (0 = off, < 1)",
                                  when={"mode": "static"})
     gptq: bool = option(False, "static / weight-only: round Gemm/MatMul weights to minimize the layer output error",

@@ -223,9 +223,12 @@ class Quantize(Pass):
         self._measured: speed.SpeedComparison | None = None
         self._transformer = False
         if self.mode == "static":
-            prepared = model.clone()
+            # The model before static rewrites, for the dynamic variants of a transformer only: a copy of every
+            # weight is not kept for the models that never compare modes.
+            compares = self.fallback == "auto" and any(r.kind == "attention" for r in sensitive_regions(model.graph))
+            prepared = model.clone() if compares else None
             counts = self._static(model, ctx, stats)
-            if (self._transformer and self.fallback == "auto" and not self._float_reason
+            if (prepared is not None and self._transformer and not self._float_reason
                     and counts.get("quantized_nodes")):
                 counts = self._static_or_dynamic(model, prepared, given, ctx, stats, counts)
         elif self.mode == "dynamic":

@@ -71,6 +71,7 @@ from onnxopt.graph import (
 
 __all__ = [
     "LINEAR_OPS",
+    "INTEGER_KERNELS",
     "OperandAxes",
     "operand_axes",
     "ConvGeometry",
@@ -83,6 +84,13 @@ __all__ = [
 ]
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearConvTranspose", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QLinearWhere", "QLinearReduceMean", "QAttention", "DynamicQuantizeLSTM",
+})
+"""ONNX Runtime's integer kernels (contrib ops included): a node of one of these already runs quantized."""
 _QUANTIZED_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
 
 

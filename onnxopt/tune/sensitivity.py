@@ -44,6 +44,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.analysis import build_channel_graph, linear_of, macs_by_node
+from onnxopt.analysis.layers import INTEGER_KERNELS
 from onnxopt.context import Context
 from onnxopt.data import Dataset
 from onnxopt.errors import OnnxoptError, first_line
@@ -166,10 +167,6 @@ class SensitivityTable:
 
 
 # ---------------------------------------------------------------------------------- the actions
-_INTEGER_LAYERS = frozenset({"ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "MatMulNBits"})
-"""Layers of a model quantized before (besides QLinear* and DynamicQuantize*), which no pass rewrites."""
-
-
 def why_no_layers(base: ir.Model) -> str:
     """Why `plan_actions` found no layer to act on, in one clause: quantized weights, layers only inside
     control-flow bodies (which the passes do not rewrite), or no linear layer at all."""
@@ -177,8 +174,7 @@ def why_no_layers(base: ir.Model) -> str:
     kernels: set[str] = set()
     for graph in iter_graphs(base.graph):
         for node in graph:
-            if node.op_type.startswith("QLinear") or node.op_type.startswith("DynamicQuantize") or \
-                    node.op_type in _INTEGER_LAYERS:
+            if node.op_type in INTEGER_KERNELS:
                 kernels.add(node.op_type)
             linear, _ = linear_of(node)
             if linear is None:

@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from onnxopt.analysis.layers import INTEGER_KERNELS
 from onnxopt.io import iter_proto_graphs, temp_model_file, weight_bytes
 from onnxopt.runtime import session
 
@@ -31,12 +32,6 @@ __all__ = ["FusionReport", "INTEGER_KERNELS", "FLOAT_COMPUTE", "FUSION_CHECK_LIM
 
 logger = logging.getLogger(__name__)
 
-INTEGER_KERNELS = frozenset({
-    "QLinearConv", "QLinearConvTranspose", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "QLinearAdd", "QLinearMul",
-    "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearSoftmax", "QLinearWhere", "QLinearReduceMean", "QAttention", "DynamicQuantizeLSTM",
-})
 FLOAT_COMPUTE = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcConv",
 })

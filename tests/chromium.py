@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,8 @@ class Browser:
 
         self._proc = subprocess.Popen([executable, *_FLAGS, f"--user-data-dir={profile}",
                                        f"--window-size={width},{height}", "about:blank"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)  # its helpers share the group: close ends them all
         port = self._port(profile)
         page = self._page_target(port)
         self._ws = websocket.create_connection(page, timeout=30, suppress_origin=True)
@@ -133,12 +135,18 @@ class Browser:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._ws.close()
-        self._proc.terminate()
+        # Chromium's helper processes (renderer, crash handler) can outlive the browser process and go on
+        # writing into the profile while it is removed: signal the whole process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGTERM)
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)  # helpers that outlived the browser
 
 
 @contextlib.contextmanager

@@ -380,7 +380,8 @@ def test_weight_only_matmulnbits_matches_numpy(bits: int, op: str) -> None:
         node = helper.make_node("Gemm", ["x", "wt", "b"], ["y"], name="mm", transB=1)
         inits = {"wt": w.T.copy(), "b": bias}
     proto = make_model([node], [("x", F32, [3, k])], [("y", F32, [3, n])], inits)
-    model, _ = _quantize(proto, {"mode": "weight-only", "bits": bits, "block_size": block})
+    # accuracy_level=0: the kernel multiplies in float, so the output is x @ dequantized W to float rounding.
+    model, _ = _quantize(proto, {"mode": "weight-only", "bits": bits, "block_size": block, "accuracy_level": 0})
     _check(model)
     assert [nd.op_type for nd in model.graph] == ["MatMulNBits"]
     # Reference: blockwise symmetric quantization written out here, blocks along K (zero padded).
@@ -395,6 +396,10 @@ def test_weight_only_matmulnbits_matches_numpy(bits: int, op: str) -> None:
     offset = bias if op == "Gemm" else 0.0
     np.testing.assert_allclose(got, x @ deq + offset, rtol=1e-4, atol=1e-4)
     assert _rel_l2(x @ w + offset, got) < (0.15 if bits == 4 else 0.01)
+    # The default (accuracy_level=4) lets the kernel quantize x per block too: close to the float-compute result.
+    fast, _ = _quantize(proto, {"mode": "weight-only", "bits": bits, "block_size": block})
+    assert next(iter(fast.graph)).attributes.get_int("accuracy_level", 0) == 4
+    assert _rel_l2(x @ deq + offset, run_ort(fast, {"x": x})[0]) < 0.02
 
 
 def test_weight_only_on_digits_mlp_gemms() -> None:

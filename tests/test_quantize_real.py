@@ -74,3 +74,4 @@ def test_the_already_quantized_real_model_is_left_untouched() -> None:
     assert not stats.modified and stats.summary == {"already_quantized": True}
     assert "already quantized" in stats.notes[0] and "ConvInteger" in stats.notes[0]
     assert ir.to_proto(model).SerializeToString() == before
+

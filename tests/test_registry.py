@@ -254,6 +254,7 @@ READ_UNDER_A_MODE = [
     ("quantize", "concat_range_ratio", 16.0, "mode", "dynamic", None),
     ("quantize", "bits", 8, "mode", "static", "weight-only"),
     ("quantize", "block_size", 64, "mode", "dynamic", "weight-only"),
+    ("quantize", "accuracy_level", 0, "mode", "static", "weight-only"),
     ("quantize", "fallback", "none", "mode", "dynamic", None),
     ("quantize", "target_cosine", 0.95, "mode", "dynamic", None),
     ("quantize", "target_argmax", 0.9, "fallback", "none", None),

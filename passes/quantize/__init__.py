@@ -8,7 +8,8 @@ Modes and rewrite cases:
    DequantizeLinear, biases int32 with ``scale = scale_x * scale_w``. Relu/Clip(0, m) after a quantized
    producer is folded into that producer's range. See `static` for the op table (phase 1: mark),
    `qdq` for the insertion (phase 2) and `calib` for the scale / zero-point math and the calibration
-   methods.
+   methods (``calibrate=auto``, the default, builds the all-int8 model with minmax and with mse ranges and
+   keeps the ranges whose outputs agree better with the float model on the calibration feeds).
 2. ``dynamic`` (no data): ``x -> DynamicQuantizeLinear -> MatMulInteger(x_q, W_q) -> Cast -> Mul(x_s*w_s)``
    for MatMul and Gemm with constant weights, W int8 symmetric per output column, and the same with
    ``ConvInteger`` (the Conv's attributes, a scalar weight zero point 0, per-output-channel scales in the
@@ -83,7 +84,7 @@ from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
 from .embedding import quantize_embeddings
 from .emulate import Emulator
-from .fallback import QUICK_FEEDS, Reference, groups_of, search
+from .fallback import Reference, groups_of, search
 from .gptq import accumulate_hessians, gptq_round
 from .guard import collapsed_tensors, float_chain
 from .layout import gemm_declined, stored_from_nk, weight_axis, weight_nk
@@ -104,7 +105,12 @@ _MIN_QDQ_OPSET = 10
 _DYNAMIC_OPSET = 11
 _FALLBACK_BUDGET_S = 30.0
 _TARGET_HEADROOM = 0.5
-_CLEARLY_FASTER = 0.85
+_SAME_SPEED = 1.1
+"""Latency ratios within this factor of each other are one speed to the variant choice (two-core timing noise)."""
+# calibrate=auto compares these methods (minmax first: the collapse guard reads its ranges).
+_AUTO_CALIBRATION = ("minmax", "mse")
+_GELU_BLOCKWISE = "dynamic, GELU-fed MatMuls 8-bit blockwise"
+_BLOCKWISE_SIZE = 32
 _SPEED_CHECK_MAX_BYTES = 1 << 30
 _SPEED_CACHE_MAX_BYTES = 256 << 20
 _FOLDABLE = frozenset({"BatchNormalization", "Constant", "Identity", "Dropout"})
@@ -138,8 +144,9 @@ class Quantize(Pass):
     )
     activations: Literal["uint8", "int8"] = option("uint8", "activation type: uint8 asymmetric or int8 symmetric",
                                                    when={"mode": "static"})
-    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "how activation ranges are chosen",
-                                                                          when={"mode": "static"})
+    calibrate: Literal["auto", "minmax", "percentile", "entropy", "mse"] = option(
+        "auto", "how activation ranges are chosen; auto: minmax or mse ranges, whichever model's outputs agree "
+        "better with the float model on the calibration feeds (all int8)", when={"mode": "static"})
     percentile: float = option(99.99, "percentile kept by calibrate=percentile (50 < p <= 100)",
                                when={"calibrate": "percentile", "mode": "static"})
     per_channel: bool = option(True, "one weight scale per output channel (else one per tensor)",
@@ -154,6 +161,9 @@ class Quantize(Pass):
     bits: int = option(4, "weight-only: bits per weight, 4 or 8", when={"mode": "weight-only"})
     block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)",
                              when={"mode": "weight-only"})
+    accuracy_level: int = option(4, "weight-only: MatMulNBits' lowest compute precision (0 kernel default, 1 fp32, "
+                                 "2 fp16, 3 bf16, 4 int8: inputs quantized per block, integer products, fastest)",
+                                 when={"mode": "weight-only"})
     fallback: Literal["none", "auto"] = option(
         "auto", "static, auto: keep the fewest layer groups float that bring the outputs on calibration feeds within "
         "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be",
@@ -182,6 +192,8 @@ class Quantize(Pass):
             raise UsageError(f"quantize.bits: {self.bits} is not allowed (allowed 4, 8)")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise UsageError(f"quantize.block_size: {self.block_size} is not allowed (a power of two >= 16)")
+        if self.accuracy_level not in range(5):
+            raise UsageError(f"quantize.accuracy_level: {self.accuracy_level} is not allowed (allowed 0-4)")
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"quantize.percentile: {self.percentile} is not allowed (50 < p <= 100)")
         if not 0.0 <= self.smooth_alpha < 1.0:
@@ -240,7 +252,7 @@ class Quantize(Pass):
         else:
             hessians = self._weight_only_hessians(model, ctx) if self.gptq else None
             counts = apply_weight_only(model, stats, exclude=self.exclude, bits=self.bits, block_size=self.block_size,
-                                       hessians=hessians)
+                                       hessians=hessians, accuracy_level=self.accuracy_level)
             counts["embeddings_quantized"] = quantize_embeddings(model.graph, stats, self.exclude)
         stats.summary.update(counts)
         stats.summary["weight_bytes_before"] = bytes_before
@@ -297,11 +309,20 @@ class Quantize(Pass):
         variants = {"dynamic": self.exclude}
         if gelu_fed:
             variants["dynamic, GELU-fed MatMuls float"] = self.exclude + [glob.escape(n) for n in gelu_fed]
+            variants[_GELU_BLOCKWISE] = variants["dynamic, GELU-fed MatMuls float"]
         built = {}
         for label, exclude in variants.items():
             candidate = prepared.clone()
             cand_stats = PassStats()
-            built[label] = (candidate, cand_stats, self._dynamic(candidate, cand_stats, exclude))
+            counts_of = self._dynamic(candidate, cand_stats, exclude)
+            if label == _GELU_BLOCKWISE:
+                # Those MatMuls as 8-bit blockwise weights with integer compute: the input is quantized per block
+                # of 32 along K, so the GELU tail costs a block its resolution, not the whole activation.
+                blockwise = apply_weight_only(candidate, cand_stats, exclude=self.exclude, bits=8,
+                                              block_size=_BLOCKWISE_SIZE, accuracy_level=4)
+                counts_of["blockwise_int8_matmuls"] = blockwise["quantized_nodes"]
+                cand_stats.summary["mode"] = "dynamic"
+            built[label] = (candidate, cand_stats, counts_of)
         targets = self._targets(ctx)
         check = Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)
         feed = ctx.require_calib("quantize").feeds[0]
@@ -310,7 +331,8 @@ class Quantize(Pass):
             scores = check.scores(candidate)
             timing = speed.measure(given, candidate, feed, threads=ctx.threads) if self.require_speedup else None
             rows[label] = (scores.shortfall(targets), timing.ratio if timing else 1.0, scores, timing)
-        pick = _pick_variant({k: (v[0], v[2].cosine, v[1]) for k, v in rows.items()})
+        sizes = {"static": weight_bytes(model), **{k: weight_bytes(v[0]) for k, v in built.items()}}
+        pick = _pick_variant({k: (v[0], v[2].cosine, v[1], sizes[k]) for k, v in rows.items()})
         said = "; ".join(f"{k}: {v[2].describe()}" + (f", {v[3].ratio:.2f}x float latency" if v[3] else "")
                          for k, v in rows.items())
         stats.summary["transformer_modes"] = {k: {**v[2].to_dict(), "latency_ratio": v[1]} for k, v in rows.items()}
@@ -366,6 +388,8 @@ class Quantize(Pass):
 
     # ------------------------------------------------------------------------------ static
     def _static(self, model: ir.Model, ctx: Context, stats: PassStats) -> dict[str, int]:
+        self._reference: Reference | None = None
+        self._all_int8_outputs: list[list[np.ndarray]] | None = None
         per_channel = self.per_channel and _try_opset_upgrade(model, stats)
         affine = fold_affine(model.graph, self.exclude) if self.fold else {}
         stats.summary.update(affine)
@@ -380,12 +404,16 @@ class Quantize(Pass):
             stats.summary["smoothed_layernorms"] = self._smooth(model, ctx, stats)
             ctx.model_changed(model)
         name_nodes(model.graph)
-        ranges, samples = self._calibrate(model, ctx)
+        candidates, samples = self._calibrate(model, ctx)
         stats.summary.update({"mode": "static", "calibrate": self.calibrate, "activations_type": self.activations,
                               "per_channel": per_channel, "calibration_feeds": len(ctx.calib or [])})
-        kept = self._kept_float(model.graph, ranges, samples, stats)
+        # The collapse guard reads the widest ranges (minmax's when auto compares methods).
+        kept = self._kept_float(model.graph, next(iter(candidates.values())), samples, stats)
         rounded = self._gptq(model, ctx, stats, per_channel) if self.gptq else {}
         float_model = model.clone()
+        ctx.model_changed(model)  # its tapping session goes before other sessions load (it is rewritten next)
+        ranges = (self._choose_ranges(float_model, ctx, stats, candidates, per_channel, kept, rounded)
+                  if len(candidates) > 1 else next(iter(candidates.values())))
         skipped = len(stats.skipped)
         counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded, kept)
         if self.fallback == "auto" and applied.nodes:
@@ -486,17 +514,54 @@ class Quantize(Pass):
                         row["bias_shift_max"] = float(np.max(np.abs(delta)))
         return done
 
-    def _calibrate(self, model: ir.Model, ctx: Context) -> tuple[dict[str, Range], dict[str, np.ndarray]]:
-        """Each candidate tensor's range, and values sampled from it (for the collapse guard)."""
+    def _calibrate(self, model: ir.Model, ctx: Context) -> tuple[dict[str, dict[str, Range]], dict[str, np.ndarray]]:
+        """Each candidate tensor's range by calibration method (one method, or the methods `auto` compares, minmax
+        first), and values sampled from each tensor (for the collapse guard)."""
         names = candidate_tensors(model.graph, self.exclude)
         feeds = len(ctx.calib or [])
         ranges, samples = collect_ranges_and_samples(ctx.activations(model, names, desc="calibrating (ranges)"),
                                                      names, feeds)
-        if self.calibrate != "minmax":
-            hists = collect_histograms(ctx.activations(model, names, desc=f"calibrating ({self.calibrate})"), ranges)
-            ranges = {n: choose_range(self.calibrate, hists[n], r, self.activations, percentile=self.percentile)
-                      for n, r in ranges.items()}
-        return ranges, samples
+        methods = _AUTO_CALIBRATION if self.calibrate == "auto" else (self.calibrate,)
+        found = {}
+        hists = None
+        for method in methods:
+            if method == "minmax":
+                found[method] = ranges
+                continue
+            if hists is None:
+                label = "histograms" if self.calibrate == "auto" else self.calibrate
+                hists = collect_histograms(ctx.activations(model, names, desc=f"calibrating ({label})"), ranges)
+            found[method] = {n: choose_range(method, hists[n], r, self.activations, percentile=self.percentile)
+                             for n, r in ranges.items()}
+        return found, samples
+
+    def _choose_ranges(self, float_model: ir.Model, ctx: Context, stats: PassStats,
+                       candidates: dict[str, dict[str, Range]], per_channel: bool, kept: dict[str, str],
+                       rounded: dict[str, np.ndarray]) -> dict[str, Range]:
+        """calibrate=auto: build the all-int8 model with each method's ranges and keep the ranges whose outputs
+        come closest to the targets on the calibration feeds (then the higher cosine, the lower rel L2)."""
+        check = self._reference_for(float_model, ctx)
+        targets = self._targets(ctx)
+        scored, outputs = {}, {}
+        for method, ranges in candidates.items():
+            trial = float_model.clone()
+            self._apply(trial, PassStats(), ranges, per_channel, self.exclude, rounded, kept)
+            outputs[method] = check.outputs_of(trial)
+            scored[method] = check.compare(outputs[method])
+        best = min(scored, key=lambda m: (scored[m].shortfall(targets), -scored[m].cosine, scored[m].rel_l2))
+        self._all_int8_outputs = outputs[best]
+        stats.summary["calibrate_chosen"] = best
+        stats.summary["calibrate_scores"] = {m: s.to_dict() for m, s in scored.items()}
+        others = "; ".join(f"{m}: {s.describe()}" for m, s in scored.items() if m != best)
+        stats.notes.append(f"calibrate=auto: {best} ranges ({scored[best].describe()} all int8 on "
+                           f"{len(check.feeds)} calibration feeds; {others})")
+        return candidates[best]
+
+    def _reference_for(self, float_model: ir.Model, ctx: Context) -> Reference:
+        """The float model's outputs on the calibration feeds, computed once per run."""
+        if self._reference is None:
+            self._reference = Reference(float_model, ctx.require_calib("quantize").feeds, threads=ctx.threads)
+        return self._reference
 
     def _kept_float(self, graph: ir.Graph, ranges: dict[str, Range], samples: dict[str, np.ndarray],
                     stats: PassStats) -> dict[str, str]:
@@ -569,9 +634,10 @@ class Quantize(Pass):
                   applied: _Applied) -> dict[str, str]:
         """The nodes to keep in float so that the outputs meet the targets (none when all-int8 does)."""
         targets = self._targets(ctx)
-        check = Reference(float_model, ctx.require_calib("quantize fallback=auto").feeds, threads=ctx.threads)
-        self._reference = check
-        real = check.scores(model)
+        check = self._reference_for(float_model, ctx)
+        outputs = self._all_int8_outputs or check.outputs_of(model)
+        real = check.compare(outputs)
+        check.rank_feeds(outputs)
         stats.summary["scores_all_quantized"] = real.to_dict()
         if real.shortfall(targets) == 0:
             return {}
@@ -581,12 +647,13 @@ class Quantize(Pass):
         with Emulator(model, floats, applied.fused, lstms, threads=ctx.threads) as emulator:
             def emulated(extra: frozenset[str], quick: bool) -> Scores:
                 on = self._sites(float_model, ranges, per_channel, {**kept, **dict.fromkeys(extra, "")})
-                feeds = check.feeds[:QUICK_FEEDS] if quick else check.feeds
-                return check.compare(emulator.run(feeds, on))
+                if quick:
+                    return check.compare_quick(emulator.run(check.quick_feeds(), on))
+                return check.compare(emulator.run(check.feeds, on))
 
             # the emulation's error, scaled to what the real kernels give on the all-int8 model
             base = {quick: emulated(frozenset(), quick) for quick in (False, True)}
-            real_quick = check.compare([list(o) for o in check.outputs_of(model)[:QUICK_FEEDS]])
+            real_quick = check.compare_quick([list(outputs[i]) for i in check.quick])
 
             def evaluate(extra: frozenset[str], quick: bool) -> Scores:
                 return emulated(extra, quick).scaled(base[quick], real_quick if quick else real)
@@ -650,14 +717,15 @@ def _describe(targets: Targets) -> str:
     return text + (f", rel_l2 <= {targets.rel_l2:g}" if targets.rel_l2 is not None else "")
 
 
-def _pick_variant(rows: dict[str, tuple[float, float, float]]) -> str:
-    """Of variants (shortfall, cosine, latency ratio): among those that meet the targets (else the closest), the
-    most accurate, unless another is clearly faster (a latency ratio below `_CLEARLY_FASTER` of its own)."""
-    met = [k for k, (short, _, _) in rows.items() if short == 0]
+def _pick_variant(rows: dict[str, tuple[float, float, float, int]]) -> str:
+    """Of variants (shortfall, cosine, latency ratio, weight bytes): among those that meet the targets (else the
+    closest), the ones as fast as the fastest within timing noise (`_SAME_SPEED`); of those the smallest, then
+    the most accurate."""
+    met = [k for k, row in rows.items() if row[0] == 0]
     pool = met or [min(rows, key=lambda k: rows[k][0])]
-    best = max(pool, key=lambda k: rows[k][1])
-    faster = [k for k in pool if rows[k][2] < _CLEARLY_FASTER * rows[best][2]]
-    return min(faster, key=lambda k: rows[k][2]) if faster else best
+    fastest = min(rows[k][2] for k in pool)
+    near = [k for k in pool if rows[k][2] <= fastest * _SAME_SPEED]
+    return min(near, key=lambda k: (rows[k][3], -rows[k][1]))
 
 
 def _producer_past_constants(value: ir.Value | None) -> str:

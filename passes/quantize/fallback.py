@@ -10,7 +10,8 @@ what it chose:
   operand, Concat, pooling, LSTM) and by depth (the quantized nodes in graph order, cut into
   `DEPTH_SEGMENTS` contiguous segments);
 - the score of a candidate is `score.Scores.shortfall` against the targets (cosine per output, argmax
-  agreement of class outputs, optionally a relative L2 bound) on a few calibration feeds.
+  agreement of class outputs, optionally a relative L2 bound) on a few calibration feeds; screening
+  (each group alone) runs on the `QUICK_FEEDS` of them where the all-int8 model agrees least.
 
 Steps: all quantized; if short of the targets, each group alone in float (its gain); groups added in order
 of gain per cost (cost: the share of the model's MACs that would run in float, plus a little per node)
@@ -165,10 +166,29 @@ class Reference:
             self.feeds = list(feeds[:count])
             self.outputs = [first] + [run(sess, f) for f in self.feeds[1:]]
         self._last: tuple[ir.Graph, list[list[np.ndarray]]] | None = None
+        self.quick = list(range(min(QUICK_FEEDS, len(self.feeds))))
+        """The feeds screening evaluations run on (indices; see `rank_feeds`)."""
 
     def compare(self, outputs: Sequence[Sequence[np.ndarray]]) -> Scores:
         """Scores of `outputs` (for the first ``len(outputs)`` reference feeds)."""
         return score_outputs(self.names, self.outputs[: len(outputs)], outputs, self.classes)
+
+    def rank_feeds(self, outputs: Sequence[Sequence[np.ndarray]]) -> None:
+        """Screen on the `QUICK_FEEDS` feeds where `outputs` (a model's, on every reference feed) agree least
+        with the float model: on the first feeds an all-int8 model can be exact (a recognizer's short line),
+        and a screening that sees no error ranks nothing."""
+        def error(i: int) -> float:
+            got = score_outputs(self.names, [self.outputs[i]], [outputs[i]], self.classes)
+            return (1.0 - got.cosine) + (1.0 - got.argmax if got.argmax is not None else 0.0)
+
+        self.quick = sorted(sorted(range(len(self.feeds)), key=error, reverse=True)[:QUICK_FEEDS])
+
+    def quick_feeds(self) -> list[dict[str, np.ndarray]]:
+        return [self.feeds[i] for i in self.quick]
+
+    def compare_quick(self, outputs: Sequence[Sequence[np.ndarray]]) -> Scores:
+        """Scores of `outputs` on the screening feeds (`quick`, in that order)."""
+        return score_outputs(self.names, [self.outputs[i] for i in self.quick], outputs, self.classes)
 
     def outputs_of(self, model: ir.Model) -> list[list[np.ndarray]]:
         """The outputs of `model` (run in ONNX Runtime) on the reference feeds (remembered for the last model)."""

@@ -1,0 +1,95 @@
+"""The quantize pass's own choices: calibration ranges (``calibrate=auto``), the feeds its fallback search
+screens on, and the variant it keeps on a transformer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from helpers import F32, make_model, run_ort
+from onnx import helper
+from onnxopt.passes.quantize import _pick_variant
+from onnxopt.passes.quantize.fallback import QUICK_FEEDS, Reference
+
+from onnxopt.context import Context
+from onnxopt.data import input_specs, load_data
+from onnxopt.registry import make_pass
+
+RNG = np.random.default_rng(7)
+
+
+def _quantize(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **options: object):
+    model = ir.from_proto(proto)
+    calib = load_data(feeds, input_specs(model))
+    stats = make_pass("quantize", {"require_speedup": False, **options}).call(model, Context(calib=calib))
+    return model, stats
+
+
+def _mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    w1 = (rng.standard_normal((64, 64)) * 0.2).astype(np.float32)
+    w2 = (rng.standard_normal((64, 16)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [("x", F32, [4, 64])], [("y", F32, [4, 16])], {"w1": w1, "w2": w2})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_calibrate_auto_writes_the_model_of_the_method_it_names(seed: int) -> None:
+    # Heavy-tailed inputs (Student's t, 2 degrees of freedom), where the two methods' ranges differ.
+    rng = np.random.default_rng(seed)
+    proto = _mlp(rng)
+    calib = [{"x": rng.standard_t(2, (4, 64)).astype(np.float32)} for _ in range(8)]
+    auto, stats = _quantize(proto, calib, fallback="none")
+    scores = stats.summary["calibrate_scores"]
+    assert set(scores) == {"minmax", "mse"}
+    chosen = stats.summary["calibrate_chosen"]
+    other = next(m for m in scores if m != chosen)
+    better_argmax = (scores[chosen]["argmax"] or 0) > (scores[other]["argmax"] or 0)
+    assert better_argmax or scores[chosen]["cosine"] >= scores[other]["cosine"]
+    assert any(f"calibrate=auto: {chosen} ranges" in n for n in stats.notes)
+    explicit, _ = _quantize(proto, calib, fallback="none", calibrate=chosen)
+    for feed in calib[:3]:
+        np.testing.assert_array_equal(run_ort(auto, feed)[0], run_ort(explicit, feed)[0])
+
+
+def test_screening_runs_on_the_feeds_the_int8_model_gets_most_wrong() -> None:
+    proto = make_model([helper.make_node("Identity", ["x"], ["y"], name="id")], [("x", F32, [1, 8])],
+                       [("y", F32, [1, 8])])
+    feeds = [{"x": RNG.standard_normal((1, 8)).astype(np.float32)} for _ in range(6)]
+    ref = Reference(ir.from_proto(proto), feeds, threads=1)
+    assert ref.quick == list(range(QUICK_FEEDS))  # before ranking: the first feeds
+    outputs = [list(o) for o in ref.outputs]
+    outputs[4] = [o + 1.0 for o in outputs[4]]
+    outputs[2] = [o + 0.3 for o in outputs[2]]
+    ref.rank_feeds(outputs)
+    assert ref.quick == [2, 4]
+    assert [f["x"].tobytes() for f in ref.quick_feeds()] == [feeds[2]["x"].tobytes(), feeds[4]["x"].tobytes()]
+    assert ref.compare_quick([outputs[2], outputs[4]]).cosine < 1.0
+
+
+def test_variant_choice_fastest_within_noise_then_smallest() -> None:
+    # (shortfall, cosine, latency ratio, weight bytes)
+    rows = {"float-ish": (0.0, 0.999, 0.70, 100), "blockwise": (0.0, 0.995, 0.66, 50), "broken": (0.01, 0.9, 0.3, 10)}
+    assert _pick_variant(rows) == "blockwise"  # 'broken' misses the targets; the other two are one speed
+    rows = {"fast": (0.0, 0.995, 0.50, 100), "small": (0.0, 0.999, 0.70, 50)}
+    assert _pick_variant(rows) == "fast"  # clearly faster beats smaller
+    rows = {"a": (0.02, 0.97, 0.5, 10), "b": (0.01, 0.98, 0.9, 10)}
+    assert _pick_variant(rows) == "b"  # nothing meets the targets: the closest
+
+
+def test_transformer_gelu_fed_matmuls_get_a_blockwise_variant() -> None:
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    proto = onnx.load(str(models / "digits_transformer.onnx"))
+    x = np.load(models / "digits_seq_eval.npz")["input"]
+    feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
+    model, stats = _quantize(proto, feeds)
+    modes = stats.summary["transformer_modes"]
+    assert "dynamic, GELU-fed MatMuls 8-bit blockwise" in modes
+    if stats.summary["mode"] == "dynamic" and stats.summary.get("blockwise_int8_matmuls"):
+        nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+        assert nbits and all(n.attributes.get_int("bits") == 8 for n in nbits)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)

@@ -139,22 +139,25 @@ def _small_cnn() -> onnx.ModelProto:
                       {"w1": _w(8, 3, 3, 3), "b1": _w(8), "w2": _w(8, 8, 3, 3), "b2": _w(8)})
 
 
-@pytest.mark.parametrize(("ratio", "kept_int8"), [(1.6, False), (0.97, False), (0.6, True)])
+@pytest.mark.parametrize(("ratio", "one_thread", "kept_int8"),
+                         [(1.6, None, False), (0.97, None, False), (0.6, 0.8, True), (0.6, 1.2, False)])
 def test_int8_that_is_not_faster_comes_back_float_with_the_reason(monkeypatch: pytest.MonkeyPatch, ratio: float,
-                                                                  kept_int8: bool) -> None:
+                                                                  one_thread: float | None, kept_int8: bool) -> None:
+    # The run's threads (3) first; only when int8 is faster there, one thread too (it must not be slower).
     calls = []
 
     def measured(float_model: ir.Model, quantized: ir.Model, feed: dict, *, threads: int | None,
                  cache: bool = True) -> SpeedComparison:
         calls.append(threads)
-        return SpeedComparison(ratio, ratio * 0.95, ratio * 1.05, 7, 1.0, ratio, 0.1)
+        got = one_thread if threads == 1 else ratio
+        return SpeedComparison(got, got * 0.95, got * 1.05, 7, 1.0, got, 0.1)
 
     monkeypatch.setattr(speed, "measure", measured)
     proto = _small_cnn()
     model = ir.from_proto(proto)
     calib = load_data("random:4", input_specs(model))
     stats = make_pass("quantize", {"fallback": "none"}).call(model, Context(calib=calib, threads=3))
-    assert calls == [3]  # measured once, with the run's threads
+    assert calls == ([3] if one_thread is None else [3, 1])
     assert stats.summary["speed_ratio"] == pytest.approx(ratio)
     ops = [n.op_type for n in model.graph]
     if kept_int8:
@@ -163,9 +166,11 @@ def test_int8_that_is_not_faster_comes_back_float_with_the_reason(monkeypatch: p
         assert not stats.modified and ops == [n.op_type for n in proto.graph.node]
         assert "not faster than float" in stats.summary["wrote_float_model"]
         assert "require_speedup=false" in stats.notes[-1]
+        assert ("one thread" in stats.notes[-1]) == (one_thread is not None)
+    measured_so_far = len(calls)
     forced = make_pass("quantize", {"fallback": "none", "require_speedup": False})
     again = ir.from_proto(proto)
-    assert forced.call(again, Context(calib=calib)).modified and len(calls) == 1
+    assert forced.call(again, Context(calib=calib)).modified and len(calls) == measured_so_far
 
 
 # ------------------------------------------------------------------------------ exact rewrites

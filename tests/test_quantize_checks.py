@@ -276,8 +276,12 @@ def test_transformer_modes_are_compared_under_fallback_auto_only() -> None:
     proto = onnx.load(str(models / "digits_transformer.onnx"))
     x = np.load(models / "digits_seq_eval.npz")["input"]
     feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
-    _, auto = _quantize(proto, feeds)
-    assert {"static", "dynamic"} <= set(auto.summary["transformer_modes"])
+    chosen, auto = _quantize(proto, feeds)
+    assert {"static", "dynamic", "dynamic, GELU-fed MatMuls 8-bit blockwise"} <= set(auto.summary["transformer_modes"])
+    if auto.summary["mode"] == "dynamic" and auto.summary.get("blockwise_int8_matmuls"):
+        nbits = [n for n in chosen.graph if n.op_type == "MatMulNBits"]
+        assert nbits and all(n.attributes.get_int("bits") == 8 for n in nbits)
+    onnx.checker.check_model(ir.to_proto(chosen), full_check=True)
     model, fixed = _quantize(proto, feeds, fallback="none")
     assert "transformer_modes" not in fixed.summary and fixed.summary["mode"] == "static"
     assert any(n.op_type == "QuantizeLinear" for n in model.graph)  # static Q/DQ, not DynamicQuantizeLinear

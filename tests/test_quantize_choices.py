@@ -78,18 +78,3 @@ def test_variant_choice_fastest_within_noise_then_smallest() -> None:
     rows = {"a": (0.02, 0.97, 0.5, 10), "b": (0.01, 0.98, 0.9, 10)}
     assert _pick_variant(rows) == "b"  # nothing meets the targets: the closest
 
-
-def test_transformer_gelu_fed_matmuls_get_a_blockwise_variant() -> None:
-    from pathlib import Path
-
-    models = Path(__file__).resolve().parents[1] / "models"
-    proto = onnx.load(str(models / "digits_transformer.onnx"))
-    x = np.load(models / "digits_seq_eval.npz")["input"]
-    feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
-    model, stats = _quantize(proto, feeds)
-    modes = stats.summary["transformer_modes"]
-    assert "dynamic, GELU-fed MatMuls 8-bit blockwise" in modes
-    if stats.summary["mode"] == "dynamic" and stats.summary.get("blockwise_int8_matmuls"):
-        nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
-        assert nbits and all(n.attributes.get_int("bits") == 8 for n in nbits)
-    onnx.checker.check_model(ir.to_proto(model), full_check=True)

@@ -276,13 +276,44 @@ def test_transformer_modes_are_compared_under_fallback_auto_only() -> None:
     proto = onnx.load(str(models / "digits_transformer.onnx"))
     x = np.load(models / "digits_seq_eval.npz")["input"]
     feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
-    chosen, auto = _quantize(proto, feeds)
+    _, auto = _quantize(proto, feeds)
     assert {"static", "dynamic", "dynamic, GELU-fed MatMuls 8-bit blockwise"} <= set(auto.summary["transformer_modes"])
-    if auto.summary["mode"] == "dynamic" and auto.summary.get("blockwise_int8_matmuls"):
-        nbits = [n for n in chosen.graph if n.op_type == "MatMulNBits"]
-        assert nbits and all(n.attributes.get_int("bits") == 8 for n in nbits)
-    onnx.checker.check_model(ir.to_proto(chosen), full_check=True)
     model, fixed = _quantize(proto, feeds, fallback="none")
     assert "transformer_modes" not in fixed.summary and fixed.summary["mode"] == "static"
     assert any(n.op_type == "QuantizeLinear" for n in model.graph)  # static Q/DQ, not DynamicQuantizeLinear
     assert not any(n.op_type == "DynamicQuantizeLinear" for n in model.graph)
+
+
+def test_the_blockwise_transformer_variant_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The variant when chosen: the MatMuls that read a GELU output as 8-bit MatMulNBits with integer compute,
+    # the other weight MatMuls dynamic int8, the outputs close to float, the summary that of a dynamic model.
+    from pathlib import Path
+
+    from onnxopt.passes import quantize as package
+
+    label = "dynamic, GELU-fed MatMuls 8-bit blockwise"
+    monkeypatch.setattr(package, "_pick_variant", lambda rows: label)
+    models = Path(__file__).resolve().parents[1] / "models"
+    proto = onnx.load(str(models / "digits_transformer.onnx"))
+    x = np.load(models / "digits_seq_eval.npz")["input"]
+    feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
+    model, stats = _quantize(proto, feeds)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    erf_fed = [n for n in proto.graph.node if n.op_type == "MatMul" and "Erf" in _producers_upstream(proto, n, 4)]
+    assert erf_fed and len(nbits) == len(erf_fed) == stats.summary["blockwise_int8_matmuls"]
+    assert all(n.attributes.get_int("bits") == 8 and n.attributes.get_int("accuracy_level") == 4 for n in nbits)
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph)
+    assert stats.summary["mode"] == "dynamic" and "bits" not in stats.summary
+    assert _scores(proto, model, feeds).cosine > 0.999
+
+
+def _producers_upstream(proto: onnx.ModelProto, node: onnx.NodeProto, depth: int) -> set[str]:
+    """Op types of the nodes up to `depth` steps above `node`'s first input."""
+    by_output = {o: n for n in proto.graph.node for o in n.output}
+    found, frontier = set(), [node.input[0]]
+    for _ in range(depth):
+        nodes = [by_output[t] for t in frontier if t in by_output]
+        found.update(n.op_type for n in nodes)
+        frontier = [i for n in nodes for i in n.input]
+    return found

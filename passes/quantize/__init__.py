@@ -253,6 +253,8 @@ class Quantize(Pass):
             hessians = self._weight_only_hessians(model, ctx) if self.gptq else None
             counts = apply_weight_only(model, stats, exclude=self.exclude, bits=self.bits, block_size=self.block_size,
                                        hessians=hessians, accuracy_level=self.accuracy_level)
+            stats.summary.update({"mode": "weight-only", "bits": self.bits, "block_size": self.block_size,
+                                  "accuracy_level": self.accuracy_level})
             counts["embeddings_quantized"] = quantize_embeddings(model.graph, stats, self.exclude)
         stats.summary.update(counts)
         stats.summary["weight_bytes_before"] = bytes_before
@@ -321,7 +323,6 @@ class Quantize(Pass):
                 blockwise = apply_weight_only(candidate, cand_stats, exclude=self.exclude, bits=8,
                                               block_size=_BLOCKWISE_SIZE, accuracy_level=4)
                 counts_of["blockwise_int8_matmuls"] = blockwise["quantized_nodes"]
-                cand_stats.summary["mode"] = "dynamic"
             built[label] = (candidate, cand_stats, counts_of)
         targets = self._targets(ctx)
         check = Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)

@@ -348,7 +348,6 @@ def apply_weight_only(model: ir.Model, stats: PassStats, *, exclude: Iterable[st
                              "block_size": block_size})
     if done:
         model.opset_imports.setdefault(_MS, 1)
-    stats.summary.update({"mode": "weight-only", "bits": bits, "block_size": block_size})
     return {"quantized_nodes": done}
 
 

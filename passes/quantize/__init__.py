@@ -325,7 +325,8 @@ class Quantize(Pass):
                 counts_of["blockwise_int8_matmuls"] = blockwise["quantized_nodes"]
             built[label] = (candidate, cand_stats, counts_of)
         targets = self._targets(ctx)
-        check = Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)
+        # The static step's reference is of the same float model (its rewrites are exact): reuse it.
+        check = self._reference or Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)
         feed = ctx.require_calib("quantize").feeds[0]
         rows = {}
         for label, candidate in [("static", model)] + [(k, v[0]) for k, v in built.items()]:

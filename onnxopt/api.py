@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import io, sparse
-from onnxopt.analysis import ModelStats, model_stats
+from onnxopt.analysis import ModelStats, class_outputs, model_stats
 from onnxopt.analysis.stats import NONZERO_COUNT_LIMIT
 from onnxopt.bench import TABLE_LIMIT_BYTES, BenchResult
 from onnxopt.context import Context
@@ -312,6 +312,7 @@ def optimize(
         size_before = io.file_size(src_path)
         ctx = Context(original_path=src_path, calib=calib_ds, dims=dims, tolerance=tolerance, threads=threads,
                       sample=eval_ds.feeds[0], initializer_inputs=initializer_inputs)  # type: ignore[arg-type]
+        classes = set(class_outputs(work.graph))  # read from the original graph, before the passes change it
         records, snapshots = run_passes(pipeline, work, ctx, ws.path if latency_runs > 0 else None)
         ext = external_data if external_data is not None else io.weight_bytes(work) > io.PROTOBUF_LIMIT
         with step("saving the model"):
@@ -324,7 +325,8 @@ def optimize(
         if validate:
             check_model_file(staged, has_sparse=not ext and bool(sparse.marked_names(work)))
             comparison = compare_models(src_path, staged, eval_ds, metric=metric, tolerance=tolerance,
-                                        threads=threads, drift_cosine=drift_cosine, drift_top1=drift_top1)
+                                        threads=threads, drift_cosine=drift_cosine, drift_top1=drift_top1,
+                                        classes=classes)
         after = model_stats(work, dims, count_nonzero=count_nonzero)
         size_after = io.file_size(staged)
         latency, speed = None, None

@@ -462,6 +462,7 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     setup_logging(args)
     check_tolerance(args.tolerance, args.metric)
     from onnxopt import io
+    from onnxopt.analysis.outputs import class_outputs
     from onnxopt.api import DEFAULT_EVAL
     from onnxopt.report import comparison_table
     from onnxopt.validate import compare_models
@@ -472,7 +473,8 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     for model in (args.model_a, args.model_b) if args.report else ():
         io.check_output_path(args.report, model)
     cmp = compare_models(args.model_a, args.model_b, data, metric=args.metric, tolerance=args.tolerance,
-                         threads=args.threads, drift_cosine=args.drift_cosine, drift_top1=args.drift_top1)
+                         threads=args.threads, drift_cosine=args.drift_cosine, drift_top1=args.drift_top1,
+                         classes=set(class_outputs(a.graph)))
     if args.report:
         from onnxopt.report.collect import compare_details
 

@@ -5,8 +5,9 @@ A `Comparison` is truthy unless it fails its tolerance. Without a tolerance its 
 ``not gated`` (never "pass"): the numbers are reported, nothing was held to a bar.
 
 Metrics per floating-point output: max abs error, relative L2 error ``‖a−b‖/‖a‖``, cosine
-similarity, and top-1 (argmax) agreement when the output looks like class scores ([N, C] floats,
-C > 1), all over the positions where both outputs are finite. Non-finite values (NaN, ±Inf) are
+similarity, and top-1 (argmax) agreement on class scores ([N, C] floats, C > 1, that the original's
+graph says carry class scores: `onnxopt.analysis.outputs.class_outputs`; a pooled embedding of that
+shape is not one), all over the positions where both outputs are finite. Non-finite values (NaN, ±Inf) are
 counted per output and model; a position where the optimized output is non-finite and the original
 is not (or where they differ in any non-finite way) fails the comparison under any tolerance and is
 severe drift without one. Outputs that are not floating point (integers, booleans, strings) are
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +123,8 @@ class Comparison:
         if self.metric == "top1":
             vals = [o.top1 for o in floats if o.top1 is not None]
             if not vals:
-                raise UsageError("metric top1 needs an output that looks like class scores ([N, C] floats)")
+                raise UsageError("metric top1 needs an output that carries class scores ([N, C] floats from a "
+                                 "Softmax or a Gemm/MatMul)")
             return 1.0 - min(vals)
         if self.metric == "accuracy":
             if self.accuracy_a is None or self.accuracy_b is None:
@@ -273,7 +276,7 @@ def _is_float(arr: np.ndarray) -> bool:
 class OutputAccumulator:
     """Streaming sums for one output's metrics."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, scores: bool = True) -> None:
         self.name = name
         self.max_abs = 0.0
         self.err2 = 0.0
@@ -282,7 +285,7 @@ class OutputAccumulator:
         self.b2 = 0.0
         self.agree = 0
         self.rows = 0
-        self.scores = True
+        self.scores = scores
         self.exact: bool | None = None
         self.elements = 0
         self.mismatches = 0
@@ -348,8 +351,12 @@ def compare_models(
     desc: str = "validating",
     drift_cosine: float = DRIFT_COSINE,
     drift_top1: float = DRIFT_TOP1,
+    classes: Collection[str] | None = None,
 ) -> Comparison:
     """Run both models on every feed of `data` and compare outputs by name.
+
+    `classes` names the outputs that carry class scores (``class_outputs`` of model A's graph): top-1
+    agreement is counted on those only. None counts it on every [N, C] float output.
 
     The models run one after the other, never both loaded at once: model A runs on every feed and its
     session is released, keeping only its outputs (`hold_outputs`: in memory up to `HELD_OUTPUT_BYTES`,
@@ -370,7 +377,7 @@ def compare_models(
     if names_a != names_b:
         shown_a, shown_b = ([safe_name(n) for n in names] for names in (names_a, names_b))
         raise ModelError(f"the models' outputs differ: {shown_a} vs {shown_b}")
-    accs = {n: OutputAccumulator(n) for n in names_a}
+    accs = {n: OutputAccumulator(n, scores=classes is None or n in classes) for n in names_a}
     correct_a = correct_b = labelled = 0
     samples = 0
     for i, feed in enumerate(progress(data.feeds, desc=desc)):
@@ -382,7 +389,7 @@ def compare_models(
         samples += int(first.shape[0]) if first.ndim else 1
         labels = data.labels[i] if i < len(data.labels) else None
         if labels is not None:
-            score_out = next((k for k, o in enumerate(outs_a) if looks_like_scores(np.asarray(o))), None)
+            score_out = _labelled_output(names_a, outs_a, classes)
             if score_out is not None:
                 lbl = np.asarray(labels).reshape(-1)
                 rows = np.asarray(outs_a[score_out]).shape[0]
@@ -400,6 +407,13 @@ def compare_models(
     comparison = Comparison(outputs, samples, len(data), acc_a, acc_b, metric, tolerance, drift_cosine, drift_top1)
     _ = comparison.worst  # a metric the outputs or data cannot give fails here, before anything is written
     return comparison
+
+
+def _labelled_output(names: list[str], outs: list[Any], classes: Collection[str] | None) -> int | None:
+    """The output that labels are checked against: the first class-score output, else (labels say the model
+    classifies) the first [N, C] float output."""
+    shaped = [k for k, o in enumerate(outs) if looks_like_scores(np.asarray(o))]
+    return next((k for k in shaped if classes is None or names[k] in classes), shaped[0] if shaped else None)
 
 
 def hold_outputs(path: str | os.PathLike[str], data: Dataset, *, threads: int | None = None,

@@ -4,6 +4,8 @@ and embedding tables, and already-quantized models left alone."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -317,3 +319,18 @@ def _producers_upstream(proto: onnx.ModelProto, node: onnx.NodeProto, depth: int
         found.update(n.op_type for n in nodes)
         frontier = [i for n in nodes for i in n.input]
     return found
+
+
+def test_a_mask_constant_near_the_float_limit_is_judged_without_overflow() -> None:
+    """An attention mask's ``-3.4e38`` squared overflows float32: the constant check works in float64, so
+    no numpy overflow warning reaches the user and the verdict is the same."""
+    from onnxopt.passes.quantize.static import MarkOptions, _constant_operand_declined
+
+    mask = np.array([0.0, -3.4e38, 0.0, -3.4e38], np.float32)
+    const = ir.Value(name="mask", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4]),
+                     const_value=ir.tensor(mask, name="mask"))
+    other = ir.Value(name="scores", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reason = _constant_operand_declined(const, other, MarkOptions({}, True, 32.0))
+    assert reason is None  # 0 and the mask value are both exact at the ends of one 8-bit range

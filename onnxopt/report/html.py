@@ -222,7 +222,8 @@ def _accuracy(doc: dict[str, Any], kind: str) -> str:
         if o.get("top1") is not None:
             groups.append((f"top-1 agreement '{o['name']}'", None, o["top1"]))
     if not any(o.get("top1") is not None for o in v.get("outputs", [])):
-        notes.append(_missing("top1", "no output looks like class scores ([N, C] floats): no top-1 agreement"))
+        notes.append(_missing("top1", "no output carries class scores ([N, C] floats from a Softmax or a "
+                                      "Gemm/MatMul): no top-1 agreement"))
     if not groups:
         return "".join(notes)
     return _figure("accuracy", "Accuracy on labels and top-1 agreement with the original",

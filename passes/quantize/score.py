@@ -1,11 +1,9 @@
 """How close a quantized model's outputs are to the float model's: the targets the quantize pass holds.
 
 Per output, pooled over feeds: cosine similarity, relative L2 error ``‖a−b‖/‖a‖``, and, for outputs
-that carry class scores, the share of positions whose argmax along the last axis agrees (top-1 for
-a classifier, per-timestep characters for a CTC recognizer). An output carries class scores when it
-comes (through Identity/Reshape/Squeeze/Unsqueeze/Flatten/Cast) from a Softmax/LogSoftmax over its
-last axis, or from a Gemm/MatMul with more than one output column: a sigmoid map, boxes or a
-hidden state do not (`class_outputs`).
+the graph says carry class scores (`onnxopt.analysis.outputs.class_outputs`; a sigmoid map, boxes or a
+hidden state do not), the share of positions whose argmax along the last axis agrees (top-1 for a
+classifier, per-timestep characters for a CTC recognizer).
 
 `Targets` says what is good enough (default: cosine >= 0.99 on every output, argmax agreement >=
 0.99 on class outputs); `Scores.shortfall` is how far a model is from them (0: within).
@@ -17,14 +15,10 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import onnx_ir as ir
 
-from onnxopt.graph import constant_array, is_onnx_op
+from onnxopt.analysis.outputs import class_outputs
 
 __all__ = ["Targets", "OutputScore", "Scores", "class_outputs", "score_outputs", "worst_slice"]
-
-_PASS_THROUGH = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast")
-
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
@@ -96,33 +90,6 @@ def _ratio(real: float, emulated: float) -> float:
     if emulated <= 0 or real <= 0:
         return 1.0
     return float(np.clip(real / emulated, 0.25, 4.0))
-
-
-def class_outputs(graph: ir.Graph) -> dict[str, int | None]:
-    """Graph outputs that carry class scores, with their class count when known (see the module doc)."""
-    found: dict[str, int | None] = {}
-    for out in graph.outputs:
-        if out.dtype is not None and not out.dtype.is_floating_point():
-            continue
-        value, node = out, out.producer()
-        while node is not None and is_onnx_op(node, *_PASS_THROUGH) and node.inputs:
-            value = node.inputs[0]
-            node = value.producer() if value is not None else None
-        if node is None:
-            continue
-        if is_onnx_op(node, "Softmax", "LogSoftmax"):
-            rank = value.shape.rank() if value is not None and value.shape is not None else None
-            axis = node.attributes.get_int("axis", -1)
-            if axis == -1 or (rank is not None and axis == rank - 1):
-                found[out.name] = None
-        elif is_onnx_op(node, "Gemm", "MatMul"):
-            w = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            if w is None or w.ndim != 2:
-                continue
-            width = int(w.shape[0] if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w.shape[1])
-            if width > 1:
-                found[out.name] = width
-    return found
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -295,8 +295,8 @@ def _constant_operand_declined(const: ir.Value | None, other: ir.Value | None, o
         return "the constant operand is not finite"
     qp = qparams(Range(float(c.min()), float(c.max())), opts.activations)
     rt = dequantize_array(quantize_array(c, qp.scale, qp.zero_point, qp.dtype), qp.scale, qp.zero_point)
-    err = np.abs(rt - c)
-    norm = float(np.linalg.norm(c))
+    err = np.abs(rt.astype(np.float64) - c)  # in float64: a mask constant near -3.4e38 overflows a float32 norm
+    norm = float(np.linalg.norm(c.astype(np.float64)))
     if norm > 0 and float(np.linalg.norm(err)) > CONST_MAX_REL_ERROR * norm:
         return "the constant operand loses too much as one 8-bit tensor: left in float"
     if np.any((c != 0) & (err > 0.5 * np.abs(c))):

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 from helpers import F32, MODELS, accuracy, digits_eval, make_model, run_ort
 from onnx import helper
-from onnxopt.passes.quantize.calib import BINS, Range, choose_range, qparams
+from onnxopt.passes.quantize.calib import BINS, HIST_VALUES, Range, _histogram, choose_range, qparams
 from onnxopt.passes.quantize.check import fusion_report
 from onnxopt.passes.quantize.cle import equalize_pairs
 from onnxopt.passes.quantize.smooth import apply_smoothing, channel_absmax, smooth_targets
@@ -226,6 +226,21 @@ def test_histogram_methods_clip_an_outlier() -> None:
         assert 0.0 == got.lo and got.hi < 60.0, method
         assert got.hi >= 4.0, method
     assert choose_range("minmax", hist, rng, "uint8") == rng
+
+
+def test_streamed_histograms_match_numpy_and_sample_big_tensors() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(50_000).astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    np.testing.assert_array_equal(_histogram(x, lo, hi), np.histogram(x, BINS, (lo, hi))[0])
+    big = np.repeat(x, 20)  # a tensor past HIST_VALUES: every k-th value, the same shape of distribution
+    sampled = _histogram(big, lo, hi)
+    assert HIST_VALUES <= sampled.sum() < 2 * HIST_VALUES
+    assert np.abs(sampled / sampled.sum() - np.histogram(x, BINS, (lo, hi))[0] / x.size).sum() < 0.2
+    # an attention mask's -3.4e38 next to ordinary values, and non-finite values: counted without overflow
+    mask = np.array([-3.4e38, 0.0, 1.0, np.nan, np.inf], np.float32)
+    hist = _histogram(mask, -3.4e38, 1.0)
+    assert hist.sum() == 3 and hist[0] == 1 and hist[-1] == 2
 
 
 def _input_range(proto: onnx.ModelProto, feeds: list[dict], options: dict) -> tuple[float, float, float]:

@@ -212,14 +212,29 @@ def call_pass(step: Pass, model: ir.Model, ctx: Context | None) -> PassStats:
     """``step.call(model, ctx)`` with the notes its options implied added to the stats (a pass that
     returns None returns empty stats). A pass that changed nothing always says why: when it left no
     note, one is written from its skipped nodes (or says it gave no reason)."""
+    unmatched = _unmatched_patterns(step, model)
     stats = step.call(model, ctx)
     if stats is None:
         stats = PassStats()
     if isinstance(stats, PassStats):
         if not stats.modified and not stats.notes:
             stats.notes.append(_why_unchanged(type(step).name or type(step).__name__, stats.skipped))
-        stats.notes[:0] = step.option_notes()
+        stats.notes[:0] = step.option_notes() + unmatched
     return stats
+
+
+def _unmatched_patterns(step: Pass, model: ir.Model) -> list[str]:
+    """A note for each ``exclude`` pattern and ``layers`` key that matches no node of the model as given: a
+    misspelt name or op type would otherwise leave the model as if the option were not there."""
+    patterns = {"exclude": list(getattr(step, "exclude", None) or [])}
+    if layer_keys(type(step)) is not None:
+        patterns["layers"] = list(getattr(step, LAYERS, None) or {})
+    if not any(patterns.values()):
+        return []
+    nodes = [n for graph in iter_graphs(model.graph) for n in graph]
+    return [f"{option}: '{pattern}' matches no node name or op type in the model"
+            for option, listed in patterns.items() for pattern in listed
+            if not any(matches_any(n, (pattern,)) for n in nodes)]
 
 
 def _why_unchanged(name: str, skipped: list[dict[str, str]]) -> str:
@@ -505,7 +520,12 @@ def _coerce(raw: Any, tp: Any, text: bool) -> Any:
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         item = args[0] if args else str
         if isinstance(raw, str):
-            parts: Iterable[Any] = [p.strip() for p in raw.split(",") if p.strip()]
+            text_list = raw.strip()
+            if len(text_list) >= 2 and text_list[0] == "[" and text_list[-1] == "]":
+                text_list = text_list[1:-1]  # written as a list, [a, b] or ["a", "b"]: the items, unquoted
+                parts: Iterable[Any] = [p.strip().strip("\"'") for p in text_list.split(",") if p.strip()]
+            else:
+                parts = [p.strip() for p in raw.split(",") if p.strip()]
         elif isinstance(raw, (list, tuple)):
             parts = raw
         else:

@@ -82,6 +82,8 @@ def _demo() -> type[Pass]:
         (Literal["fast", "slow"], "slow", "slow"), (Literal[1, 2], "2", 2),
         (float | None, "none", None), (float | None, None, None), (float | None, "1.5", 1.5),
         (list[str], "a, b,", ["a", "b"]), (list[str], ["x"], ["x"]),
+        (list[str], '["MatMul", "Gemm"]', ["MatMul", "Gemm"]), (list[str], "[a, 'b*']", ["a", "b*"]),
+        (list[str], "[]", []), (list[str], "[ab]*", ["[ab]*"]),
         (list[int], "1,2", [1, 2]), (list[float], [1, "2.5"], [1.0, 2.5]),
         (tuple[int, ...], "1,2", (1, 2)),
         (int | str, "7", 7), (int | str, "seven", "seven"),
@@ -383,6 +385,15 @@ def test_run_pass_runs_a_registered_pass_by_name_with_python_values() -> None:
         run_pass("fold", model, speed=2)
     with pytest.raises(UsageError, match="option fold.batchnorm: 'yes please' is not a valid bool"):
         run_pass("fold", model, batchnorm="yes please")
+
+
+def test_a_pattern_that_matches_no_node_is_said() -> None:
+    """A misspelt exclude pattern or layers key would leave the model as if the option were not there."""
+    model = _relu_model()
+    stats = run_pass("prune", model, None, exclude=["Relu", "NoSuchOp"], layers={"nothing*": {"skip": True}})
+    assert "exclude: 'NoSuchOp' matches no node name or op type in the model" in stats.notes
+    assert "layers: 'nothing*' matches no node name or op type in the model" in stats.notes
+    assert not any("'Relu'" in n for n in stats.notes)
 
 
 # ---------------------------------------------------------------------------------------- onnx_ir interop

@@ -549,6 +549,37 @@ def test_fallback_auto_keeps_sensitive_layers_float_until_the_target(metric: str
     assert (got >= target - 1e-4) if metric == "cosine" else (got <= target * 1.25)
 
 
+def test_fallback_auto_keeps_all_int8_when_the_real_kernels_disagree_with_the_emulation(monkeypatch) -> None:
+    """The search judges on an emulation; when its float set makes ONNX Runtime's real outputs worse than all
+    int8 (seen on a CTC recognizer: emulated cosine 0.991, real 0.960 against 0.983 all int8), the all-int8
+    model is written, said in a note, and the targets it misses in a WARNING."""
+    from onnxopt.passes.quantize.fallback import Reference
+    from onnxopt.passes.quantize.score import OutputScore, Scores
+
+    proto, feeds = _outlier_mlp()
+    calib = load_data(feeds, input_specs(ir.from_proto(proto)))
+    _, loose = _fallback(proto, calib, target_cosine=0.5, target_argmax=0.0)
+    target = 1 - (1 - loose.summary["scores_all_quantized"]["cosine"]) * 0.2
+    real_scores = Reference.scores
+
+    def misjudged(self, model: ir.Model) -> Scores:  # only the rebuilt model is scored through here
+        got = real_scores(self, model)
+        return Scores([OutputScore(o.name, o.cosine - 0.5, o.rel_l2 + 1.0, o.argmax) for o in got.outputs])
+
+    monkeypatch.setattr(Reference, "scores", misjudged)
+    model, stats = _fallback(proto, calib, target_cosine=target, target_argmax=0.0)
+    assert stats.summary["fallback_reverted"] is True and stats.summary["fallback_float_nodes"] == []
+    assert _dq_of(_node(model, "fc1").inputs[1]) is not None  # fc1 is int8 again: the all-int8 build
+    assert not any("fallback=auto" in s["reason"] for s in stats.skipped)
+    assert any("all int8 kept" in n for n in stats.notes)
+    assert stats.summary["targets_met"] is False
+    assert [n for n in stats.notes if n.startswith("WARNING")] == [
+        n for n in stats.notes if "the all-int8 model is written" in n]
+    ref = np.concatenate([run_ort(proto, f)[0].ravel() for f in calib.feeds])
+    got = np.concatenate([run_ort(model, f)[0].ravel() for f in calib.feeds])
+    assert _cosine(ref, got) == pytest.approx(stats.summary["scores_all_quantized"]["cosine"], rel=1e-4)
+
+
 def test_fallback_auto_says_so_when_the_targets_are_out_of_reach() -> None:
     proto = _conv_family()
     calib = load_data("random:4", input_specs(ir.from_proto(proto)))

@@ -430,17 +430,32 @@ class Quantize(Pass):
         if self.fallback == "auto" and applied.nodes:
             extra = self._fallback(model, float_model, ctx, stats, ranges, per_channel, kept, applied)
             if extra:
+                first = (counts, applied, stats.skipped[skipped:], stats.layers)
                 del stats.skipped[skipped:]
                 rebuilt = float_model.clone()
                 counts, applied = self._apply(rebuilt, stats, ranges, per_channel, self.exclude, rounded,
                                               {**kept, **extra})
-                model.graph = rebuilt.graph
-                model.opset_imports.update(rebuilt.opset_imports)
-                final = self._reference.scores(model)
+                final = self._reference.scores(rebuilt)
                 stats.summary["fallback_scores"] = final.to_dict()
-                if final.shortfall(self._targets(ctx, headroom=False)) > 0:
-                    stats.notes.append(f"fallback=auto: ONNX Runtime's int8 kernels give {final.describe()} on the "
-                                       "calibration feeds, short of the targets its QDQ emulation met")
+                wanted = self._targets(ctx, headroom=False)
+                if final.shortfall(wanted) > self._all_int8_scores.shortfall(wanted):
+                    # The emulation misjudged these kernels: the float nodes it chose made the real outputs worse.
+                    stats.notes.append(f"fallback=auto: with those {len(extra)} nodes float ONNX Runtime's int8 "
+                                       f"kernels give {final.describe()} on the calibration feeds, further from the "
+                                       f"targets than all int8 ({self._all_int8_scores.describe()}): all int8 kept")
+                    stats.summary["fallback_reverted"] = True
+                    stats.notes = [n for n in stats.notes if not n.startswith(_MISSED)]
+                    if self._all_int8_scores.shortfall(wanted) > 0:
+                        stats.notes.append(_missed(wanted, "the all-int8 model is written"))
+                        stats.summary["targets_met"] = False
+                    stats.summary["fallback_float_nodes"] = []
+                    counts, applied, stats.skipped[skipped:], stats.layers = first
+                else:
+                    model.graph = rebuilt.graph
+                    model.opset_imports.update(rebuilt.opset_imports)
+                    if final.shortfall(wanted) > 0:
+                        stats.notes.append(f"fallback=auto: ONNX Runtime's int8 kernels give {final.describe()} on "
+                                           "the calibration feeds, short of the targets its QDQ emulation met")
         counts["matmul_add_to_gemm"] = gemms
         if self.bias_correction:
             counts["bias_corrected"] = self._correct_biases(model, float_model, ctx, stats, applied)
@@ -648,6 +663,7 @@ class Quantize(Pass):
         check = self._reference_for(float_model, ctx)
         outputs = self._all_int8_outputs or check.outputs_of(model)
         real = check.compare(outputs)
+        self._all_int8_scores = real
         check.rank_feeds(outputs)
         stats.summary["scores_all_quantized"] = real.to_dict()
         if real.shortfall(targets) == 0:
@@ -684,10 +700,8 @@ class Quantize(Pass):
             f"{result.scores.describe()} (emulated; {result.evaluations} evaluations, {result.seconds:.1f}s)")
         wanted = self._targets(ctx, headroom=False)
         if not result.reached and result.scores.shortfall(wanted) > 0:
-            stats.notes.append(f"WARNING: int8 misses {_describe(wanted)} on the calibration feeds without keeping "
-                               f"most of the model float; the closest int8 model found is written "
-                               f"({len(result.float_nodes)} nodes float: {result.scores.describe()}); "
-                               "quantize.target_cosine / target_argmax say what is enough")
+            stats.notes.append(_missed(wanted, f"the closest int8 model found is written ({len(result.float_nodes)} "
+                                               f"nodes float: {result.scores.describe()})"))
             stats.summary["targets_met"] = False
         reason = "kept in float by fallback=auto: the outputs miss the targets with it in int8"
         return dict.fromkeys(result.float_nodes, reason)
@@ -721,6 +735,15 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
         extra = f" (its operators are from {', '.join(foreign)})" if foreign else ""
         return f"nothing quantized: the main graph has no node that mode={mode} quantizes{extra}"
     return "nothing quantized: every candidate node was declined (see skipped for the reasons)"
+
+
+_MISSED = "WARNING: int8 misses"
+
+
+def _missed(targets: Targets, written: str) -> str:
+    """The warning of a static model that misses the targets, saying which model is written."""
+    return (f"{_MISSED} {_describe(targets)} on the calibration feeds without keeping most of the model float; "
+            f"{written}; quantize.target_cosine / target_argmax say what is enough")
 
 
 def _describe(targets: Targets) -> str:

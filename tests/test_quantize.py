@@ -3,9 +3,12 @@ ONNX Runtime fusion and parity, calibration methods, dynamic and weight-only mod
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from helpers import F32, MODELS, accuracy, digits_eval, make_model, run_ort
 from onnx import helper
@@ -578,6 +581,60 @@ def test_fallback_auto_keeps_all_int8_when_the_real_kernels_disagree_with_the_em
     ref = np.concatenate([run_ort(proto, f)[0].ravel() for f in calib.feeds])
     got = np.concatenate([run_ort(model, f)[0].ravel() for f in calib.feeds])
     assert _cosine(ref, got) == pytest.approx(stats.summary["scores_all_quantized"]["cosine"], rel=1e-4)
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_a_conv_left_float_stays_float_in_onnx_runtime(tmp_path: Path, group: int) -> None:
+    """ONNX Runtime rounds the float weight of a Conv/Gemm whose input comes from a per-tensor DequantizeLinear
+    to int8 with one scale (its WeightBiasQuantization rewrite): a layer kept float would silently not be.
+    Such a layer reads a per-channel DequantizeLinear (or, with one input channel, the float value), and its
+    weight is still float in the optimized graph ONNX Runtime runs."""
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"], name="relu"),
+             helper.make_node("Conv", ["ra", "wb", "bb"], ["b"], name="B", pads=[1, 1, 1, 1], group=group),
+             helper.make_node("Conv", ["b", "wc"], ["y"], name="C"),
+             helper.make_node("Conv", ["x", "wd"], ["z"], name="D")]  # x has one channel: D reads it as float
+    proto = make_model(nodes, [("x", F32, [1, 1, 8, 8])], [("y", F32, [1, 4, 8, 8]), ("z", F32, [1, 2, 6, 6])],
+                       {"wa": _w(8, 1, 3, 3), "wb": _w(8, 8 // group, 3, 3), "bb": _w(8), "wc": _w(4, 8, 1, 1),
+                        "wd": _w(2, 1, 3, 3)})
+    model, stats = _quantize(proto, {"exclude": ["B", "D"]})
+    assert _dq_of(_node(model, "A").inputs[1]) is not None and _dq_of(_node(model, "C").inputs[1]) is not None
+    feeding = _node(model, "B").inputs[0].producer()
+    assert feeding.op_type == "DequantizeLinear" and _const(feeding.inputs[1]).shape == (8,)
+    assert _node(model, "D").inputs[0].name == "x"
+    path, optimized = tmp_path / "q.onnx", tmp_path / "optimized.onnx"
+    onnx.save(_check(model), path)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(optimized)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the level of that rewrite
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ran = onnx.load(str(optimized))
+    weights = {i.name for i in ran.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    for name, w in (("B", "wb"), ("D", "wd")):
+        [node] = [n for n in ran.graph.node if n.name == name]
+        assert node.input[1] == w and w in weights, (name, list(node.input))
+
+
+def test_a_gemm_left_float_stays_float_in_onnx_runtime(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["y2"], name="fc2"),  # shares x with fc1, stays float
+             helper.make_node("Relu", ["h"], ["y1"], name="relu")]
+    proto = make_model(nodes, [("x", F32, [8, 16])], [("y1", F32, [8, 6]), ("y2", F32, [8, 5])],
+                       {"w1": _w(6, 16), "b1": _w(6), "w2": _w(16, 5), "b2": _w(5)})
+    feeds = [{"x": RNG.standard_normal((8, 16)).astype(np.float32)} for _ in range(4)]
+    model, _ = _quantize(proto, {"exclude": ["fc2"]}, feeds=feeds)
+    feeding = _node(model, "fc2").inputs[0].producer()
+    assert feeding.op_type == "DequantizeLinear" and _const(feeding.inputs[1]).shape == (16,)
+    path, optimized = tmp_path / "q.onnx", tmp_path / "optimized.onnx"
+    onnx.save(_check(model), path)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(optimized)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    [fc2] = [n for n in onnx.load(str(optimized)).graph.node if n.name == "fc2"]
+    assert fc2.input[1] == "w2"
+    want = run_ort(proto, feeds[0])[1]
+    got = sess.run(None, feeds[0])[1]
+    assert _cosine(want.ravel(), got.ravel()) > 0.999
 
 
 def test_fallback_auto_says_so_when_the_targets_are_out_of_reach() -> None:

@@ -62,8 +62,9 @@ def apply_static(graph: ir.Graph, plan: StaticPlan, qps: dict[str, QParams],
     for name, fusion in plan.fused.items():
         _fuse(graph, fusion, name)
         plan.acts[name] = fusion.producer_out
+    int8_weights = {id(node) for node, _, _ in plan.weights}
     for name, value in plan.acts.items():
-        _insert_qdq(graph, value, qps[name], taken)
+        _insert_qdq(graph, value, qps[name], taken, int8_weights)
     weight_scale: dict[int, np.ndarray] = {}
     cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
     replaced: list[tuple[ir.Value, ir.Value]] = []
@@ -94,9 +95,11 @@ def _fuse(graph: ir.Graph, fusion: Fusion, name: str) -> None:
     x.shape, x.type = shape, typ
 
 
-def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str]) -> None:
+def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], int8_weights: set[int]) -> None:
     base = value.name
     uses = list(value.uses())
+    float_uses = [u for u in uses if _float_weight_channels(u.node, u.idx, int8_weights) is not None]
+    uses = [u for u in uses if u not in float_uses]
     scale = new_initializer(graph, f"{base}_scale", np.asarray(qp.scale, dtype=np.float32), taken=taken)
     zp = new_initializer(graph, f"{base}_zero_point", np.asarray(qp.zero_point, dtype=qp.dtype), taken=taken)
     q = ir.Node("", "QuantizeLinear", [value, scale, zp], name=unique_name(graph, f"{base}_QuantizeLinear", taken))
@@ -111,11 +114,54 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str]) 
     record_origin(dq.outputs[0], base)
     for use in uses:
         use.node.replace_input_with(use.idx, dq.outputs[0])
+    # A Conv/ConvTranspose/Gemm left in float whose input comes from a per-tensor DequantizeLinear gets its float
+    # weight rounded to int8 with one scale by ONNX Runtime's own graph optimizer (WeightBiasQuantization):
+    # it reads a per-channel DequantizeLinear of the same values instead, which that rewrite leaves alone; one
+    # with a single input channel, where per-channel is per-tensor, reads the float value itself.
+    extra = []
+    for use in float_uses:
+        channels, axis = _float_weight_channels(use.node, use.idx, int8_weights)
+        if channels <= 1:
+            continue
+        s = new_initializer(graph, f"{base}_scale_per_channel", np.full(channels, qp.scale, np.float32), taken=taken)
+        z = new_initializer(graph, f"{base}_zero_point_per_channel", np.full(channels, qp.zero_point, qp.dtype),
+                            taken=taken)
+        node = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z], [ir.AttrInt64("axis", axis)],
+                       name=unique_name(graph, f"{base}_DequantizeLinear_per_channel", taken))
+        node.outputs[0].name = unique_name(graph, f"{base}_dequantized_per_channel", taken)
+        node.outputs[0].type = ir.TensorType(_FLOAT)
+        node.outputs[0].shape = value.shape
+        record_origin(node.outputs[0], base)
+        use.node.replace_input_with(use.idx, node.outputs[0])
+        extra.append(node)
     producer = value.producer()
     if producer is not None:
-        graph.insert_after(producer, [q, dq])
+        graph.insert_after(producer, [q, dq, *extra])
     else:
-        graph.insert_before(graph.node(0), [q, dq])
+        graph.insert_before(graph.node(0), [q, dq, *extra])
+
+
+def _float_weight_channels(node: ir.Node, index: int, int8_weights: set[int]) -> tuple[int, int] | None:
+    """(channels, axis) of the data input of a Conv/ConvTranspose/Gemm that stays float with a constant float
+    weight, else None."""
+    if index != 0 or id(node) in int8_weights or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+        return None
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    w = node.inputs[1]
+    if w is None or w.const_value is None or w.is_graph_input() or w.dtype != _FLOAT:
+        return None
+    dims = tuple(w.const_value.shape)
+    if node.op_type == "Gemm":
+        if len(dims) != 2:
+            return None
+        trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
+        return int(dims[1] if trans_b else dims[0]), 0 if trans_a else 1
+    if len(dims) < 3:
+        return None
+    if node.op_type == "Conv":
+        return int(dims[1]) * node.attributes.get_int("group", 1), 1
+    return int(dims[0]), 1
 
 
 def _dq_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zp: np.ndarray, axis: int | None,

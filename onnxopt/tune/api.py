@@ -35,7 +35,7 @@ from onnxopt.tune.objectives import OBJECTIVES
 from onnxopt.tune.result import TuneResult
 from onnxopt.tune.search import Kept, counted_trials, run_trials
 from onnxopt.tune.sensitivity import SensitivityTable, measure_sensitivity, plan_actions, why_no_layers
-from onnxopt.tune.space import PASSES_FOR, SEARCH_PASSES, SPACE_VERSION, SearchSpace
+from onnxopt.tune.space import PASSES_FOR, SEARCH_PASSES, SearchSpace
 from onnxopt.tune.study import MEMORY, open_study, pareto_front, record_trials
 from onnxopt.tune.workers import Job
 
@@ -211,7 +211,7 @@ def _study_key(model_path: Path, calib: Dataset, search: Dataset, constraint: Co
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     h.update(json.dumps([_digest(calib), _digest(search), constraint.to_dict(), objective, sorted(passes),
-                         threads, max_layers, SPACE_VERSION]).encode())
+                         threads, max_layers]).encode())
     return h.hexdigest()
 
 

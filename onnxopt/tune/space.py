@@ -36,13 +36,7 @@ from onnxopt.registry import SKIP, untimed_options
 from onnxopt.tune.constraint import Constraint
 from onnxopt.tune.sensitivity import SETTING_KEY, Row, SensitivityTable
 
-__all__ = ["SEARCH_PASSES", "PASSES_FOR", "Ladder", "SearchSpace", "allot", "SPACE_VERSION", "CALIBRATE_CHOICES"]
-
-SPACE_VERSION = 2
-"""Part of a study's key: a study stored by a space with other parameters or choices is not resumed by this one
-(Optuna refuses a parameter whose choices changed)."""
-CALIBRATE_CHOICES = ("minmax", "percentile", "mse")
-"""The range methods trials draw from (mse: on PP-OCRv4 rec, all-int8 cosine 0.983 against minmax's 0.964)."""
+__all__ = ["SEARCH_PASSES", "PASSES_FOR", "Ladder", "SearchSpace", "allot"]
 
 SEARCH_PASSES = ("channels", "factorize", "prune", "quantize", "distill")
 PASSES_FOR: dict[str, tuple[str, ...]] = {
@@ -164,7 +158,7 @@ class SearchSpace:
         if "quantize" in self.ladders:
             for layer in self.float_toggles:
                 trial.suggest_categorical(f"quantize.float.{layer}", [False, True])
-            trial.suggest_categorical("quantize.calibrate", list(CALIBRATE_CHOICES))
+            trial.suggest_categorical("quantize.calibrate", ["minmax", "percentile"])
             trial.suggest_categorical("quantize.mode", ["static", "dynamic"] if self.matmul_weights else ["static"])
         if self.distill:
             trial.suggest_categorical("distill", ["off", "before_quantize", "after_quantize"])

@@ -78,3 +78,13 @@ def test_variant_choice_fastest_within_noise_then_smallest() -> None:
     rows = {"a": (0.02, 0.97, 0.5, 10), "b": (0.01, 0.98, 0.9, 10)}
     assert _pick_variant(rows) == "b"  # nothing meets the targets: the closest
 
+
+
+def test_the_reference_feed_count_does_not_move_with_the_machines_load() -> None:
+    """A model near the old line (PP-OCRv4 det, 0.10-0.13 s a run against a 1 s budget) got 8 or 7 feeds by
+    the load of the moment, and two runs of one command searched on different data."""
+    from onnxopt.passes.quantize.fallback import MAX_FEEDS, MIN_FEEDS, _feed_count
+
+    assert {_feed_count(t, 1.0) for t in (0.001, 0.10, 0.13, 0.2, 0.25)} == {MAX_FEEDS}
+    assert _feed_count(0.4, 1.0) == MIN_FEEDS and _feed_count(10.0, 1.0) == MIN_FEEDS
+    assert MIN_FEEDS < _feed_count(0.3, 1.0) < MAX_FEEDS

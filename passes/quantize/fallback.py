@@ -145,11 +145,22 @@ def groups_of(graph: ir.Graph, names: Sequence[str], macs: dict[str, int | None]
     return list(unique.values())
 
 
+def _feed_count(one: float, budget_s: float) -> int:
+    """How many reference feeds a model whose first run took `one` seconds gets: all `MAX_FEEDS` up to twice
+    the budget's share (a load-dependent count near the line would make two runs of one command search on
+    different feeds and write different models: PP-OCRv4 det at 0.10-0.13 s a run got 8 or 7), fewer only for
+    models several times slower."""
+    if one * MAX_FEEDS <= 2 * budget_s:
+        return MAX_FEEDS
+    return max(MIN_FEEDS, int(budget_s // max(one, 1e-6)))
+
+
 class Reference:
     """The float model's outputs on a few calibration feeds, and the scores of other outputs against them.
 
-    Feeds: the first calibration feeds, as many as fit about `budget_s` seconds of float runs (at least
-    `MIN_FEEDS`, at most `MAX_FEEDS`), so that one evaluation of a large model stays short.
+    Feeds: the first `MAX_FEEDS` calibration feeds, or, for a model whose run takes several times the budget's
+    share, as many as fit about `budget_s` seconds of float runs (at least `MIN_FEEDS`), so that one
+    evaluation of a large model stays short (`_feed_count`).
     """
 
     def __init__(self, float_model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], *, threads: int | None,
@@ -162,7 +173,7 @@ class Reference:
             t0 = time.perf_counter()
             first = run(sess, feeds[0])
             one = time.perf_counter() - t0
-            count = int(min(MAX_FEEDS, len(feeds), max(MIN_FEEDS, budget_s // max(one, 1e-6))))
+            count = int(min(MAX_FEEDS, len(feeds), _feed_count(one, budget_s)))
             self.feeds = list(feeds[:count])
             self.outputs = [first] + [run(sess, f) for f in self.feeds[1:]]
         self._last: tuple[ir.Graph, list[list[np.ndarray]]] | None = None

@@ -81,8 +81,8 @@ def test_variant_choice_fastest_within_noise_then_smallest() -> None:
 
 
 def test_the_reference_feed_count_does_not_move_with_the_machines_load() -> None:
-    """A model near the old line (PP-OCRv4 det, 0.10-0.13 s a run against a 1 s budget) got 8 or 7 feeds by
-    the load of the moment, and two runs of one command searched on different data."""
+    """With a count of ``budget // one``, a model near a step (0.12-0.13 s a run against a 1 s budget) got 8 or
+    7 feeds by the load of the moment, and two runs of one command searched on different data."""
     from onnxopt.passes.quantize.fallback import MAX_FEEDS, MIN_FEEDS, _feed_count
 
     assert {_feed_count(t, 1.0) for t in (0.001, 0.10, 0.13, 0.2, 0.25)} == {MAX_FEEDS}

@@ -147,9 +147,8 @@ def groups_of(graph: ir.Graph, names: Sequence[str], macs: dict[str, int | None]
 
 def _feed_count(one: float, budget_s: float) -> int:
     """How many reference feeds a model whose first run took `one` seconds gets: all `MAX_FEEDS` up to twice
-    the budget's share (a load-dependent count near the line would make two runs of one command search on
-    different feeds and write different models: PP-OCRv4 det at 0.10-0.13 s a run got 8 or 7), fewer only for
-    models several times slower."""
+    the budget's share, fewer only for models several times slower. A count that followed the machine's load
+    near the line would have two runs of one command search on different feeds and write different models."""
     if one * MAX_FEEDS <= 2 * budget_s:
         return MAX_FEEDS
     return max(MIN_FEEDS, int(budget_s // max(one, 1e-6)))

@@ -593,14 +593,17 @@ def test_a_conv_left_float_stays_float_in_onnx_runtime(tmp_path: Path, group: in
              helper.make_node("Relu", ["a"], ["ra"], name="relu"),
              helper.make_node("Conv", ["ra", "wb", "bb"], ["b"], name="B", pads=[1, 1, 1, 1], group=group),
              helper.make_node("Conv", ["b", "wc"], ["y"], name="C"),
-             helper.make_node("Conv", ["x", "wd"], ["z"], name="D")]  # x has one channel: D reads it as float
-    proto = make_model(nodes, [("x", F32, [1, 1, 8, 8])], [("y", F32, [1, 4, 8, 8]), ("z", F32, [1, 2, 6, 6])],
+             helper.make_node("Conv", ["x", "wd"], ["z"], name="D"),  # x has one channel: D reads it as float
+             helper.make_node("Conv", ["ra", "we"], ["e"], name="E", pads=[1, 1, 1, 1])]  # B's input, float too
+    proto = make_model(nodes, [("x", F32, [1, 1, 8, 8])],
+                       [("y", F32, [1, 4, 8, 8]), ("z", F32, [1, 2, 6, 6]), ("e", F32, [1, 3, 8, 8])],
                        {"wa": _w(8, 1, 3, 3), "wb": _w(8, 8 // group, 3, 3), "bb": _w(8), "wc": _w(4, 8, 1, 1),
-                        "wd": _w(2, 1, 3, 3)})
-    model, stats = _quantize(proto, {"exclude": ["B", "D"]})
+                        "wd": _w(2, 1, 3, 3), "we": _w(3, 8, 3, 3)})
+    model, stats = _quantize(proto, {"exclude": ["B", "D", "E"]})
     assert _dq_of(_node(model, "A").inputs[1]) is not None and _dq_of(_node(model, "C").inputs[1]) is not None
     feeding = _node(model, "B").inputs[0].producer()
     assert feeding.op_type == "DequantizeLinear" and _const(feeding.inputs[1]).shape == (8,)
+    assert _node(model, "E").inputs[0] is _node(model, "B").inputs[0]  # one per-channel DequantizeLinear for both
     assert _node(model, "D").inputs[0].name == "x"
     path, optimized = tmp_path / "q.onnx", tmp_path / "optimized.onnx"
     onnx.save(_check(model), path)
@@ -610,7 +613,7 @@ def test_a_conv_left_float_stays_float_in_onnx_runtime(tmp_path: Path, group: in
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     ran = onnx.load(str(optimized))
     weights = {i.name for i in ran.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    for name, w in (("B", "wb"), ("D", "wd")):
+    for name, w in (("B", "wb"), ("D", "wd"), ("E", "we")):
         [node] = [n for n in ran.graph.node if n.name == name]
         assert node.input[1] == w and w in weights, (name, list(node.input))
 

@@ -118,10 +118,13 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], 
     # weight rounded to int8 with one scale by ONNX Runtime's own graph optimizer (WeightBiasQuantization):
     # it reads a per-channel DequantizeLinear of the same values instead, which that rewrite leaves alone; one
     # with a single input channel, where per-channel is per-tensor, reads the float value itself.
-    extra = []
+    extra: dict[tuple[int, int], ir.Node] = {}  # one per (channels, axis), shared by the layers that read it
     for use in float_uses:
         channels, axis = _float_weight_channels(use.node, use.idx, int8_weights)
         if channels <= 1:
+            continue
+        if (channels, axis) in extra:
+            use.node.replace_input_with(use.idx, extra[channels, axis].outputs[0])
             continue
         s = new_initializer(graph, f"{base}_scale_per_channel", np.full(channels, qp.scale, np.float32), taken=taken)
         z = new_initializer(graph, f"{base}_zero_point_per_channel", np.full(channels, qp.zero_point, qp.dtype),
@@ -133,12 +136,12 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], 
         node.outputs[0].shape = value.shape
         record_origin(node.outputs[0], base)
         use.node.replace_input_with(use.idx, node.outputs[0])
-        extra.append(node)
+        extra[channels, axis] = node
     producer = value.producer()
     if producer is not None:
-        graph.insert_after(producer, [q, dq, *extra])
+        graph.insert_after(producer, [q, dq, *extra.values()])
     else:
-        graph.insert_before(graph.node(0), [q, dq, *extra])
+        graph.insert_before(graph.node(0), [q, dq, *extra.values()])
 
 
 def _float_weight_channels(node: ir.Node, index: int, int8_weights: set[int]) -> tuple[int, int] | None:

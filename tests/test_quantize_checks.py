@@ -357,3 +357,41 @@ def test_an_undecided_timing_is_measured_again_and_pooled(monkeypatch) -> None:
     calls.clear()
     scripted[0] = [0.50, 0.52, 0.55, 0.51, 0.53, 0.49, 0.60]
     assert speed.decide(None, None, {}, margin=speed.MARGIN).rounds == 7 and len(calls) == 1
+
+
+def test_transformer_variants_that_meet_the_targets_are_ranked_on_one_thread_too(monkeypatch) -> None:
+    """With several threads, a variant's rank is the geometric mean of its ratios with the run's threads and
+    with one thread: a variant only the noisy two-thread timing calls fastest is not kept for it."""
+    from pathlib import Path
+
+    from onnxopt.passes import quantize as package
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    proto = onnx.load(str(models / "digits_transformer.onnx"))
+    x = np.load(models / "digits_seq_eval.npz")["input"]
+    feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
+    order: dict[int, int] = {}
+    calls = []
+
+    def measured(float_model, quantized, feed, *, threads, cache=True) -> SpeedComparison:
+        k = order.setdefault(id(quantized), len(order))
+        got = {0: 0.9, 1: 0.6}.get(k, 0.8) if threads is None else {1: 1.6}.get(k, 0.6)
+        calls.append((k, threads))
+        return SpeedComparison(got, got * 0.98, got * 1.02, 7, 1.0, got, 0.1)
+
+    ranked = {}
+    real_pick = package._pick_variant
+    monkeypatch.setattr(speed, "measure", measured)
+    monkeypatch.setattr(package, "_pick_variant", lambda rows: ranked.update(rows) or real_pick(rows))
+    model = ir.from_proto(proto)
+    stats = make_pass("quantize", {}).call(model, Context(calib=load_data(feeds, input_specs(model))))
+    modes = stats.summary["transformer_modes"]
+    labels = list(modes)
+    assert labels[1] == "dynamic"
+    for k, label in enumerate(labels):
+        met = ranked[label][0] == 0
+        assert ((k, 1) in calls) == met == ("latency_ratio_one_thread" in modes[label])
+        want = np.sqrt(modes[label]["latency_ratio"] * modes[label]["latency_ratio_one_thread"]) if met else None
+        assert ranked[label][2] == pytest.approx(want if met else modes[label]["latency_ratio"])
+    assert ranked["dynamic"][0] == 0  # it meets the targets, is fastest with two threads, and is not chosen:
+    assert "dynamic chosen" not in " ".join(stats.notes)

@@ -281,8 +281,19 @@ def test_transformer_modes_are_compared_under_fallback_auto_only() -> None:
     proto = onnx.load(str(models / "digits_transformer.onnx"))
     x = np.load(models / "digits_seq_eval.npz")["input"]
     feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
-    _, auto = _quantize(proto, feeds)
-    assert {"static", "dynamic", "dynamic, GELU-fed MatMuls 8-bit blockwise"} <= set(auto.summary["transformer_modes"])
+    from onnxopt.passes.quantize.fallback import Reference
+
+    scored = []
+    real_scores = Reference.scores
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Reference, "scores", lambda self, m: scored.append(m) or real_scores(self, m))
+        _, auto = _quantize(proto, feeds)
+    modes = auto.summary["transformer_modes"]
+    assert {"static", "dynamic", "dynamic, GELU-fed MatMuls 8-bit blockwise"} <= set(modes)
+    # the static model's scores are the ones the fallback measured when it wrote it, not a second run
+    written = auto.summary.get("fallback_scores") or auto.summary["scores_all_quantized"]
+    assert modes["static"]["cosine"] == written["cosine"]
+    assert len(scored) == len(modes) - 1 + ("fallback_scores" in auto.summary)
     model, fixed = _quantize(proto, feeds, fallback="none")
     assert "transformer_modes" not in fixed.summary and fixed.summary["mode"] == "static"
     assert any(n.op_type == "QuantizeLinear" for n in model.graph)  # static Q/DQ, not DynamicQuantizeLinear

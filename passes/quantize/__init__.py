@@ -332,7 +332,8 @@ class Quantize(Pass):
         candidates = [("static", model)] + [(k, v[0]) for k, v in built.items()]
         rows = {}
         for label, candidate in candidates:
-            scores = check.scores(candidate)
+            # the static model's scores were measured when the fallback wrote it
+            scores = self._static_scores if label == "static" and self._static_scores else check.scores(candidate)
             timing = speed.measure(given, candidate, feed, threads=ctx.threads) if self.require_speedup else None
             rows[label] = [scores.shortfall(targets), timing.ratio if timing else 1.0, scores, timing, None]
         if self.require_speedup and ctx.threads != 1:
@@ -424,6 +425,7 @@ class Quantize(Pass):
     def _static(self, model: ir.Model, ctx: Context, stats: PassStats) -> dict[str, int]:
         self._reference: Reference | None = None
         self._all_int8_outputs: list[list[np.ndarray]] | None = None
+        self._static_scores: Scores | None = None  # the written static model's, when the fallback measured them
         per_channel = self.per_channel and _try_opset_upgrade(model, stats)
         affine = fold_affine(model.graph, self.exclude) if self.fold else {}
         stats.summary.update(affine)
@@ -452,6 +454,7 @@ class Quantize(Pass):
         counts, applied = self._apply(model, stats, ranges, per_channel, self.exclude, rounded, kept)
         if self.fallback == "auto" and applied.nodes:
             extra = self._fallback(model, float_model, ctx, stats, ranges, per_channel, kept, applied)
+            self._static_scores = self._all_int8_scores
             if extra:
                 first = (counts, applied, stats.skipped[skipped:], stats.layers)
                 del stats.skipped[skipped:]
@@ -476,12 +479,14 @@ class Quantize(Pass):
                 else:
                     model.graph = rebuilt.graph
                     model.opset_imports.update(rebuilt.opset_imports)
+                    self._static_scores = final
                     if final.shortfall(wanted) > 0:
                         stats.notes.append(f"fallback=auto: ONNX Runtime's int8 kernels give {final.describe()} on "
                                            "the calibration feeds, short of the targets its QDQ emulation met")
         counts["matmul_add_to_gemm"] = gemms
         if self.bias_correction:
             counts["bias_corrected"] = self._correct_biases(model, float_model, ctx, stats, applied)
+            self._static_scores = None  # the biases changed the outputs
         return counts
 
     def _weight_only_hessians(self, model: ir.Model, ctx: Context) -> dict[str, np.ndarray]:

@@ -15,14 +15,17 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, new_initializer, record_origin, require_finite, unique_name
+from onnxopt.graph import all_names, is_constant, new_initializer, record_origin, require_finite, unique_name
 
 from .calib import ActType, QParams, Range, qparams, quantize_array, weight_scales
+from .layout import weight_axes
 from .static import Fusion, StaticPlan
 
 __all__ = ["group_qparams", "apply_static"]
 
 _FLOAT = ir.DataType.FLOAT
+_WEIGHT_REWRITTEN = ("Conv", "ConvTranspose", "Gemm")
+"""The ops whose float weight ONNX Runtime rounds to per-tensor int8 when their input is dequantized."""
 
 
 def group_qparams(plan: StaticPlan, ranges: dict[str, Range], act: ActType) -> dict[str, QParams]:
@@ -98,7 +101,7 @@ def _fuse(graph: ir.Graph, fusion: Fusion, name: str) -> None:
 def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], int8_weights: set[int]) -> None:
     base = value.name
     uses = list(value.uses())
-    float_uses = [u for u in uses if _float_weight_channels(u.node, u.idx, int8_weights) is not None]
+    float_uses = {u: found for u in uses if (found := _float_weight_channels(u.node, u.idx, int8_weights))}
     uses = [u for u in uses if u not in float_uses]
     scale = new_initializer(graph, f"{base}_scale", np.asarray(qp.scale, dtype=np.float32), taken=taken)
     zp = new_initializer(graph, f"{base}_zero_point", np.asarray(qp.zero_point, dtype=qp.dtype), taken=taken)
@@ -119,8 +122,7 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], 
     # it reads a per-channel DequantizeLinear of the same values instead, which that rewrite leaves alone; one
     # with a single input channel, where per-channel is per-tensor, reads the float value itself.
     extra: dict[tuple[int, int], ir.Node] = {}  # one per (channels, axis), shared by the layers that read it
-    for use in float_uses:
-        channels, axis = _float_weight_channels(use.node, use.idx, int8_weights)
+    for use, (channels, axis) in float_uses.items():
         if channels <= 1:
             continue
         if (channels, axis) in extra:
@@ -145,26 +147,18 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], 
 
 
 def _float_weight_channels(node: ir.Node, index: int, int8_weights: set[int]) -> tuple[int, int] | None:
-    """(channels, axis) of the data input of a Conv/ConvTranspose/Gemm that stays float with a constant float
-    weight, else None."""
-    if index != 0 or id(node) in int8_weights or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+    """(channels, axis) of input `index` when it is the activation of a Conv/ConvTranspose/Gemm that stays float
+    with a constant float weight (the shared operand view, `layout.weight_axes`), else None."""
+    if id(node) in int8_weights or node.op_type not in _WEIGHT_REWRITTEN or node.domain not in ("", "ai.onnx"):
         return None
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+    axes = weight_axes(node)
+    w = node.inputs[axes.weight] if axes is not None else None
+    if axes is None or axes.activation != index or not is_constant(w) or w.dtype != _FLOAT:
         return None
-    w = node.inputs[1]
-    if w is None or w.const_value is None or w.is_graph_input() or w.dtype != _FLOAT:
-        return None
-    dims = tuple(w.const_value.shape)
-    if node.op_type == "Gemm":
-        if len(dims) != 2:
-            return None
-        trans_a, trans_b = node.attributes.get_int("transA", 0), node.attributes.get_int("transB", 0)
-        return int(dims[1] if trans_b else dims[0]), 0 if trans_a else 1
-    if len(dims) < 3:
-        return None
-    if node.op_type == "Conv":
-        return int(dims[1]) * node.attributes.get_int("group", 1), 1
-    return int(dims[0]), 1
+    channels = int(w.const_value.shape[axes.reduction_axis])
+    if node.op_type == "Conv":  # W[M, C/g, k...]: the input has g times the kernel's channels
+        channels *= node.attributes.get_int("group", 1)
+    return channels, axes.feature_axis
 
 
 def _dq_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zp: np.ndarray, axis: int | None,

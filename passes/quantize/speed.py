@@ -126,8 +126,8 @@ def decide(sess_a: Any, sess_b: Any, feed: dict[str, np.ndarray], *, margin: flo
            budget_s: float | None = None, block_s: float = BLOCK_S) -> SpeedComparison:
     """`compare_sessions`, measured again (and pooled, at most `REPEATS` times) while the answer is undecided:
     the median lies within 2 margins of ``1 - margin``, or the quartiles of the round ratios lie on both
-    sides of it (a small model timed with several threads on a busy machine can give a median of 1.25 with
-    quartiles 0.77-1.49, and 0.82 in the next run)."""
+    sides of it (a 0.2 ms model timed with two threads on two cores gave a median of 1.25 with quartiles
+    0.77-1.49, and 0.82 in the next run, on a quiet machine)."""
     t0 = time.perf_counter()
     a, b = interleave([sess_a, sess_b], feed, block_s=block_s, rounds=ROUNDS, budget_s=budget_s)
     for _ in range(REPEATS):

@@ -552,6 +552,24 @@ def test_fallback_auto_keeps_sensitive_layers_float_until_the_target(metric: str
     assert (got >= target - 1e-4) if metric == "cosine" else (got <= target * 1.25)
 
 
+def test_float_nodes_with_fallback_none_builds_the_fallbacks_model_again() -> None:
+    """The set fallback=auto found, given as float_nodes with fallback=none, gives the same model (what a recipe
+    that pins a set relies on), with no search; a name the model lacks is said, not ignored."""
+    proto, feeds = _outlier_mlp()
+    calib = load_data(feeds, input_specs(ir.from_proto(proto)))
+    all_int8 = _fallback(proto, calib, target_cosine=0.5, target_argmax=0.0)[1].summary["scores_all_quantized"]
+    searched, stats = _fallback(proto, calib, target_cosine=1 - (1 - all_int8["cosine"]) * 0.2, target_argmax=0.0,
+                                calibrate="minmax")
+    kept = stats.summary["fallback_float_nodes"]
+    assert kept and any("quantize.float_nodes" in n for n in stats.notes)
+    pinned, pinned_stats = _fallback(proto, calib, fallback="none", calibrate="minmax", float_nodes=[*kept, "nope"])
+    assert "fallback_float_nodes" not in pinned_stats.summary
+    assert ir.to_proto(pinned).SerializeToString() == ir.to_proto(searched).SerializeToString()
+    assert any("float_nodes: 1 name(s) match no node" in n and "'nope'" in n for n in pinned_stats.notes)
+    plain = _fallback(proto, calib, fallback="none", calibrate="minmax")[0]
+    assert ir.to_proto(plain).SerializeToString() != ir.to_proto(searched).SerializeToString()
+
+
 def test_fallback_auto_keeps_all_int8_when_the_real_kernels_disagree_with_the_emulation(monkeypatch) -> None:
     """The search judges on an emulation; when its float set makes ONNX Runtime's real outputs worse than all
     int8 (seen on a CTC recognizer: emulated cosine 0.991, real 0.960 against 0.983 all int8), the all-int8

@@ -226,3 +226,54 @@ def test_space_recipes_from_parameters() -> None:
         ["fold", "quantize"]
     lo = {f"{n}.budget": space.bounds[n][0] for n in space.ladders}
     assert space.recipe({**params, **lo}) == [("fold", {})]  # budgets below every step allot nothing
+
+
+def test_the_searched_float_set_is_a_choice_of_the_space() -> None:
+    """quantize.float_set=searched: the quantize pass's own set and range method, pinned (float_nodes with
+    fallback=none, so the recipe builds the same model on any machine), whatever the budget; a starting point."""
+    from onnxopt.tune.space import SearchSpace
+
+    searched = {"float_nodes": ["b", "z"], "calibrate": "mse", "scores": {}, "targets_met": True, "seconds": 1.0}
+    space = SearchSpace(_table(), Constraint("cosine", 0.01), "latency", ["quantize"], searched=searched)
+    lo = space.bounds["quantize"][0]
+    params = {"quantize": True, "quantize.budget": lo, "quantize.calibrate": "minmax", "quantize.mode": "static",
+              "quantize.float_set": "searched", "quantize.float.a": True}
+    step = dict(space.recipe(params))["quantize"]
+    assert step["float_nodes"] == ["b", "z"] and step["calibrate"] == "mse" and step["fallback"] == "none"
+    assert step["layers"] == {"a": {"skip": True}}  # the trial's float toggle still applies
+    allotted = dict(space.recipe({**params, "quantize.float_set": "allotted"}))["quantize"]
+    assert "float_nodes" not in allotted and allotted["calibrate"] == "minmax"
+    assert "float_nodes" not in dict(space.recipe({**params, "quantize.mode": "dynamic"}))["quantize"]
+    assert any(p.get("quantize.float_set") == "searched" and p["quantize"] for p in space.starting_points())
+    plain = SearchSpace(_table(), Constraint("cosine", 0.01), "latency", ["quantize"])
+    assert not any("quantize.float_set" in p for p in plain.starting_points())
+
+
+@pytest.mark.parametrize(("metric", "limit", "options", "tolerance"), [
+    ("cosine", 0.01, {"target_cosine": 0.99, "target_argmax": 0.0}, None),
+    ("top1", 0.02, {"target_cosine": 0.0, "target_argmax": 0.98}, None),
+    ("accuracy", 1.0, {"target_cosine": 0.0, "target_argmax": 0.99}, None),
+    ("rel_l2", 0.05, {"target_cosine": 0.0, "target_argmax": 0.0}, 0.05),
+])
+def test_the_pass_aims_at_the_constraint(metric, limit, options, tolerance) -> None:
+    from onnxopt.tune.mixed import pass_targets
+
+    got, tol = pass_targets(Constraint(metric, limit))
+    assert got == pytest.approx(options) and tol == tolerance
+
+
+def test_the_pass_search_runs_once_per_study(folded, data, monkeypatch) -> None:
+    """The quantize pass's own search for the constraint, kept in the study: a resumed run reads it back."""
+    import optuna
+
+    from onnxopt.tune import mixed
+
+    model, _ = folded
+    study = optuna.create_study()
+    before = ir.to_proto(model).SerializeToString()
+    found = mixed.searched_float_set(study, model, data[0], Constraint("cosine", 1e-6), {}, None)
+    assert ir.to_proto(model).SerializeToString() == before  # it works on a copy
+    assert found is not None and found["calibrate"] in ("minmax", "mse")
+    assert found["float_nodes"] and not found["targets_met"]  # a target int8 cannot meet: the closest set
+    monkeypatch.setattr(mixed, "run_pass", lambda *a, **k: pytest.fail("searched twice"))
+    assert mixed.searched_float_set(study, model, data[0], Constraint("cosine", 1e-6), {}, None) == found

@@ -31,6 +31,7 @@ from onnxopt.registry import run_pass
 from onnxopt.runtime import run, session
 from onnxopt.tune.choose import choose, finalists
 from onnxopt.tune.constraint import Constraint, Reference
+from onnxopt.tune.mixed import searched_float_set
 from onnxopt.tune.objectives import OBJECTIVES
 from onnxopt.tune.result import TuneResult
 from onnxopt.tune.search import Kept, counted_trials, run_trials
@@ -121,9 +122,14 @@ def tune(
         run_pass("fold", base)
         table = _sensitivity(the_study, base, workspace, search, calib_ds, constraint, chosen_passes, dims, threads,
                              max_layers, budget_minutes)
-        space = SearchSpace(table, constraint, objective, chosen_passes,
-                            matmul_weights=_has_matmul_weights(base), wide_channels=_has_wide_convs(base))
         notes = list(table.notes)
+        searched = None
+        if "quantize" in chosen_passes and "quantize" in PASSES_FOR[objective] and any(
+                r.pass_name == "quantize" for r in table.rows):
+            searched = searched_float_set(the_study, base, calib_ds, constraint, dims, threads)
+            notes += [_searched_note(searched)] if searched is not None else []
+        space = SearchSpace(table, constraint, objective, chosen_passes, matmul_weights=_has_matmul_weights(base),
+                            wide_channels=_has_wide_convs(base), searched=searched)
         kept = workspace / "trials"
         kept.mkdir()
         job = Job(str(model_path), calib_ds, search, constraint, objective, threads, dims, key=key,
@@ -152,6 +158,15 @@ def tune(
         return TuneResult(str(model if isinstance(model, (str, os.PathLike)) else "<in-memory model>"), constraint,
                           objective, threads, table, space.to_dict(), trials, pareto_front(trials), measured, chosen,
                           result, study_info, data_info, time.perf_counter() - t0, notes, calib_part)
+
+
+def _searched_note(searched: dict[str, Any]) -> str:
+    scores = searched.get("scores") or {}
+    said = ", ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, (int, float)))
+    return (f"quantize's own search for the constraint ({searched.get('seconds', 0):.0f} s): "
+            f"{len(searched['float_nodes'])} nodes float, calibrate={searched['calibrate']}"
+            f"{' (targets not met on the calibration feeds)' if not searched.get('targets_met', True) else ''}"
+            f"{f'; {said} on the calibration feeds' if said else ''}; offered as quantize.float_set=searched")
 
 
 def _check_arguments(objective: str, budget_trials: int | None, budget_minutes: float | None, workers: int,

@@ -11,7 +11,9 @@ A trial's parameters (a fixed set, so TPE's multivariate model and NSGA-II see e
   counts), ``channels.reconstruct``, ``quantize.calibrate``, ``quantize.mode`` (static or dynamic, for
   models with MatMul weights) and, for latency, ``quantize.float.<layer>`` for the eight measured layers
   with the fewest MACs (the conversions around a small integer kernel can cost more than it saves, which
-  an error table cannot tell);
+  an error table cannot tell), and ``quantize.float_set``: ``allotted`` (the float layers the budget leaves)
+  or ``searched`` (the set and range method the quantize pass's own search found for the constraint,
+  `onnxopt.tune.mixed`; the budget then plays no part);
 - ``distill``: off, before quantize, or after it (refitting the layers the structural passes changed);
   ``order``: channels or factorize first.
 
@@ -91,7 +93,8 @@ class SearchSpace:
     """Parameters of a trial and the recipe they stand for (see the module doc)."""
 
     def __init__(self, table: SensitivityTable, constraint: Constraint, objective: str, passes: Sequence[str], *,
-                 matmul_weights: bool = False, wide_channels: bool = False) -> None:
+                 matmul_weights: bool = False, wide_channels: bool = False,
+                 searched: dict[str, Any] | None = None) -> None:
         self.constraint = constraint
         self.objective = objective
         self.ladders: dict[str, list[Ladder]] = {}
@@ -107,6 +110,7 @@ class SearchSpace:
         self.matmul_weights = matmul_weights
         self.wide_channels = wide_channels
         self.bounds = {name: _bounds(ladders) for name, ladders in self.ladders.items()}
+        self.searched = searched if "quantize" in self.ladders else None
 
     @property
     def passes(self) -> list[str]:
@@ -159,6 +163,8 @@ class SearchSpace:
             for layer in self.float_toggles:
                 trial.suggest_categorical(f"quantize.float.{layer}", [False, True])
             trial.suggest_categorical("quantize.calibrate", ["minmax", "percentile"])
+            if self.searched is not None:
+                trial.suggest_categorical("quantize.float_set", ["allotted", "searched"])
             trial.suggest_categorical("quantize.mode", ["static", "dynamic"] if self.matmul_weights else ["static"])
         if self.distill:
             trial.suggest_categorical("distill", ["off", "before_quantize", "after_quantize"])
@@ -172,6 +178,11 @@ class SearchSpace:
         for name in self.ladders:
             point = {n: n == name for n in self.ladders}
             point.update({f"{n}.budget": self.bounds[n][1] for n in self.ladders})
+            points.append(point)
+        if self.searched is not None:
+            point = {n: n == "quantize" for n in self.ladders}
+            point.update({"quantize.budget": self.bounds["quantize"][1], "quantize.float_set": "searched",
+                          "quantize.mode": "static"})
             points.append(point)
         if len(self.ladders) > 1:
             point = {n: True for n in self.ladders}
@@ -228,17 +239,32 @@ class SearchSpace:
         return {**options, **untimed_options(name, options)}
 
     def _quantize(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        mode = params.get("quantize.mode", "static")
+        if mode == "static" and self.searched is not None and params.get("quantize.float_set") == "searched":
+            return self._searched_quantize(params)
         chosen = {layer: row for layer, row in self.allotted("quantize", params).items()
                   if not params.get(f"quantize.float.{layer}")}
         kept_float = sorted({node for ladder in self.ladders["quantize"] if ladder.layer not in chosen
                              for node in ladder.nodes})
         if not chosen and not self.unmeasured_quantize:
             return None
-        options: dict[str, Any] = {"mode": params.get("quantize.mode", "static")}
+        options: dict[str, Any] = {"mode": mode}
         if options["mode"] == "static":
             options["calibrate"] = params.get("quantize.calibrate", "minmax")
         if kept_float:
             options["layers"] = {glob.escape(n): {SKIP: True} for n in kept_float}
+        return {**options, **untimed_options("quantize", options)}
+
+    def _searched_quantize(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Static int8 with the searched float set and range method (and the float toggles the trial set)."""
+        assert self.searched is not None
+        options: dict[str, Any] = {"mode": "static", "calibrate": self.searched["calibrate"]}
+        if self.searched["float_nodes"]:
+            options["float_nodes"] = sorted(self.searched["float_nodes"])
+        toggled = sorted({node for ladder in self.ladders["quantize"] if params.get(f"quantize.float.{ladder.layer}")
+                          for node in ladder.nodes})
+        if toggled:
+            options["layers"] = {glob.escape(n): {SKIP: True} for n in toggled}
         return {**options, **untimed_options("quantize", options)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +274,7 @@ class SearchSpace:
                        for name, ladders in self.ladders.items()},
             "budgets": {name: list(b) for name, b in self.bounds.items()},
             "float_toggles": list(self.float_toggles),
+            "quantize_searched": self.searched,
         }
 
 

@@ -169,10 +169,13 @@ class Quantize(Pass):
         "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be",
         when={"mode": "static"}, untimed="none",  # the search has a time budget
     )
-    target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model",
-                                  when={"mode": "static", "fallback": "auto"})
+    target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model "
+                                  "(0: none)", when={"mode": "static", "fallback": "auto"})
     target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep",
                                   when={"mode": "static", "fallback": "auto"})
+    float_nodes: list[str] = option([], "static: node names kept float as fallback=auto keeps them, after the exact "
+                                    "rewrites (its report lists them; with fallback=none this pins a set)",
+                                    when={"mode": "static"})
     require_speedup: bool = option(True, "time int8 against float in ONNX Runtime (the run's threads); static mode "
                                    "writes the float model when int8 is not faster, the other modes say so",
                                    untimed=False)
@@ -200,8 +203,8 @@ class Quantize(Pass):
             raise UsageError(f"quantize.smooth_alpha: {self.smooth_alpha} is not allowed (0 <= alpha < 1)")
         if not self.concat_range_ratio > 1.0:
             raise UsageError(f"quantize.concat_range_ratio: {self.concat_range_ratio} is not allowed (> 1)")
-        if not 0.0 < self.target_cosine <= 1.0:
-            raise UsageError(f"quantize.target_cosine: {self.target_cosine} is not allowed (0 < t <= 1)")
+        if not 0.0 <= self.target_cosine <= 1.0:
+            raise UsageError(f"quantize.target_cosine: {self.target_cosine} is not allowed (0 <= t <= 1)")
         if not 0.0 <= self.target_argmax <= 1.0:
             raise UsageError(f"quantize.target_argmax: {self.target_argmax} is not allowed (0 <= t <= 1)")
 
@@ -288,7 +291,7 @@ class Quantize(Pass):
         """The targets the search aims at on the calibration feeds. Argmax agreement is counted on a few hundred
         positions at most, so the search aims halfway between `target_argmax` and perfect, for data the
         calibration never saw to still meet it; cosine and rel L2 are aimed at as given."""
-        argmax = 1 - (1 - self.target_argmax) * (_TARGET_HEADROOM if headroom else 1.0)
+        argmax = 1 - (1 - self.target_argmax) * (_TARGET_HEADROOM if headroom and self.target_argmax > 0 else 1.0)
         return Targets(self.target_cosine, argmax, ctx.tolerance)
 
     def _dynamic(self, model: ir.Model, stats: PassStats, exclude: list[str] | None = None) -> dict[str, int]:
@@ -445,6 +448,7 @@ class Quantize(Pass):
                               "per_channel": per_channel, "calibration_feeds": len(ctx.calib or [])})
         # The collapse guard reads the widest ranges (minmax's when auto compares methods).
         kept = self._kept_float(model.graph, next(iter(candidates.values())), samples, stats)
+        kept.update(self._pinned(model.graph, stats))
         rounded = self._gptq(model, ctx, stats, per_channel) if self.gptq else {}
         float_model = model.clone()
         ctx.model_changed(model)  # its tapping session goes before other sessions load (it is rewritten next)
@@ -642,6 +646,15 @@ class Quantize(Pass):
                                "stay float")
         return kept
 
+    def _pinned(self, graph: ir.Graph, stats: PassStats) -> dict[str, str]:
+        """The `float_nodes` the graph has (names as the pass names nodes), and a note naming those it has not."""
+        names = {n.name for n in graph}
+        missing = [n for n in self.float_nodes if n not in names]
+        if missing:
+            stats.notes.append(f"float_nodes: {len(missing)} name(s) match no node of the model "
+                               f"({', '.join(repr(n) for n in missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        return {n: "kept in float by the float_nodes option" for n in self.float_nodes if n in names}
+
     def _apply(self, model: ir.Model, stats: PassStats, ranges: dict[str, Range], per_channel: bool,
                exclude: list[str], rounded: dict[str, np.ndarray],
                kept: dict[str, str] | None = None) -> tuple[dict[str, int], _Applied]:
@@ -725,7 +738,9 @@ class Quantize(Pass):
             f"fallback=auto: {len(result.float_nodes)} of {len(applied.nodes)} quantized nodes kept in float "
             f"({', '.join(result.groups) or 'single nodes'}) for {_describe(targets)} on {len(check.feeds)} "
             f"calibration feeds: {verdict}; all int8 gave {result.scores_all_quantized.describe()}, now "
-            f"{result.scores.describe()} (emulated; {result.evaluations} evaluations, {result.seconds:.1f}s)")
+            f"{result.scores.describe()} (emulated; {result.evaluations} evaluations, {result.seconds:.1f}s)"
+            + ("; the report lists them: quantize.float_nodes with fallback=none builds this set again"
+               if result.float_nodes else ""))
         wanted = self._targets(ctx, headroom=False)
         if not result.reached and result.scores.shortfall(wanted) > 0:
             stats.notes.append(_missed(wanted, f"the closest int8 model found is written ({len(result.float_nodes)} "
@@ -775,8 +790,10 @@ def _missed(targets: Targets, written: str) -> str:
 
 
 def _describe(targets: Targets) -> str:
-    text = f"cosine >= {targets.cosine:g}, argmax agreement >= {targets.argmax:g}"
-    return text + (f", rel_l2 <= {targets.rel_l2:g}" if targets.rel_l2 is not None else "")
+    parts = [f"cosine >= {targets.cosine:g}" if targets.cosine > 0 else "",
+             f"argmax agreement >= {targets.argmax:g}" if targets.argmax > 0 else "",
+             f"rel_l2 <= {targets.rel_l2:g}" if targets.rel_l2 is not None else ""]
+    return ", ".join(p for p in parts if p) or "no target"
 
 
 def _pick_variant(rows: dict[str, tuple[float, float, float, int]]) -> str:

@@ -241,6 +241,10 @@ def test_the_searched_float_set_is_a_choice_of_the_space() -> None:
     step = dict(space.recipe(params))["quantize"]
     assert step["float_nodes"] == ["b", "z"] and step["calibrate"] == "mse" and step["fallback"] == "none"
     assert step["layers"] == {"a": {"skip": True}}  # the trial's float toggle still applies
+    from onnxopt.tune.verb import _passes_text
+
+    assert _passes_text(space.recipe(params)) == "fold,quantize(3 float, searched set)"
+    assert _passes_text(space.recipe({**params, "quantize.mode": "dynamic"})).startswith("fold,quantize(dynamic")
     allotted = dict(space.recipe({**params, "quantize.float_set": "allotted"}))["quantize"]
     assert "float_nodes" not in allotted and allotted["calibrate"] == "minmax"
     assert "float_nodes" not in dict(space.recipe({**params, "quantize.mode": "dynamic"}))["quantize"]

@@ -161,8 +161,12 @@ def _passes_text(recipe: Any) -> str:
     parts = []
     for name, options in recipe or []:
         layers = options.get("layers") if isinstance(options, dict) else None
-        if name == "quantize" and isinstance(layers, dict) and layers:
-            parts.append(f"quantize({len(layers)} float)")
+        if name == "quantize" and isinstance(options, dict):
+            pinned = options.get("float_nodes") or []
+            said = [str(options["mode"])] if options.get("mode") not in (None, "static") else []
+            said += [f"{len(layers or {}) + len(pinned)} float"] if layers or pinned else []
+            said += ["searched set"] if pinned else []
+            parts.append(f"quantize({', '.join(said)})" if said else "quantize")
         elif isinstance(layers, dict) and layers:
             parts.append(f"{name}({sum(1 for k in layers if k != '*')})")
         else:

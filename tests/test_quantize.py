@@ -623,6 +623,10 @@ def test_a_conv_left_float_stays_float_in_onnx_runtime(tmp_path: Path, group: in
     assert feeding.op_type == "DequantizeLinear" and _const(feeding.inputs[1]).shape == (8,)
     assert _node(model, "E").inputs[0] is _node(model, "B").inputs[0]  # one per-channel DequantizeLinear for both
     assert _node(model, "D").inputs[0].name == "x"
+    read = {v.name for n in model.graph for v in n.inputs if v is not None} | {v.name for v in model.graph.outputs}
+    dead = [n.name for n in model.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and n.outputs[0].name not in read]
+    assert not dead  # ra's readers both stay float: no per-tensor DequantizeLinear left for ONNX Runtime to run
     path, optimized = tmp_path / "q.onnx", tmp_path / "optimized.onnx"
     onnx.save(_check(model), path)
     opts = ort.SessionOptions()

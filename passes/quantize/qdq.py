@@ -103,6 +103,8 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], 
     uses = list(value.uses())
     float_uses = {u: found for u in uses if (found := _float_weight_channels(u.node, u.idx, int8_weights))}
     uses = [u for u in uses if u not in float_uses]
+    if not uses and all(channels <= 1 for channels, _ in float_uses.values()):
+        return  # every reader stays float and reads the float value: nothing reads a quantized copy
     scale = new_initializer(graph, f"{base}_scale", np.asarray(qp.scale, dtype=np.float32), taken=taken)
     zp = new_initializer(graph, f"{base}_zero_point", np.asarray(qp.zero_point, dtype=qp.dtype), taken=taken)
     q = ir.Node("", "QuantizeLinear", [value, scale, zp], name=unique_name(graph, f"{base}_QuantizeLinear", taken))
@@ -139,11 +141,12 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], 
         record_origin(node.outputs[0], base)
         use.node.replace_input_with(use.idx, node.outputs[0])
         extra[channels, axis] = node
+    added = [q, *([dq] if uses else []), *extra.values()]  # no per-tensor DequantizeLinear nothing reads
     producer = value.producer()
     if producer is not None:
-        graph.insert_after(producer, [q, dq, *extra.values()])
+        graph.insert_after(producer, added)
     else:
-        graph.insert_before(graph.node(0), [q, dq, *extra.values()])
+        graph.insert_before(graph.node(0), added)
 
 
 def _float_weight_channels(node: ir.Node, index: int, int8_weights: set[int]) -> tuple[int, int] | None:

@@ -281,3 +281,19 @@ def test_the_pass_search_runs_once_per_study(folded, data, monkeypatch) -> None:
     assert found["float_nodes"] and not found["targets_met"]  # a target int8 cannot meet: the closest set
     monkeypatch.setattr(mixed, "run_pass", lambda *a, **k: pytest.fail("searched twice"))
     assert mixed.searched_float_set(study, model, data[0], Constraint("cosine", 1e-6), {}, None) == found
+
+
+def test_starting_points_set_every_float_toggle_and_try_each_alone() -> None:
+    from onnxopt.tune.space import SearchSpace
+
+    space = SearchSpace(_table(), Constraint("accuracy", 1.0), "latency", ["quantize", "channels"])
+    points = space.starting_points()
+    toggles = [f"quantize.float.{layer}" for layer in space.float_toggles]
+    assert toggles and all(all(t in p for t in toggles) for p in points)  # none left to chance
+    alone = [p for p in points if sum(p[t] for t in toggles) == 1]
+    assert sorted(t for p in alone for t in toggles if p[t]) == sorted(toggles)
+    assert all(p["quantize"] and not p["channels"] for p in alone)
+    recipes = [space.recipe(p) for p in alone]
+    assert all([name for name, _ in r] == ["fold", "quantize"] for r in recipes)
+    assert sorted(next(iter(dict(r)["quantize"]["layers"])) for r in recipes) == sorted(space.float_toggles)
+    assert SearchSpace(_table(), Constraint("accuracy", 1.0), "size", ["quantize"]).float_toggles == []

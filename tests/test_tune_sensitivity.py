@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -297,3 +298,43 @@ def test_starting_points_set_every_float_toggle_and_try_each_alone() -> None:
     assert all([name for name, _ in r] == ["fold", "quantize"] for r in recipes)
     assert sorted(next(iter(dict(r)["quantize"]["layers"])) for r in recipes) == sorted(space.float_toggles)
     assert SearchSpace(_table(), Constraint("accuracy", 1.0), "size", ["quantize"]).float_toggles == []
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_stuck_sampler_is_given_random_recipes_before_the_search_gives_up() -> None:
+    """A sampler that proposes one recipe over and over (measured once, then repeats) gets a random draw
+    every few repeats, so the budget goes to new recipes; only when those repeat too does the search stop."""
+    import optuna
+
+    from onnxopt.tune import search
+    from onnxopt.tune.space import SearchSpace
+    from onnxopt.tune.study import open_study
+    from onnxopt.tune.workers import Outcome
+
+    space = SearchSpace(_table(), Constraint("accuracy", 1.0), "latency", ["quantize", "channels"])
+    fixed = {"quantize": True, "channels": False, "quantize.budget": space.bounds["quantize"][1],
+             "channels.budget": space.bounds["channels"][1], "channels.round_to": 1,
+             "channels.reconstruct": False, "quantize.calibrate": "minmax", "quantize.mode": "static",
+             **{f"quantize.float.{layer}": False for layer in space.float_toggles}}
+    study = open_study("sqlite:///:memory:", "stuck", sampler="tpe", seed=0)
+    study.sampler = optuna.samplers.PartialFixedSampler(fixed, optuna.samplers.RandomSampler(seed=0))
+
+    class Executor:
+        slots = 1
+
+        def __init__(self) -> None:
+            self.submitted: list[str] = []
+
+        def submit(self, number: int, recipe: object) -> None:
+            self.submitted.append(json.dumps(recipe, sort_keys=True))
+            self.number = number
+
+        def next_done(self) -> Outcome:
+            return Outcome(self.number, "complete", objective=1.0, error=0.0, rel_l2=0.0)
+
+    executor, exhausted = Executor(), [False]
+    outcomes = list(search._trials(study, space, executor, Constraint("accuracy", 1.0), 40, None, exhausted))
+    assert len(set(executor.submitted)) == len(executor.submitted) > 1  # random draws measured new recipes
+    repeats = [o for o in outcomes if o.reason.startswith("same recipe")]
+    assert repeats and len(outcomes) == 40 and not exhausted[0]
+    assert search.random_point(space, seed=3) == search.random_point(space, seed=3)

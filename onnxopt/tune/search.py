@@ -17,11 +17,14 @@ from onnxopt.tune.space import SearchSpace
 from onnxopt.tune.study import mark_running, tell
 from onnxopt.tune.workers import Job, Outcome, make_executor
 
-__all__ = ["Kept", "counted_trials", "run_trials"]
+__all__ = ["Kept", "counted_trials", "random_point", "run_trials"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_REPEATS = 25  # trials in a row that allot an already measured recipe: the space is exhausted
+_RANDOM_AFTER = 5
+"""After this many such trials in a row, the next one is drawn at random (the sampler is stuck near what it
+measured; a random recipe may still be new), so the budget goes to new recipes before the search gives up."""
 
 
 def counted_trials(the_study: Any) -> int:
@@ -102,6 +105,8 @@ def _trials(the_study: Any, space: SearchSpace, executor: Any, constraint: Const
                 outcome = dataclasses.replace(known[text], number=trial.number, seconds=0.0,
                                               reason=f"same recipe as trial {known[text].number}")
                 tell(the_study, trial, outcome, constraint.limit, recipe)
+                if repeats % _RANDOM_AFTER == 0:
+                    the_study.enqueue_trial(random_point(space, seed=trial.number))
                 yield outcome
                 continue
             repeats = 0
@@ -117,6 +122,14 @@ def _trials(the_study: Any, space: SearchSpace, executor: Any, constraint: Const
         logger.info("trial %d: %s objective=%s error=%s %s", outcome.number, outcome.state, outcome.objective,
                     outcome.error, outcome.reason)
         yield outcome
+
+
+def random_point(space: SearchSpace, seed: int) -> dict[str, Any]:
+    """Parameters of `space` drawn uniformly (Optuna's random sampler on a scratch study), reproducibly by `seed`."""
+    import optuna
+
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return space.suggest(scratch.ask())
 
 
 def _known_outcomes(the_study: Any) -> dict[str, Outcome]:

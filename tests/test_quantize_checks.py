@@ -20,7 +20,7 @@ from onnxopt.passes.quantize.speed import SpeedComparison
 from onnxopt.analysis import infer_shapes
 from onnxopt.context import Context
 from onnxopt.data import input_specs, load_data
-from onnxopt.registry import make_pass
+from onnxopt.registry import make_pass, run_pass
 
 RNG = np.random.default_rng(7)
 T, D, H, C = 16, 32, 64, 4
@@ -322,6 +322,17 @@ def test_the_blockwise_transformer_variant_as_written(monkeypatch: pytest.Monkey
     assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph)
     assert stats.summary["mode"] == "dynamic" and "bits" not in stats.summary
     assert _scores(proto, model, feeds).cosine > 0.999
+    # the variant as options: after fold (as a recipe runs it), mode=dynamic with gelu_matmuls=blockwise builds
+    # the same model, no timing involved
+    assert stats.summary["gelu_matmuls"] == "blockwise"
+    folded = ir.from_proto(proto)
+    run_pass("fold", folded)
+    chosen, _ = _quantize(ir.to_proto(folded), feeds)
+    again, _ = _quantize(ir.to_proto(folded), feeds, mode="dynamic", gelu_matmuls="blockwise")
+    assert ir.to_proto(again).SerializeToString() == ir.to_proto(chosen).SerializeToString()
+    floats, _ = _quantize(proto, feeds, mode="dynamic", gelu_matmuls="float")
+    kept = {n.name for n in floats.graph if n.op_type == "MatMul"}
+    assert {n.name for n in erf_fed} <= kept and not any(n.op_type == "MatMulNBits" for n in floats.graph)
 
 
 def _producers_upstream(proto: onnx.ModelProto, node: onnx.NodeProto, depth: int) -> set[str]:

@@ -261,6 +261,7 @@ READ_UNDER_A_MODE = [
     ("quantize", "target_cosine", 0.95, "mode", "dynamic", None),
     ("quantize", "target_argmax", 0.9, "fallback", "none", None),
     ("quantize", "float_nodes", ["conv"], "mode", "dynamic", None),
+    ("quantize", "gelu_matmuls", "blockwise", "mode", "static", "dynamic"),
     ("quantize", "smooth_alpha", 0.5, "mode", "dynamic", None),
     ("quantize", "gptq", True, "mode", "dynamic", None),
     ("quantize", "equalize", True, "mode", "weight-only", None),

@@ -338,3 +338,27 @@ def test_a_stuck_sampler_is_given_random_recipes_before_the_search_gives_up() ->
     repeats = [o for o in outcomes if o.reason.startswith("same recipe")]
     assert repeats and len(outcomes) == 40 and not exhausted[0]
     assert search.random_point(space, seed=3) == search.random_point(space, seed=3)
+
+
+def test_a_transformer_space_chooses_how_gelu_fed_matmuls_are_quantized() -> None:
+    """When the pass's own run found MatMuls reading a GELU output, dynamic trials draw gelu_matmuls, and the
+    dynamic variant the pass picked is a starting point; without them the option is not drawn."""
+    import optuna
+
+    from onnxopt.tune.space import SearchSpace
+
+    searched = {"float_nodes": [], "calibrate": "minmax", "scores": {}, "targets_met": False, "seconds": 1.0,
+                "gelu_fed": True, "dynamic_pick": "blockwise"}
+    space = SearchSpace(_table(), Constraint("cosine", 0.01), "latency", ["quantize"], matmul_weights=True,
+                        searched=searched)
+    drawn = space.suggest(optuna.create_study().ask())
+    assert drawn["quantize.gelu_matmuls"] in ("dynamic", "float", "blockwise")
+    pick = [p for p in space.starting_points() if p.get("quantize.mode") == "dynamic"]
+    assert len(pick) == 1 and pick[0]["quantize.gelu_matmuls"] == "blockwise"
+    step = dict(space.recipe(pick[0]))["quantize"]
+    assert step["mode"] == "dynamic" and step["gelu_matmuls"] == "blockwise"
+    static = dict(space.recipe({**pick[0], "quantize.mode": "static"}))["quantize"]
+    assert "gelu_matmuls" not in static
+    plain = SearchSpace(_table(), Constraint("cosine", 0.01), "latency", ["quantize"], matmul_weights=True,
+                        searched={**searched, "gelu_fed": False})
+    assert "quantize.gelu_matmuls" not in plain.suggest(optuna.create_study().ask())

@@ -6,9 +6,11 @@ more than a few points) the errors of a set are not the sum of its members', and
 find the few layers that, kept float together, bring the outputs back. ``quantize fallback=auto`` measures
 whole sets (groups, then a bisection of what it chose); run here once with the constraint as its target, it
 gives one float set and the range method it chose, which the space offers as ``quantize.float_set =
-searched``. The recipe of such a trial lists the set as ``float_nodes`` with ``fallback=none``, so it builds
-the same model whatever the machine's speed (the pass's search stops at a time budget). The result is kept
-in the study: a resumed run reads it back.
+searched``; on a transformer it also says whether some MatMuls read a GELU output (the space then offers
+``quantize.gelu_matmuls``) and which dynamic variant the pass picked (a starting point). The recipe of a
+searched trial lists the set as ``float_nodes`` with ``fallback=none``, so it builds the same model whatever
+the machine's speed (the pass's search stops at a time budget). The result is kept in the study: a resumed
+run reads it back.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def pass_targets(constraint: Constraint) -> tuple[dict[str, float], float | None
 def searched_float_set(the_study: Any, base: Any, calib: Dataset, constraint: Constraint, dims: dict[str, int],
                        threads: int | None) -> dict[str, Any] | None:
     """The study's result when it has one, else the pass run now on a copy of `base` (folded) and kept in the
-    study: ``{"float_nodes", "calibrate", "scores", "targets_met", "seconds"}``, or None when static
-    quantization does not apply (nothing quantized, or the pass refused the model)."""
+    study: ``{"float_nodes", "calibrate", "scores", "targets_met", "seconds", "gelu_fed", "dynamic_pick"}``,
+    or None when static quantization does not apply (nothing quantized, or the pass refused the model)."""
     stored = the_study.user_attrs.get(STUDY_KEY)
     if stored is not None:
         return stored or None
@@ -70,6 +72,9 @@ def searched_float_set(the_study: Any, base: Any, calib: Dataset, constraint: Co
         found = {"float_nodes": list(summary.get("fallback_float_nodes", [])),
                  "calibrate": summary.get("calibrate_chosen") or summary.get("calibrate") or "minmax",
                  "scores": scores, "targets_met": summary.get("targets_met", True),
-                 "seconds": round(time.perf_counter() - t0, 2)}
+                 "seconds": round(time.perf_counter() - t0, 2),
+                 # a transformer: whether some MatMuls read a GELU output, and the dynamic variant the pass chose
+                 "gelu_fed": bool(summary.get("gelu_fed_matmuls")),
+                 "dynamic_pick": summary.get("gelu_matmuls") if summary.get("mode") == "dynamic" else None}
     the_study.set_user_attr(STUDY_KEY, found)
     return found or None

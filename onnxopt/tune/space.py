@@ -13,7 +13,8 @@ A trial's parameters (a fixed set, so TPE's multivariate model and NSGA-II see e
   with the fewest MACs (the conversions around a small integer kernel can cost more than it saves, which
   an error table cannot tell), and ``quantize.float_set``: ``allotted`` (the float layers the budget leaves)
   or ``searched`` (the set and range method the quantize pass's own search found for the constraint,
-  `onnxopt.tune.mixed`; the budget then plays no part);
+  `onnxopt.tune.mixed`; the budget then plays no part); on a transformer whose MatMuls read GELU outputs,
+  ``quantize.gelu_matmuls`` for dynamic trials (dynamic int8, float or 8-bit blockwise);
 - ``distill``: off, before quantize, or after it (refitting the layers the structural passes changed);
   ``order``: channels or factorize first.
 
@@ -166,6 +167,8 @@ class SearchSpace:
             if self.searched is not None:
                 trial.suggest_categorical("quantize.float_set", ["allotted", "searched"])
             trial.suggest_categorical("quantize.mode", ["static", "dynamic"] if self.matmul_weights else ["static"])
+            if self._gelu_choice():
+                trial.suggest_categorical("quantize.gelu_matmuls", ["dynamic", "float", "blockwise"])
         if self.distill:
             trial.suggest_categorical("distill", ["off", "before_quantize", "after_quantize"])
         if "channels" in self.ladders and "factorize" in self.ladders:
@@ -190,6 +193,10 @@ class SearchSpace:
             point = {n: True for n in self.ladders}
             point.update({f"{n}.budget": math.sqrt(self.bounds[n][0] * self.bounds[n][1]) for n in self.ladders})
             points.append({**point, **off})
+        if self._gelu_choice() and self.searched.get("dynamic_pick"):  # the variant the pass itself picked
+            points.append({**{n: n == "quantize" for n in self.ladders}, **top, **off, "quantize.mode": "dynamic",
+                           "quantize.float_set": "allotted",
+                           "quantize.gelu_matmuls": self.searched["dynamic_pick"]})
         alone = {**{n: n == "quantize" for n in self.ladders}, **top, **off, "quantize.mode": "static",
                  **({"quantize.float_set": "allotted"} if self.searched is not None else {})}
         points += [{**alone, f"quantize.float.{layer}": True} for layer in self.float_toggles]
@@ -256,9 +263,15 @@ class SearchSpace:
         options: dict[str, Any] = {"mode": mode}
         if options["mode"] == "static":
             options["calibrate"] = params.get("quantize.calibrate", "minmax")
+        elif self._gelu_choice():
+            options["gelu_matmuls"] = params.get("quantize.gelu_matmuls", "dynamic")
         if kept_float:
             options["layers"] = {glob.escape(n): {SKIP: True} for n in kept_float}
         return {**options, **untimed_options("quantize", options)}
+
+    def _gelu_choice(self) -> bool:
+        """Whether dynamic trials choose how the MatMuls that read a GELU output are quantized."""
+        return self.matmul_weights and self.searched is not None and bool(self.searched.get("gelu_fed"))
 
     def _searched_quantize(self, params: dict[str, Any]) -> dict[str, Any]:
         """Static int8 with the searched float set and range method (and the float toggles the trial set)."""

@@ -157,6 +157,10 @@ class Quantize(Pass):
     exclude: list[str] = option([], "node-name globs and op types left in float")
     concat_range_ratio: float = option(32.0, "leave a Concat in float when its inputs' ranges differ more than this",
                                        when={"mode": "static"})
+    gelu_matmuls: Literal["dynamic", "float", "blockwise"] = option(
+        "dynamic", "dynamic mode: the MatMuls that read a GELU output: dynamic int8 like the rest, float, or 8-bit "
+        "blockwise weights with the input quantized per block of 32 (MatMulNBits; a GELU tail then costs a block "
+        "its resolution, not the whole activation)", when={"mode": "dynamic"})
     fold: bool = option(True, "fold BatchNorm and constants and infer shapes first (what ORT needs to fuse)")
     bits: int = option(4, "weight-only: bits per weight, 4 or 8", when={"mode": "weight-only"})
     block_size: int = option(32, "weight-only: weights per scale along K (a power of two >= 16)",
@@ -294,13 +298,25 @@ class Quantize(Pass):
         argmax = 1 - (1 - self.target_argmax) * (_TARGET_HEADROOM if headroom and self.target_argmax > 0 else 1.0)
         return Targets(self.target_cosine, argmax, ctx.tolerance)
 
-    def _dynamic(self, model: ir.Model, stats: PassStats, exclude: list[str] | None = None) -> dict[str, int]:
-        """Dynamic mode: MatMul/Gemm (and Conv on request) with DynamicQuantizeLinear, LSTMs, embedding tables."""
-        exclude = self.exclude if exclude is None else exclude
+    def _dynamic(self, model: ir.Model, stats: PassStats, gelu: str | None = None) -> dict[str, int]:
+        """Dynamic mode: MatMul/Gemm (and Conv on request) with DynamicQuantizeLinear, LSTMs, embedding tables; the
+        MatMuls that read a GELU output as `gelu` says (default: the `gelu_matmuls` option)."""
+        gelu = gelu or self.gelu_matmuls
+        exclude = list(self.exclude)
+        fed = []
+        if gelu != "dynamic":
+            name_nodes(model.graph)
+            fed = gelu_fed_matmuls(model.graph)
+            exclude += [glob.escape(n) for n in fed]
         counts = apply_dynamic(model.graph, stats, exclude=exclude, per_channel=self.per_channel,
                                conv=self.dynamic_conv)
         counts["lstm_quantized"] = len(self._lstms(model, stats, exclude, {}))
         counts["embeddings_quantized"] = quantize_embeddings(model.graph, stats, exclude)
+        if gelu == "blockwise" and fed:
+            # 8-bit blockwise weights with integer compute: the input is quantized per block of 32 along K
+            blockwise = apply_weight_only(model, stats, exclude=self.exclude, bits=8, block_size=_BLOCKWISE_SIZE,
+                                          accuracy_level=4)
+            counts["blockwise_int8_matmuls"] = blockwise["quantized_nodes"]
         return counts
 
     def _static_or_dynamic(self, model: ir.Model, prepared: ir.Model, given: ir.Model, ctx: Context,
@@ -308,26 +324,19 @@ class Quantize(Pass):
         """A transformer: build the dynamic model too, and keep whichever meets the targets and runs faster."""
         if opset_version(prepared) < _DYNAMIC_OPSET:
             return counts
-        # Dynamic, and dynamic with the MatMuls that read a GELU output left float: DynamicQuantizeLinear gives
-        # a whole activation one scale, and a GELU output's long positive tail leaves its many small values few levels.
-        gelu_fed = [n.name for n in prepared.graph if is_onnx_op(n, "MatMul")
-                    and "(activation)" in self._kept.get(_producer_past_constants(n.inputs[0]), "")]
-        variants = {"dynamic": self.exclude}
-        if gelu_fed:
-            variants["dynamic, GELU-fed MatMuls float"] = self.exclude + [glob.escape(n) for n in gelu_fed]
-            variants[_GELU_BLOCKWISE] = variants["dynamic, GELU-fed MatMuls float"]
+        # Dynamic, and dynamic with the MatMuls that read a GELU output left float or blockwise: DynamicQuantizeLinear
+        # gives a whole activation one scale, and a GELU output's long positive tail leaves its many small values few
+        # levels.
+        variants = {"dynamic": "dynamic"}
+        stats.summary["gelu_fed_matmuls"] = len(gelu_fed_matmuls(prepared.graph))
+        if stats.summary["gelu_fed_matmuls"]:
+            variants["dynamic, GELU-fed MatMuls float"] = "float"
+            variants[_GELU_BLOCKWISE] = "blockwise"
         built = {}
-        for label, exclude in variants.items():
+        for label, gelu in variants.items():
             candidate = prepared.clone()
             cand_stats = PassStats()
-            counts_of = self._dynamic(candidate, cand_stats, exclude)
-            if label == _GELU_BLOCKWISE:
-                # Those MatMuls as 8-bit blockwise weights with integer compute: the input is quantized per block
-                # of 32 along K, so the GELU tail costs a block its resolution, not the whole activation.
-                blockwise = apply_weight_only(candidate, cand_stats, exclude=self.exclude, bits=8,
-                                              block_size=_BLOCKWISE_SIZE, accuracy_level=4)
-                counts_of["blockwise_int8_matmuls"] = blockwise["quantized_nodes"]
-            built[label] = (candidate, cand_stats, counts_of)
+            built[label] = (candidate, cand_stats, self._dynamic(candidate, cand_stats, gelu))
         targets = self._targets(ctx)
         # The static step's reference is of the same float model (its rewrites are exact): reuse it.
         check = self._reference or Reference(prepared, ctx.require_calib("quantize").feeds, threads=ctx.threads)
@@ -368,6 +377,7 @@ class Quantize(Pass):
         stats.layers, stats.skipped = dyn_stats.layers, dyn_stats.skipped
         stats.summary.update(dyn_stats.summary)
         stats.summary["mode"] = "dynamic"
+        stats.summary["gelu_matmuls"] = variants[pick]  # mode=dynamic with this option builds the same model
         return dyn_counts
 
     def _speed_check(self, model: ir.Model, given: ir.Model, ctx: Context, stats: PassStats) -> str | None:
@@ -808,13 +818,21 @@ def _pick_variant(rows: dict[str, tuple[float, float, float, int]]) -> str:
     return min(near, key=lambda k: (rows[k][3], -rows[k][1]))
 
 
-def _producer_past_constants(value: ir.Value | None) -> str:
-    """The name of the node that computes `value`, looking through element-wise ops by a constant."""
+def gelu_fed_matmuls(graph: ir.Graph) -> list[str]:
+    """The named MatMuls whose input is a GELU (range-sensitive activation) output, looking through
+    element-wise ops by a constant."""
+    gelu = {id(n) for r in sensitive_regions(graph) if r.kind == "activation" for n in r.nodes}
+    return [n.name for n in graph if is_onnx_op(n, "MatMul") and n.name and n.inputs
+            and id(_producer_node(n.inputs[0])) in gelu]
+
+
+def _producer_node(value: ir.Value | None) -> ir.Node | None:
+    """The node that computes `value`, looking through element-wise ops by a constant."""
     node = value.producer() if value is not None else None
     while is_onnx_op(node, "Mul", "Div", "Add", "Sub") and any(is_constant(v) for v in node.inputs):
         value = next((v for v in node.inputs if not is_constant(v)), None)
         node = value.producer() if value is not None else None
-    return node.name if node is not None else ""
+    return node
 
 
 def _restore(model: ir.Model, given: ir.Model, stats: PassStats) -> None:

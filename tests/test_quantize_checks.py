@@ -294,6 +294,14 @@ def test_transformer_modes_are_compared_under_fallback_auto_only() -> None:
     written = auto.summary.get("fallback_scores") or auto.summary["scores_all_quantized"]
     assert modes["static"]["cosine"] == written["cosine"]
     assert len(scored) == len(modes) - 1 + ("fallback_scores" in auto.summary)
+    # an export without node names: the GELU-fed MatMuls are found by structure, and the variants still built
+    unnamed = onnx.ModelProto()
+    unnamed.CopyFrom(proto)
+    for node in unnamed.graph.node:
+        node.name = ""
+    _, anonymous = _quantize(unnamed, feeds)
+    assert anonymous.summary["gelu_fed_matmuls"] == auto.summary["gelu_fed_matmuls"] > 0
+    assert set(anonymous.summary["transformer_modes"]) == set(modes)
     model, fixed = _quantize(proto, feeds, fallback="none")
     assert "transformer_modes" not in fixed.summary and fixed.summary["mode"] == "static"
     assert any(n.op_type == "QuantizeLinear" for n in model.graph)  # static Q/DQ, not DynamicQuantizeLinear

@@ -250,6 +250,7 @@ def test_the_searched_float_set_is_a_choice_of_the_space() -> None:
     assert "float_nodes" not in allotted and allotted["calibrate"] == "minmax"
     assert "float_nodes" not in dict(space.recipe({**params, "quantize.mode": "dynamic"}))["quantize"]
     assert any(p.get("quantize.float_set") == "searched" and p["quantize"] for p in space.starting_points())
+    assert all("quantize.float_set" in p for p in space.starting_points())  # none left to chance
     plain = SearchSpace(_table(), Constraint("cosine", 0.01), "latency", ["quantize"])
     assert not any("quantize.float_set" in p for p in plain.starting_points())
 

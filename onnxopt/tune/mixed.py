@@ -7,7 +7,8 @@ find the few layers that, kept float together, bring the outputs back. ``quantiz
 whole sets (groups, then a bisection of what it chose); run here once with the constraint as its target, it
 gives one float set and the range method it chose, which the space offers as ``quantize.float_set =
 searched``; on a transformer it also says whether some MatMuls read a GELU output (the space then offers
-``quantize.gelu_matmuls``) and which dynamic variant the pass picked (a starting point). The recipe of a
+``quantize.gelu_matmuls``) and which dynamic variant the pass picked (a starting point; untimed here, the
+pass picks the smallest variant that meets the targets). The recipe of a
 searched trial lists the set as ``float_nodes`` with ``fallback=none``, so it builds the same model whatever
 the machine's speed (the pass's search stops at a time budget). The result is kept in the study: a resumed
 run reads it back.

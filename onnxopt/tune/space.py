@@ -182,6 +182,8 @@ class SearchSpace:
         pays is a matter of timing (on the digits CNN the stem float made int8 faster, the 1x1 conv after the
         depthwise one float made it slower than fp32), which each toggle's own trial measures."""
         off = {f"quantize.float.{layer}": False for layer in self.float_toggles}
+        if self.searched is not None:  # the allotted set unless the point is the searched one
+            off["quantize.float_set"] = "allotted"
         top = {f"{n}.budget": self.bounds[n][1] for n in self.ladders}
         points = []
         for name in self.ladders:
@@ -195,10 +197,8 @@ class SearchSpace:
             points.append({**point, **off})
         if self._gelu_choice() and self.searched.get("dynamic_pick"):  # the variant the pass itself picked
             points.append({**{n: n == "quantize" for n in self.ladders}, **top, **off, "quantize.mode": "dynamic",
-                           "quantize.float_set": "allotted",
                            "quantize.gelu_matmuls": self.searched["dynamic_pick"]})
-        alone = {**{n: n == "quantize" for n in self.ladders}, **top, **off, "quantize.mode": "static",
-                 **({"quantize.float_set": "allotted"} if self.searched is not None else {})}
+        alone = {**{n: n == "quantize" for n in self.ladders}, **top, **off, "quantize.mode": "static"}
         points += [{**alone, f"quantize.float.{layer}": True} for layer in self.float_toggles]
         return points
 

@@ -305,8 +305,8 @@ class Quantize(Pass):
         exclude = list(self.exclude)
         fed = []
         if gelu != "dynamic":
-            name_nodes(model.graph)
-            fed = gelu_fed_matmuls(model.graph)
+            name_nodes(model.graph)  # excluded by name
+            fed = [n.name for n in gelu_fed_matmuls(model.graph)]
             exclude += [glob.escape(n) for n in fed]
         counts = apply_dynamic(model.graph, stats, exclude=exclude, per_channel=self.per_channel,
                                conv=self.dynamic_conv)
@@ -647,7 +647,6 @@ class Quantize(Pass):
         if kinds:
             stats.summary["range_sensitive_regions"] = dict(sorted(kinds.items()))
         self._transformer = "attention" in kinds
-        self._kept = kept
         if collapsed:
             stats.summary["collapsed_tensors"] = {k: round(v, 3) for k, v in sorted(collapsed.items())}
             worst = max(collapsed, key=collapsed.get)
@@ -818,12 +817,11 @@ def _pick_variant(rows: dict[str, tuple[float, float, float, int]]) -> str:
     return min(near, key=lambda k: (rows[k][3], -rows[k][1]))
 
 
-def gelu_fed_matmuls(graph: ir.Graph) -> list[str]:
-    """The named MatMuls whose input is a GELU (range-sensitive activation) output, looking through
-    element-wise ops by a constant."""
+def gelu_fed_matmuls(graph: ir.Graph) -> list[ir.Node]:
+    """The MatMuls whose input is a GELU (range-sensitive activation) output, looking through element-wise ops
+    by a constant."""
     gelu = {id(n) for r in sensitive_regions(graph) if r.kind == "activation" for n in r.nodes}
-    return [n.name for n in graph if is_onnx_op(n, "MatMul") and n.name and n.inputs
-            and id(_producer_node(n.inputs[0])) in gelu]
+    return [n for n in graph if is_onnx_op(n, "MatMul") and n.inputs and id(_producer_node(n.inputs[0])) in gelu]
 
 
 def _producer_node(value: ir.Value | None) -> ir.Node | None:

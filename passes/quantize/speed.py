@@ -33,9 +33,9 @@ BLOCK_S = 0.05
 ROUNDS = 7
 WARMUP = 2
 MARGIN = 0.05
+"""int8 counts as faster only when its median ratio is below ``1 - MARGIN``."""
 REPEATS = 2
 """How many more measurements an undecided answer gets (see `decide`)."""
-"""int8 counts as faster only when its median ratio is below ``1 - MARGIN``."""
 MAX_RUN_S = 5.0
 """A model whose one float run takes longer is not timed (the check would cost minutes)."""
 

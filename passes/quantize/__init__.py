@@ -78,6 +78,7 @@ from onnxopt.registry import (
 from . import speed
 from .affine import fold_affine
 from .bias import apply_shift, bias_targets, input_means, weight_shift
+from .branches import branch_sites, quantize_branches
 from .calib import Range, choose_range, collect_histograms, collect_ranges_and_samples, weight_scales
 from .check import INTEGER_KERNELS, fusion_check_skipped, fusion_report
 from .cle import equalize_pairs
@@ -251,6 +252,12 @@ class Quantize(Pass):
             if (prepared is not None and self._transformer and not self._float_reason
                     and counts.get("quantized_nodes")):
                 counts = self._static_or_dynamic(model, prepared, given, ctx, stats, counts)
+            if stats.summary.get("mode") == "static" and not self._float_reason:
+                branches = quantize_branches(lambda: dataclasses.replace(self), model, ctx, stats, _WEIGHTED)
+                if branches:
+                    counts["if_branches_quantized"] = branches
+                    self._measured = self._measured_single = None  # timed before the branches changed
+                    ctx.model_changed(model)
         elif self.mode == "dynamic":
             opset = opset_version(model)
             if opset < _DYNAMIC_OPSET and not _try_opset_upgrade(model, stats):
@@ -589,7 +596,7 @@ class Quantize(Pass):
         feeds = len(ctx.calib or [])
         ranges, samples = collect_ranges_and_samples(ctx.activations(model, names, desc="calibrating (ranges)"),
                                                      names, feeds)
-        methods = _AUTO_CALIBRATION if self.calibrate == "auto" else (self.calibrate,)
+        methods = _AUTO_CALIBRATION if self.calibrate == "auto" and names else (self.calibrate,)
         found = {}
         hists = None
         for method in methods:
@@ -781,8 +788,11 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
     nested = [n for g in subgraphs for n in g if n.op_type in wanted]
     foreign = sorted({n.domain for g in iter_graphs(model.graph) for n in g if not is_default_domain(n.domain)})
     if nested and not main:
-        return (f"nothing quantized: the {len(nested)} {'/'.join(sorted({n.op_type for n in nested}))} nodes are "
-                "inside If/Loop/Scan bodies, which this pass does not rewrite")
+        where = ("inside If branches no calibration feed took or that stayed float (see the notes on each branch)"
+                 if mode == "static" and branch_sites(model.graph, _WEIGHTED) else
+                 f"inside {'If branches or ' if mode == 'static' else 'If/'}Loop/Scan bodies, which "
+                 f"{'this mode' if mode != 'static' else 'this pass'} does not rewrite")
+        return f"nothing quantized: the {len(nested)} {'/'.join(sorted({n.op_type for n in nested}))} nodes are {where}"
     if not main:
         extra = f" (its operators are from {', '.join(foreign)})" if foreign else ""
         return f"nothing quantized: the main graph has no node that mode={mode} quantizes{extra}"
@@ -790,6 +800,8 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
 
 
 _MISSED = "WARNING: int8 misses"
+_WEIGHTED = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM"})
+"""Ops whose presence in an If branch makes the branch worth quantizing as a model of its own."""
 
 
 def _missed(targets: Targets, written: str) -> str:

@@ -132,6 +132,32 @@ def test_the_regions_are_what_keeps_that_layernorm_correct() -> None:
     assert _scores(proto, model, held).shortfall(Targets()) > 0.02
 
 
+def _one_loud_channel() -> onnx.ModelProto:
+    """conv1 -> relu -> conv2 where conv1's channel 0 is about a thousand times its other channels: one scale
+    over that tensor zeroes the quiet channels (the collapse guard's signature), which conv2 barely reads."""
+    w1 = _w(8, 3, 3, 3, scale=0.01)
+    w1[0] *= 1000.0
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    return make_model(nodes, [("x", F32, [1, 3, 12, 12])], [("y", F32, [1, 4, 12, 12])],
+                      {"w1": w1, "w2": _w(4, 8, 3, 3)}, opset=13)
+
+
+def test_a_guarded_tensor_measured_harmless_is_quantized_after_all() -> None:
+    proto = _one_loud_channel()
+    rng = np.random.default_rng(5)
+    calib, held = ([{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(n)] for n in (8, 4))
+    guarded, kept_stats = _quantize(proto, calib, fallback="none")
+    assert kept_stats.summary.get("collapsed_tensors") and "collapse_guard_lifted" not in kept_stats.summary
+    model, stats = _quantize(proto, calib, fallback="auto")
+    assert stats.summary["collapse_guard_lifted"] >= 1
+    assert any("collapse guard" in n and ": quantized" in n for n in stats.notes)
+    count = lambda m: sum(n.op_type == "QuantizeLinear" for n in m.graph)  # noqa: E731
+    assert count(model) > count(guarded)
+    assert _scores(proto, model, held).cosine >= 0.99
+
+
 # ------------------------------------------------------------------------------ never slower than fp32
 def _small_cnn() -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),

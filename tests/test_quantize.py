@@ -588,14 +588,14 @@ def test_fallback_auto_keeps_all_int8_when_the_real_kernels_disagree_with_the_em
         return Scores([OutputScore(o.name, o.cosine - 0.5, o.rel_l2 + 1.0, o.argmax) for o in got.outputs])
 
     monkeypatch.setattr(Reference, "scores", misjudged)
-    model, stats = _fallback(proto, calib, target_cosine=target, target_argmax=0.0)
+    model, stats = _fallback(proto, calib, target_cosine=target, target_argmax=0.0, require_targets=False)
     assert stats.summary["fallback_reverted"] is True and stats.summary["fallback_float_nodes"] == []
     assert _dq_of(_node(model, "fc1").inputs[1]) is not None  # fc1 is int8 again: the all-int8 build
     assert not any("fallback=auto" in s["reason"] for s in stats.skipped)
     assert any("all int8 kept" in n for n in stats.notes)
     assert stats.summary["targets_met"] is False
     assert [n for n in stats.notes if n.startswith("WARNING")] == [
-        n for n in stats.notes if "the all-int8 model is written" in n]
+        n for n in stats.notes if "the all-int8 model is written" in n]  # as require_targets=false asks
     ref = np.concatenate([run_ort(proto, f)[0].ravel() for f in calib.feeds])
     got = np.concatenate([run_ort(model, f)[0].ravel() for f in calib.feeds])
     assert _cosine(ref, got) == pytest.approx(stats.summary["scores_all_quantized"]["cosine"], rel=1e-4)
@@ -662,12 +662,20 @@ def test_a_gemm_left_float_stays_float_in_onnx_runtime(tmp_path: Path) -> None:
     assert _cosine(want.ravel(), got.ravel()) > 0.999
 
 
-def test_fallback_auto_says_so_when_the_targets_are_out_of_reach() -> None:
+def test_fallback_auto_writes_float_when_the_targets_are_out_of_reach() -> None:
     proto = _conv_family()
     calib = load_data("random:4", input_specs(ir.from_proto(proto)))
     model, stats = _fallback(proto, calib, target_cosine=1.0)
-    assert stats.summary["targets_met"] is False
-    assert any(n.startswith("WARNING: int8 misses cosine >= 1") for n in stats.notes)
+    assert stats.summary["targets_met"] is False and not stats.modified
+    assert any(n.startswith("WARNING: int8 misses cosine >= 1") and "the float model is written" in n
+               for n in stats.notes)
+    assert "require_targets=false" in stats.summary["wrote_float_model"]
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)
+    # asked for int8 anyway: the closest int8 model the search found
+    model, stats = _fallback(proto, calib, target_cosine=1.0, require_targets=False)
+    assert stats.summary["targets_met"] is False and stats.modified
+    assert any(n.startswith("WARNING: int8 misses cosine >= 1") and "is written" in n for n in stats.notes)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph)
     _check(model)
 
 

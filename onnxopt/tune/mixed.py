@@ -62,7 +62,7 @@ def searched_float_set(the_study: Any, base: Any, calib: Dataset, constraint: Co
     t0 = time.perf_counter()
     try:
         stats = run_pass("quantize", base.clone(), ctx, mode="static", fallback="auto", require_speedup=False,
-                         check_fusion=False, **options)
+                         require_targets=False, check_fusion=False, **options)
     except OnnxoptError as exc:
         logger.info("quantize's own search did not run: %s", first_line(exc))
         stats = None

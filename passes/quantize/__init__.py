@@ -178,6 +178,9 @@ class Quantize(Pass):
                                   "(0: none)", when={"mode": "static", "fallback": "auto"})
     target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep",
                                   when={"mode": "static", "fallback": "auto"})
+    require_targets: bool = option(
+        True, "static, fallback=auto: write the float model when int8 misses the targets even with the layers the "
+        "search keeps float (false: write the closest int8 model found)", when={"mode": "static", "fallback": "auto"})
     float_nodes: list[str] = option([], "static: node names kept float as fallback=auto keeps them, after the exact "
                                     "rewrites (its report lists them; with fallback=none this pins a set)",
                                     when={"mode": "static"})
@@ -252,6 +255,11 @@ class Quantize(Pass):
             if (prepared is not None and self._transformer and not self._float_reason
                     and counts.get("quantized_nodes")):
                 counts = self._static_or_dynamic(model, prepared, given, ctx, stats, counts)
+            if (self.fallback == "auto" and self.require_targets and stats.summary.get("targets_met") is False
+                    and not self._float_reason):
+                self._float_reason = ("int8 misses the accuracy targets on the calibration feeds (see the WARNING); "
+                                      "wrote the float model (quantize.require_targets=false writes the closest int8 "
+                                      "model found)")
             if stats.summary.get("mode") == "static" and not self._float_reason:
                 branches = quantize_branches(lambda: dataclasses.replace(self), model, ctx, stats, _WEIGHTED)
                 if branches:
@@ -373,6 +381,7 @@ class Quantize(Pass):
                 **({"latency_ratio_one_thread": v[4].ratio} if v[4] else {})} for k, v in rows.items()}
         self._measured = rows[pick][3]
         self._measured_single = rows[pick][4]
+        stats.summary["targets_met"] = rows[pick][0] == 0
         if pick == "static":
             stats.notes.append(f"transformer: static int8 kept ({said})")
             return counts
@@ -495,7 +504,7 @@ class Quantize(Pass):
                     stats.summary["fallback_reverted"] = True
                     stats.notes = [n for n in stats.notes if not n.startswith(_MISSED)]
                     if self._all_int8_scores.shortfall(wanted) > 0:
-                        stats.notes.append(_missed(wanted, "the all-int8 model is written"))
+                        stats.notes.append(_missed(wanted, "the all-int8 model", self.require_targets))
                         stats.summary["targets_met"] = False
                     stats.summary["fallback_float_nodes"] = []
                     counts, applied, stats.skipped[skipped:], stats.layers = first
@@ -799,8 +808,8 @@ class Quantize(Pass):
                if result.float_nodes else ""))
         wanted = self._targets(ctx, headroom=False)
         if not result.reached and result.scores.shortfall(wanted) > 0:
-            stats.notes.append(_missed(wanted, f"the closest int8 model found is written ({len(result.float_nodes)} "
-                                               f"nodes float: {result.scores.describe()})"))
+            stats.notes.append(_missed(wanted, f"the closest int8 model found ({len(result.float_nodes)} nodes float: "
+                                               f"{result.scores.describe()})", self.require_targets))
             stats.summary["targets_met"] = False
         reason = "kept in float by fallback=auto: the outputs miss the targets with it in int8"
         return dict.fromkeys(result.float_nodes, reason)
@@ -852,8 +861,10 @@ _WEIGHTED = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM"})
 """Ops whose presence in an If branch makes the branch worth quantizing as a model of its own."""
 
 
-def _missed(targets: Targets, written: str) -> str:
+def _missed(targets: Targets, closest: str, require: bool) -> str:
     """The warning of a static model that misses the targets, saying which model is written."""
+    written = ("the float model is written unless another mode meets them (quantize.require_targets=false writes "
+               f"{closest})" if require else f"{closest} is written")
     return (f"{_MISSED} {_describe(targets)} on the calibration feeds without keeping most of the model float; "
             f"{written}; quantize.target_cosine / target_argmax say what is enough")
 

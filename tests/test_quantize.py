@@ -300,6 +300,28 @@ def test_digits_cnn_accuracy_size_and_fusion() -> None:
     assert accuracy(result.model, x, labels) == result.validation.accuracy_b
 
 
+def test_long_tensor_names_give_short_new_names() -> None:
+    """TensorFlow-style scopes of 100+ characters: the Q/DQ names built from them stay short (they would make a
+    small model's file larger than the float one), unique, and the full name stays the origin."""
+    scope = "model_1/" + "/".join(f"block_{i}/conv1d_{i};model_1/block_{i}/conv1d_{i}" for i in range(3))
+    x, a, r = f"{scope}/input", f"{scope}/conv_a", f"{scope}/relu_a"
+    nodes = [helper.make_node("Conv", [x, f"{scope}/w1"], [a], name=f"{scope}/conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", [a], [r], name=f"{scope}/relu"),
+             helper.make_node("Conv", [r, f"{scope}/w2"], ["y"], name=f"{scope}/conv2", pads=[1, 1, 1, 1])]
+    proto = make_model(nodes, [(x, F32, [1, 3, 8, 8])], [("y", F32, [1, 4, 8, 8])],
+                       {f"{scope}/w1": _w(4, 3, 3, 3), f"{scope}/w2": _w(4, 4, 3, 3)})
+    before = {v.name for v in proto.graph.input} | {i.name for i in proto.graph.initializer} | {
+        o for n in proto.graph.node for o in n.output} | {n.name for n in proto.graph.node}
+    model, _ = _quantize(proto)
+    written = _check(model)
+    new = [n for n in [*(i.name for i in written.graph.initializer), *(o for n in written.graph.node for o in n.output),
+                       *(n.name for n in written.graph.node)] if n not in before]
+    assert len(new) >= 8 and max(len(n) for n in new) <= 80, max(new, key=len)
+    assert len(set(new)) == len(new)
+    feed = {x: RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert _rel_l2(run_ort(proto, feed)[0], run_ort(model, feed)[0]) < 0.05
+
+
 def test_concat_range_mismatch_left_in_float() -> None:
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="small"),
              helper.make_node("Conv", ["x", "w2"], ["b"], name="big"),

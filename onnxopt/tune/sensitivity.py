@@ -189,7 +189,9 @@ def why_no_layers(base: ir.Model) -> str:
     if kernels:
         parts.append(f"it runs integer kernels already ({', '.join(sorted(kernels))})")
     if inside:
-        parts.append(f"{inside} linear layer(s) sit inside If/Loop/Scan bodies, which the passes do not rewrite")
+        parts.append(f"{inside} linear layer(s) sit inside If/Loop/Scan bodies, which tune does not search (the "
+                     "quantize pass quantizes the If branches the calibration data takes: onnxopt MODEL --passes "
+                     "fold,quantize --calib DATA)")
     return "no layer to act on: " + ("; ".join(parts) if parts else
                                      "no Conv, ConvTranspose, Gemm or MatMul with a constant weight")
 

@@ -128,3 +128,39 @@ def test_a_branch_whose_int8_is_slower_stays_float(monkeypatch) -> None:
     assert not stats.modified
     assert "QuantizeLinear" not in _ops(_branch(model, "then_branch"))
     assert any("then_branch: int8 is not faster" in n for n in stats.notes)
+
+
+def test_a_main_graph_weight_changed_inside_the_branch_stays_a_copy() -> None:
+    """conv -> BatchNormalization inside the branch, the conv reading a weight of the main graph and kept float:
+    the fold changes the branch's copy of that weight (same name); the graft keeps the changed copy, renamed,
+    instead of wiring the conv back to the original weight."""
+    w, scale = _w(4, 3, 3, 3), np.linspace(0.5, 2.0, 4).astype(np.float32)
+    stats_bn = ((scale, "bn_s"), (np.full(4, 0.1, np.float32), "bn_b"), (np.zeros(4, np.float32), "bn_m"),
+                (np.ones(4, np.float32), "bn_v"))
+    bn = [numpy_helper.from_array(a, n) for a, n in stats_bn]
+    then = helper.make_graph(
+        [_conv("x", "w_outer", "c", "conv"),
+         helper.make_node("BatchNormalization", ["c", "bn_s", "bn_b", "bn_m", "bn_v"], ["b"], name="bn"),
+         _conv("b", "w_in", "t", "conv_in")],
+        "then", [], [helper.make_tensor_value_info("t", F32, None)],
+        initializer=[*bn, numpy_helper.from_array(_w(4, 4, 3, 3), "w_in")])
+    other = helper.make_graph([_conv("x", "w_outer", "e", "else_conv")], "else", [],
+                              [helper.make_tensor_value_info("e", F32, None)])
+    graph = helper.make_graph(
+        [helper.make_node("Equal", ["mode", "one"], ["cond"], name="is_one"),
+         helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other),
+         _conv("x", "w_outer", "z", "main_conv")],
+        "bn_branch",
+        [helper.make_tensor_value_info("x", F32, [1, 3, 12, 12]),
+         helper.make_tensor_value_info("mode", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info(n, F32, [1, 4, 12, 12]) for n in ("y", "z")],
+        initializer=[numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(w, "w_outer")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, stats = _quantize(proto, _feeds([1] * 4), exclude=["conv", "main_conv"])
+    assert stats.summary["if_branches_quantized"] == 1
+    written = ir.to_proto(model)
+    onnx.checker.check_model(written, full_check=True)
+    for feed in _feeds([1, 1]):
+        ref, out = run_ort(proto, feed), run_ort(written, feed)
+        assert _cosine(ref[0], out[0]) > 0.999
+        np.testing.assert_array_equal(ref[1], out[1])

@@ -109,6 +109,15 @@ def _taken_names(graph: ir.Graph, skip: ir.Graph) -> set[str]:
     return names
 
 
+def _same_constant(a: ir.Value, b: ir.Value) -> bool:
+    """Whether two constants hold the same tensor (a rewrite such as a BatchNorm fold may have changed the copy
+    a branch got, keeping its name)."""
+    if a.const_value is None or b.const_value is None:
+        return False
+    x, y = a.const_value.numpy(), b.const_value.numpy()
+    return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
+
+
 def _graft(node: ir.Node, branch: str, old: ir.Graph, new: ir.Graph, outer: dict[str, ir.Value],
            taken: set[str]) -> None:
     """Put `new` (the quantized standalone branch) in place of `old` as `node`'s `branch`."""
@@ -117,8 +126,8 @@ def _graft(node: ir.Node, branch: str, old: ir.Graph, new: ir.Graph, outer: dict
         value.replace_all_uses_with(outer[value.name], replace_graph_outputs=True)
     new.inputs.clear()
     for name in list(new.initializers):
-        if name in outer and outer[name].const_value is not None:
-            value = new.initializers[name]
+        value = new.initializers[name]
+        if name in outer and _same_constant(value, outer[name]):  # a copy still as it was: read the original
             value.replace_all_uses_with(outer[name], replace_graph_outputs=True)
             del new.initializers[name]
     # Names the rewrite gave that the main graph already uses would shadow it.

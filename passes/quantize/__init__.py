@@ -88,6 +88,7 @@ from .emulate import Emulator
 from .fallback import Reference, groups_of, search
 from .gptq import accumulate_hessians, gptq_round
 from .guard import collapsed_tensors, float_chain
+from .half import is_half, widen
 from .layout import gemm_declined, stored_from_nk, weight_axis, weight_nk
 from .qdq import apply_static, group_qparams
 from .recurrent import MS_DOMAIN, lstm_declined, quantize_lstm
@@ -236,6 +237,13 @@ class Quantize(Pass):
         # speed check times, dynamic and weight-only modes keep no copy (it would keep every float weight alive).
         keep_given = self.mode == "static" or weight_bytes(model) <= _SPEED_CHECK_MAX_BYTES
         given = model.clone() if keep_given else None
+        if self.mode == "static" and is_half(model):
+            widened = widen(model)
+            stats.summary["float16_widened"] = widened
+            stats.notes.append(f"float16 model: quantized from float32 ({widened} float16 tensors widened, exact; "
+                               "inputs and outputs stay float16), as ONNX Runtime's CPU provider computes most "
+                               "float16 nodes")
+            ctx.model_changed(model)
         self._float_reason: str | None = None
         folded_any = False
         if self.fold and (self.mode == "static" or _has_foldable(model)):

@@ -1,0 +1,83 @@
+"""float16 models in static mode: widened to float32, quantized, inputs and outputs kept float16; written back
+as given when int8 is not faster."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from helpers import run_ort
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.context import Context
+from onnxopt.data import input_specs, load_data
+from onnxopt.registry import make_pass
+
+RNG = np.random.default_rng(11)
+H16 = TensorProto.FLOAT16
+
+
+def _half_cnn() -> onnx.ModelProto:
+    """conv -> relu -> conv -> Add(Constant) -> Softmax, all float16 (weights, a Constant node, input, output),
+    with an int64 -> float16 Cast feeding the Add as tf2onnx writes masks."""
+    w1 = (RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float16)
+    w2 = (RNG.standard_normal((4, 8, 3, 3)) * 0.3).astype(np.float16)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Constant", [], ["k"], name="k", value=numpy_helper.from_array(np.ones(1, np.int64), "k")),
+        helper.make_node("Cast", ["k"], ["kh"], name="cast", to=H16),
+        helper.make_node("Add", ["c", "kh"], ["s"], name="add"),
+        helper.make_node("Softmax", ["s"], ["y"], name="softmax", axis=1),
+    ]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", H16, [1, 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", H16, [1, 4, 10, 10])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _feeds(n: int) -> list[dict[str, np.ndarray]]:
+    return [{"x": RNG.standard_normal((1, 3, 10, 10)).astype(np.float16)} for _ in range(n)]
+
+
+def _quantize(proto: onnx.ModelProto, **options: object):
+    model = ir.from_proto(proto)
+    calib = load_data(_feeds(6), input_specs(model))
+    stats = make_pass("quantize", {"fallback": "none", "require_speedup": False, **options}).call(
+        model, Context(calib=calib))
+    return model, stats
+
+
+def test_a_float16_model_is_quantized_with_its_float16_interface() -> None:
+    proto = _half_cnn()
+    model, stats = _quantize(proto)
+    assert stats.modified and stats.summary["float16_widened"] == 2 and stats.summary["quantized_nodes"] >= 2
+    written = ir.to_proto(model)
+    onnx.checker.check_model(written, full_check=True)
+    assert [(v.name, v.type.tensor_type.elem_type) for v in written.graph.input] == [("x", H16)]
+    assert [(v.name, v.type.tensor_type.elem_type) for v in written.graph.output] == [("y", H16)]
+    assert not any(i.data_type == H16 for i in written.graph.initializer)
+    assert sum(n.op_type == "QuantizeLinear" for n in written.graph.node) >= 2
+    for feed in _feeds(3):
+        ref, out = run_ort(proto, feed)[0], run_ort(written, feed)[0]
+        assert out.dtype == np.float16
+        a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
+
+
+def test_a_float16_model_whose_int8_is_slower_comes_back_as_given(monkeypatch) -> None:
+    from onnxopt.passes.quantize import speed
+
+    slower = speed.SpeedComparison(ratio=1.4, low=1.35, high=1.45, rounds=7, ms_a=1.0, ms_b=1.4, seconds=0.1)
+    monkeypatch.setattr(speed, "measure", lambda *a, **k: slower)
+    proto = _half_cnn()
+    model, stats = _quantize(proto, require_speedup=True)
+    assert not stats.modified and "float16_widened" in stats.summary
+    written = ir.to_proto(model)
+    onnx.checker.check_model(written, full_check=True)  # the copy given back kept its float16 types
+    assert {i.name: i.data_type for i in written.graph.initializer} == {"w1": H16, "w2": H16}
+    feed = _feeds(1)[0]
+    np.testing.assert_array_equal(run_ort(proto, feed)[0], run_ort(written, feed)[0])

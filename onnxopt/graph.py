@@ -38,6 +38,8 @@ __all__ = [
     "unique_name",
     "new_initializer",
     "set_weight",
+    "set_dtype",
+    "name_stem",
     "only_used_by",
     "record_origin",
     "origin_of",
@@ -150,6 +152,25 @@ def set_weight(value: ir.Value, array: np.ndarray) -> None:
     data = _contiguous(array)
     value.const_value = ir.tensor(data, name=value.name)
     value.shape = ir.Shape(data.shape)
+
+
+def set_dtype(value: ir.Value, dtype: ir.DataType) -> None:
+    """Give `value` a tensor type of `dtype`, as a new type object: onnx_ir's ``Value.dtype`` setter changes
+    the type object in place, and ``Model.clone()`` shares type objects between the copies, so setting it on
+    one copy (a pass's model) changed the other (the copy a pass keeps to write back)."""
+    value.type = ir.TensorType(dtype)
+
+
+_STEM_ROOM = 48
+
+
+def name_stem(name: str) -> str:
+    """The head and tail of a long name, as the stem of the names a rewrite derives from it: TensorFlow exports
+    repeat scopes of 60-140 characters, and a few derived names per tensor (Q/DQ nodes, scales, zero points)
+    made a 225 KB model's file 1.5x larger after int8. `unique_name` keeps the derived names unique."""
+    if len(name) <= _STEM_ROOM:
+        return name
+    return f"{name[:16]}..{name[-(_STEM_ROOM - 18):]}"
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

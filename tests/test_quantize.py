@@ -300,7 +300,8 @@ def test_digits_cnn_accuracy_size_and_fusion() -> None:
     assert accuracy(result.model, x, labels) == result.validation.accuracy_b
 
 
-def test_long_tensor_names_give_short_new_names() -> None:
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_long_tensor_names_give_short_new_names(mode: str) -> None:
     """TensorFlow-style scopes of 100+ characters: the Q/DQ names built from them stay short (they would make a
     small model's file larger than the float one), unique, and the full name stays the origin."""
     scope = "model_1/" + "/".join(f"block_{i}/conv1d_{i};model_1/block_{i}/conv1d_{i}" for i in range(3))
@@ -308,18 +309,20 @@ def test_long_tensor_names_give_short_new_names() -> None:
     nodes = [helper.make_node("Conv", [x, f"{scope}/w1"], [a], name=f"{scope}/conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", [a], [r], name=f"{scope}/relu"),
              helper.make_node("Conv", [r, f"{scope}/w2"], ["y"], name=f"{scope}/conv2", pads=[1, 1, 1, 1])]
+    rng = np.random.default_rng(4)  # its own draws: the module's RNG feeds later tests' fixtures
     proto = make_model(nodes, [(x, F32, [1, 3, 8, 8])], [("y", F32, [1, 4, 8, 8])],
-                       {f"{scope}/w1": _w(4, 3, 3, 3), f"{scope}/w2": _w(4, 4, 3, 3)})
+                       {f"{scope}/w1": rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3,
+                        f"{scope}/w2": rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.3})
     before = {v.name for v in proto.graph.input} | {i.name for i in proto.graph.initializer} | {
         o for n in proto.graph.node for o in n.output} | {n.name for n in proto.graph.node}
-    model, _ = _quantize(proto)
+    model, _ = _quantize(proto, {"mode": mode, "dynamic_conv": True} if mode == "dynamic" else None)
     written = _check(model)
     new = [n for n in [*(i.name for i in written.graph.initializer), *(o for n in written.graph.node for o in n.output),
                        *(n.name for n in written.graph.node)] if n not in before]
     assert len(new) >= 8 and max(len(n) for n in new) <= 80, max(new, key=len)
     assert len(set(new)) == len(new)
-    feed = {x: RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)}
-    assert _rel_l2(run_ort(proto, feed)[0], run_ort(model, feed)[0]) < 0.05
+    feed = {x: rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert _rel_l2(run_ort(proto, feed)[0], run_ort(model, feed)[0]) < 0.2  # the same function, int8 noise aside
 
 
 def test_concat_range_mismatch_left_in_float() -> None:

@@ -81,3 +81,15 @@ def test_a_float16_model_whose_int8_is_slower_comes_back_as_given(monkeypatch) -
     assert {i.name: i.data_type for i in written.graph.initializer} == {"w1": H16, "w2": H16}
     feed = _feeds(1)[0]
     np.testing.assert_array_equal(run_ort(proto, feed)[0], run_ort(written, feed)[0])
+
+
+def test_a_dtype_set_on_a_clone_leaves_the_original_alone() -> None:
+    """onnx_ir's clones share type objects: `set_dtype` replaces the type, where ``value.dtype = ...`` would
+    change both copies (what broke the float16 model the speed check gives back)."""
+    from onnxopt.graph import set_dtype
+
+    model = ir.from_proto(_half_cnn())
+    copy = model.clone()
+    assert copy.graph.inputs[0].type is model.graph.inputs[0].type  # the hazard, as onnx_ir has it
+    set_dtype(copy.graph.inputs[0], ir.DataType.FLOAT)
+    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT16 and copy.graph.inputs[0].dtype == ir.DataType.FLOAT

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.graph import iter_graphs
+from onnxopt.graph import iter_graphs, set_dtype
 
 __all__ = ["ModelStats", "model_stats", "macs_by_node", "infer_shapes", "dim_values"]
 
@@ -124,7 +124,7 @@ def _merge_inferred(model: ir.Model, inferred: ir.Model) -> None:
             elif not isinstance(value.type, ir.TensorType) or not isinstance(new.type, ir.TensorType):
                 continue  # a sequence, optional or map stays what it is
             elif new.dtype is not None and value.dtype != new.dtype:
-                value.dtype = new.dtype
+                set_dtype(value, new.dtype)
             if new.shape is not None and value.shape != new.shape:
                 value.shape = new.shape
 

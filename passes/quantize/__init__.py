@@ -272,7 +272,9 @@ class Quantize(Pass):
                                       "wrote the float model (quantize.require_targets=false writes the closest int8 "
                                       "model found)")
             if stats.summary.get("mode") == "static" and not self._float_reason:
-                branches = quantize_branches(lambda: dataclasses.replace(self), model, ctx, stats, _WEIGHTED)
+                # the whole model's fusion check below covers the branches: none per branch
+                branches = quantize_branches(lambda: dataclasses.replace(self, check_fusion=False), model, ctx,
+                                             stats, _WEIGHTED)
                 if branches:
                     counts["if_branches_quantized"] = branches
                     self._measured = self._measured_single = None  # timed before the branches changed
@@ -848,10 +850,10 @@ def _why_nothing(model: ir.Model, mode: str) -> str:
     nested = [n for g in subgraphs for n in g if n.op_type in wanted]
     foreign = sorted({n.domain for g in iter_graphs(model.graph) for n in g if not is_default_domain(n.domain)})
     if nested and not main:
-        where = ("inside If branches no calibration feed took or that stayed float (see the notes on each branch)"
-                 if mode == "static" and branch_sites(model.graph, _WEIGHTED) else
-                 f"inside {'If branches or ' if mode == 'static' else 'If/'}Loop/Scan bodies, which "
-                 f"{'this mode' if mode != 'static' else 'this pass'} does not rewrite")
+        if mode == "static" and branch_sites(model.graph, _WEIGHTED):
+            where = "inside If branches no calibration feed took or that stayed float (see the notes on each branch)"
+        else:
+            where = f"inside If/Loop/Scan bodies, which mode={mode} does not rewrite here"
         return f"nothing quantized: the {len(nested)} {'/'.join(sorted({n.op_type for n in nested}))} nodes are {where}"
     if not main:
         extra = f" (its operators are from {', '.join(foreign)})" if foreign else ""

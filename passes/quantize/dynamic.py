@@ -56,6 +56,7 @@ from onnxopt.graph import (
     all_names,
     is_constant,
     is_onnx_op,
+    name_stem,
     new_initializer,
     require_finite,
     take_over_output,
@@ -80,6 +81,7 @@ _BLOCK_BYTES = 256 * 1024
 
 def _new_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], base: str, taken: set[str], *,
               attrs: list[ir.Attr] | None = None, domain: str = "", outputs: int = 1) -> ir.Node:
+    base = name_stem(base)
     node = ir.Node(domain, op, inputs, attrs or [], num_outputs=outputs, name=unique_name(graph, f"{base}_{op}", taken))
     for i, out in enumerate(node.outputs):
         out.name = unique_name(graph, f"{base}_{op}_out{i}" if outputs > 1 else f"{base}_{op}_out", taken)
@@ -205,9 +207,10 @@ def _try_dynamic(
     del got
     release_mapping(w_value.const_value)
     q = _dynamic_input(graph, node, dql, taken)
-    wq_value = new_initializer(graph, f"{w_value.name}_quantized", w_q, origin=w_value.name, taken=taken)
-    wz_value = new_initializer(graph, f"{w_value.name}_zero_point", np.zeros(s_w.shape, np.int8), taken=taken)
-    ws_value = new_initializer(graph, f"{w_value.name}_scale", s_w, taken=taken)
+    stem = name_stem(w_value.name)
+    wq_value = new_initializer(graph, f"{stem}_quantized", w_q, origin=w_value.name, taken=taken)
+    wz_value = new_initializer(graph, f"{stem}_zero_point", np.zeros(s_w.shape, np.int8), taken=taken)
+    ws_value = new_initializer(graph, f"{stem}_scale", s_w, taken=taken)
     mmi = _new_node(graph, "MatMulInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken)
     _rescale(graph, node, mmi, q, ws_value, bias, base, taken)
     _drop_if_unused(graph, w_value)
@@ -284,9 +287,10 @@ def _try_dynamic_conv(
     del w, got
     release_mapping(w_value.const_value)
     q = _dynamic_input(graph, node, dql, taken)
-    wq_value = new_initializer(graph, f"{w_value.name}_quantized", w_q, origin=w_value.name, taken=taken)
-    wz_value = new_initializer(graph, f"{w_value.name}_zero_point", np.zeros((), np.int8), taken=taken)
-    ws_value = new_initializer(graph, f"{w_value.name}_scale", s_w.reshape(channel_shape) if per_channel else s_w,
+    stem = name_stem(w_value.name)
+    wq_value = new_initializer(graph, f"{stem}_quantized", w_q, origin=w_value.name, taken=taken)
+    wz_value = new_initializer(graph, f"{stem}_zero_point", np.zeros((), np.int8), taken=taken)
+    ws_value = new_initializer(graph, f"{stem}_scale", s_w.reshape(channel_shape) if per_channel else s_w,
                                taken=taken)
     attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
     conv = _new_node(graph, "ConvInteger", [q.outputs[0], wq_value, q.outputs[2], wz_value], base, taken,
@@ -295,7 +299,7 @@ def _try_dynamic_conv(
     b_value = None
     if bias is not None:
         b = np.asarray(bias.const_value.numpy(), dtype=np.float32).reshape(channel_shape)
-        b_value = new_initializer(graph, f"{bias.name}_channels", b, origin=bias.name, taken=taken)
+        b_value = new_initializer(graph, f"{name_stem(bias.name)}_channels", b, origin=bias.name, taken=taken)
     _rescale(graph, node, conv, q, ws_value, b_value, base, taken)
     _drop_if_unused(graph, w_value)
     if bias is not None:
@@ -370,8 +374,8 @@ def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int,
     del w, got
     w_value = node.inputs[1]
     release_mapping(w_value.const_value)
-    b_value = new_initializer(graph, f"{w_value.name}_quantized", packed, origin=w_value.name, taken=taken)
-    s_value = new_initializer(graph, f"{w_value.name}_scale", scales.reshape(-1), taken=taken)
+    b_value = new_initializer(graph, f"{name_stem(w_value.name)}_quantized", packed, origin=w_value.name, taken=taken)
+    s_value = new_initializer(graph, f"{name_stem(w_value.name)}_scale", scales.reshape(-1), taken=taken)
     attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
              ir.AttrInt64("block_size", block_size)]
     if accuracy_level:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, is_onnx_op, iter_graphs, unique_name
+from onnxopt.graph import all_names, is_onnx_op, iter_graphs, set_dtype, unique_name
 
 __all__ = ["is_half", "widen"]
 
@@ -58,15 +58,15 @@ def widen(model: ir.Model) -> int:
         values = [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]
         for value in values:
             if value.dtype == _HALF and not (graph is main and value in main.inputs):
-                value.type = ir.TensorType(_FLOAT)  # a new type: a clone of the model may share the old one
+                set_dtype(value, _FLOAT)
     taken = all_names(main)
     for value in [v for v in main.inputs if v.dtype == _HALF]:
         uses = list(value.uses())
         cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", _FLOAT.value)],
                        name=unique_name(main, f"{value.name}_to_float32", taken))
         wide = cast.outputs[0]
-        wide.name, wide.type, wide.shape = (unique_name(main, f"{value.name}_float32", taken), ir.TensorType(_FLOAT),
-                                            value.shape)
+        wide.name, wide.shape = unique_name(main, f"{value.name}_float32", taken), value.shape
+        set_dtype(wide, _FLOAT)
         for use in uses:
             use.node.replace_input_with(use.idx, wide)
         if len(main):
@@ -81,7 +81,8 @@ def widen(model: ir.Model) -> int:
         cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", _HALF.value)],
                        name=unique_name(main, f"{name}_to_float16", taken))
         narrow = cast.outputs[0]
-        narrow.name, narrow.type, narrow.shape = name, ir.TensorType(_HALF), value.shape
+        narrow.name, narrow.shape = name, value.shape
+        set_dtype(narrow, _HALF)
         main.append(cast)
         main.outputs[i] = narrow
     return count

@@ -15,7 +15,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.graph import all_names, is_constant, new_initializer, record_origin, require_finite, unique_name
+from onnxopt.graph import (
+    all_names,
+    is_constant,
+    name_stem,
+    new_initializer,
+    record_origin,
+    require_finite,
+    unique_name,
+)
 
 from .calib import ActType, QParams, Range, qparams, quantize_array, weight_scales
 from .layout import weight_axes
@@ -98,20 +106,8 @@ def _fuse(graph: ir.Graph, fusion: Fusion, name: str) -> None:
     x.shape, x.type = shape, typ
 
 
-_NAME_ROOM = 48
-
-
-def _short(name: str) -> str:
-    """The head and tail of a long tensor name, the stem of the names of its Q/DQ nodes and values: TensorFlow
-    exports repeat scopes of 60-140 characters, and five new names per tensor made a 225 KB model's file 1.5x
-    larger after int8 (`unique_name` keeps the shortened names unique; the full name is kept as the origin)."""
-    if len(name) <= _NAME_ROOM:
-        return name
-    return f"{name[:16]}..{name[-(_NAME_ROOM - 18):]}"
-
-
 def _insert_qdq(graph: ir.Graph, value: ir.Value, qp: QParams, taken: set[str], int8_weights: set[int]) -> None:
-    base = _short(value.name)
+    base = name_stem(value.name)
     uses = list(value.uses())
     float_uses = {u: found for u in uses if (found := _float_weight_channels(u.node, u.idx, int8_weights))}
     uses = [u for u in uses if u not in float_uses]
@@ -178,7 +174,7 @@ def _float_weight_channels(node: ir.Node, index: int, int8_weights: set[int]) ->
 
 def _dq_node(graph: ir.Graph, q_value: ir.Value, scale: np.ndarray, zp: np.ndarray, axis: int | None,
              origin: str, shape: ir.Shape | None, taken: set[str]) -> ir.Value:
-    base = _short(origin)
+    base = name_stem(origin)
     s = new_initializer(graph, f"{base}_scale", scale, taken=taken)
     inputs = [q_value, s]
     if zp.dtype != np.int32 or np.any(zp):
@@ -211,7 +207,7 @@ def _quantize_weight(graph: ir.Graph, node: ir.Node, index: int, axis: int | Non
         q = rounded.get(w_value.name)
         if q is None or q.shape != w.shape:
             q = quantize_array(w, scales.reshape(bshape) if axis is not None else scales, 0, np.dtype(np.int8))
-        q_value = new_initializer(graph, f"{_short(w_value.name)}_quantized", q, origin=w_value.name, taken=taken)
+        q_value = new_initializer(graph, f"{name_stem(w_value.name)}_quantized", q, origin=w_value.name, taken=taken)
         dq_out = _dq_node(graph, q_value, scales, np.zeros(scales.shape, np.int8), axis, w_value.name,
                           w_value.shape, taken)
         cache[key] = (dq_out, scales)
@@ -227,7 +223,7 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node, index: int, x_scale: float, w
     b = np.asarray(b_value.const_value.numpy(), dtype=np.float32)
     scale = (np.float32(x_scale) * np.broadcast_to(w_scales, b.shape)).astype(np.float32)
     q = np.clip(np.rint(b.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
-    q_value = new_initializer(graph, f"{_short(b_value.name)}_quantized", q, origin=b_value.name, taken=taken)
+    q_value = new_initializer(graph, f"{name_stem(b_value.name)}_quantized", q, origin=b_value.name, taken=taken)
     dq_out = _dq_node(graph, q_value, scale, np.zeros(scale.shape, np.int32), 0, b_value.name, b_value.shape, taken)
     node.replace_input_with(index, dq_out)
     replaced.append((b_value, dq_out))
@@ -241,7 +237,7 @@ def _quantize_constant(graph: ir.Graph, node: ir.Node, index: int, act: ActType,
         c = np.asarray(value.const_value.numpy(), dtype=np.float32)
         qp = qparams(Range(float(c.min()), float(c.max())), act)
         q = quantize_array(c, qp.scale, qp.zero_point, qp.dtype)
-        q_value = new_initializer(graph, f"{_short(value.name)}_quantized", q, origin=value.name, taken=taken)
+        q_value = new_initializer(graph, f"{name_stem(value.name)}_quantized", q, origin=value.name, taken=taken)
         done[value.name] = _dq_node(graph, q_value, np.asarray(qp.scale, np.float32),
                                     np.asarray(qp.zero_point, qp.dtype), None, value.name, value.shape, taken)
         replaced.append((value, done[value.name]))

@@ -1043,3 +1043,64 @@ def test_gemm_with_trans_a_or_alpha_is_declined(mode: str, attrs: dict, reason: 
     model, stats = _quantize(proto, {"mode": mode})
     assert [n.op_type for n in model.graph] == ["Gemm"]
     assert any(s["node"] == "g" and reason in s["reason"] for s in stats.skipped)
+
+
+def test_emulator_runs_each_site_as_its_flag_says_and_only_that_side() -> None:
+    """The search's emulator: with every flag on it gives the Q/DQ model's reference arithmetic (ONNX Runtime with
+    no graph optimization, so no integer kernel), with every flag off the float model, and each switch is an
+    If whose branches hold the work only one side needs (the Q/DQ pair, the int8 layer or its float twin)."""
+    from onnxopt.passes.quantize.emulate import Emulator
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "x"], ["r"], name="residual"),
+             helper.make_node("Sigmoid", ["r"], ["m"], name="gate"),
+             helper.make_node("Conv", ["m", "w2", "b2"], ["y"], name="conv2")]
+    inits = {"w1": _w(4, 4, 3, 3), "b1": _w(4), "w2": _w(6, 4, 1, 1), "b2": _w(6)}
+    proto = make_model(nodes, [("x", F32, [1, 4, 8, 8])], [("y", F32, [1, 6, 8, 8])], inits)
+    rng = np.random.default_rng(11)
+    feeds = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    calib = load_data(feeds, input_specs(ir.from_proto(proto)))
+    model = ir.from_proto(proto)
+    make_pass("quantize", {"fallback": "none", "require_speedup": False, "check_fusion": False,
+                           "calibrate": "minmax"}).call(model, Context(calib=calib))
+    floats = {name: ir.tensor(array, name=name) for name, array in inits.items()}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    reference = ort.InferenceSession(_check(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with Emulator(model, floats, {}, {}) as emulator:
+        assert {"x", "c1", "r", "w1", "w2"} <= set(emulator.sites)
+        sides = emulator.branch_ops
+        assert sides["x"] == (["QuantizeLinear", "DequantizeLinear"], ["Identity"])
+        assert sides["w1"] == (["Conv"], ["Conv"])  # conv1 with int8-rounded weights, or its float twin
+        on = set(emulator.sites)
+        for feed, got_on, got_off in zip(feeds, emulator.run(feeds, on), emulator.run(feeds, set())):
+            qdq = reference.run(None, feed)[0]
+            flt = run_ort(proto, feed)[0]
+            assert np.abs(got_off[0] - flt).max() < 1e-4
+            assert np.abs(got_on[0] - qdq).max() < 0.1 * np.abs(qdq - flt).max()
+
+
+def test_fallback_shrinking_spends_no_evaluation_on_pieces_too_cheap_to_matter() -> None:
+    """After the groups that meet the targets are chosen, shrinking quantizes again the halves the targets do not
+    need; a piece below `MIN_SHRINK_COST` of the MACs stays float unevaluated (bisecting a detector's float half
+    down to single element-wise nodes spent the whole budget), while a costly harmless piece is still given back."""
+    from onnxopt.passes.quantize.fallback import MIN_SHRINK_COST, Group, node_costs, search
+    from onnxopt.passes.quantize.score import OutputScore, Scores, Targets
+
+    cheap = [f"add{k}" for k in range(12)]  # element-wise: no MACs, only the Q/DQ around them
+    order = ["conv_harmful", *cheap, "conv_harmless", "conv_other"]
+    costs = node_costs(order, {"conv_harmful": 500, "conv_harmless": 500, "conv_other": 1000})
+    assert all(costs[n] < MIN_SHRINK_COST for n in cheap) and costs["conv_harmless"] > MIN_SHRINK_COST
+    seen = []
+
+    def evaluate(float_nodes: frozenset[str], quick: bool) -> Scores:
+        seen.append(float_nodes)
+        return Scores([OutputScore("y", 0.999 if "conv_harmful" in float_nodes else 0.9, 0.0)])
+
+    group = Group("depth 1/8", frozenset(order[:-1]), sum(costs[n] for n in order[:-1]))
+    found = search(evaluate, [group], Targets(cosine=0.99), order=order, costs=costs)
+    plain = search(evaluate, [group], Targets(cosine=0.99), order=order)
+    assert found.reached and plain.reached
+    assert "conv_harmful" in found.float_nodes and "conv_harmless" not in found.float_nodes
+    assert plain.float_nodes == ["conv_harmful"]  # without costs every element-wise node is tried alone
+    assert found.evaluations < plain.evaluations

@@ -16,8 +16,14 @@ set of sites:
 Sites are named by the float tensor (or, for an LSTM, the node) they stand for, so a plan of the float
 model says which flags to set. With the Q/DQ pairs unfused the arithmetic is float with int8 rounding
 (the QDQ reference semantics), which tracks ONNX Runtime's integer kernels closely; a final check runs
-the real int8 model. The session keeps ONNX Runtime's graph optimizations (nothing around a ``Where``
+the real int8 model. The session keeps ONNX Runtime's graph optimizations (nothing around a switch
 fuses into an integer kernel).
+
+Each switch is built as a ``Where`` and then turned into an ``If`` on its flag whose branches hold the work
+only one side needs (the QuantizeLinear/DequantizeLinear of an activation, a layer or its float twin, the
+float clamp): a run computes the side its flag picks, not both. ``Where`` with a scalar condition broadcast
+over a feature map is slow in ONNX Runtime; on PP-OCRv4 det the switches took 87 of 204 ms a run, and the
+If form runs in 77 ms against 53 ms for the float model.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class _Build:
     flags: dict[str, str] = dataclasses.field(default_factory=dict)  # site -> flag input name
 
     values: dict[str, ir.Value] = dataclasses.field(default_factory=dict)
+    switches: list[ir.Node] = dataclasses.field(default_factory=list)
 
     def flag(self, site: str) -> ir.Value:
         """The boolean graph input that switches `site` (made once per site)."""
@@ -72,6 +79,7 @@ def _where(build: _Build, site: str, quantized: ir.Value, alt: ir.Value, before:
     out = node.outputs[0]
     out.name = unique_name(build.graph, f"{quantized.name}.switched", build.taken)
     out.type, out.shape = quantized.type, quantized.shape
+    build.switches.append(node)
     for use in uses:
         use.node.replace_input_with(use.idx, out)
     was_output = quantized.is_graph_output()
@@ -80,6 +88,54 @@ def _where(build: _Build, site: str, quantized: ir.Value, alt: ir.Value, before:
         k = list(build.graph.outputs).index(quantized)
         build.graph.outputs[k] = out
     return out
+
+
+def _only_for(value: ir.Value, switch: ir.Node, index: int, graph: ir.Graph) -> list[ir.Node]:
+    """The main-graph nodes whose outputs feed nothing but input `index` of `switch` (directly or through each
+    other): the work only that side of the switch needs, in graph order."""
+    inside: set[int] = set()
+    todo = [value.producer()]
+    while todo:  # a node refused here is offered again when another reader of its outputs joins
+        node = todo.pop()
+        if node is None or id(node) in inside or node is switch or node.graph is not graph:
+            continue
+        uses = [u for o in node.outputs for u in o.uses()]
+        if (not any(o.is_graph_output() for o in node.outputs)
+                and all((u.node is switch and u.idx == index) or id(u.node) in inside for u in uses)):
+            inside.add(id(node))
+            todo.extend(v.producer() for v in node.inputs if v is not None)
+    return [n for n in graph if id(n) in inside]
+
+
+def _as_branches(graph: ir.Graph, switch: ir.Node, taken: set[str]) -> tuple[list[str], list[str]]:
+    """Replace ``Where(flag, a, b)`` by ``If(flag)`` whose branches compute and return `a` and `b` (see the module
+    doc); the op types in each branch."""
+    flag, a, b = switch.inputs
+    out = switch.outputs[0]
+    branches = []
+    for index, side, label in ((1, a, "int8"), (2, b, "float")):
+        nodes = _only_for(side, switch, index, graph)
+        graph.remove(nodes, safe=False)
+        if side.producer() not in nodes:
+            copy = ir.Node("", "Identity", [side], name=unique_name(graph, f"{switch.name}.{label}", taken))
+            nodes.append(copy)
+            side = copy.outputs[0]
+            side.name = unique_name(graph, f"{out.name}.{label}", taken)
+        result = side
+        result.type, result.shape = out.type, out.shape
+        branches.append(ir.Graph([], [result], nodes=nodes, name=f"{switch.name}.{label}"))
+    node = ir.Node("", "If", [flag], [ir.AttrGraph("then_branch", branches[0]),
+                                      ir.AttrGraph("else_branch", branches[1])],
+                   name=switch.name)
+    graph.insert_before(switch, node)
+    chosen = node.outputs[0]
+    chosen.type, chosen.shape = out.type, out.shape
+    out.replace_all_uses_with(chosen, replace_graph_outputs=True)
+    name = out.name
+    graph.remove(switch, safe=False)
+    out.name = None
+    chosen.name = name
+    return [n.op_type for n in branches[0]], [n.op_type for n in branches[1]]
 
 
 def _stored_dq(value: ir.Value | None) -> ir.Node | None:
@@ -121,6 +177,11 @@ class Emulator:
             elif node.op_type == "DynamicQuantizeLSTM" and node.domain == MS_DOMAIN and node.name in lstms:
                 self._switch_lstm(build, node, lstms[node.name])
         graph.sort()
+        self.branch_ops: dict[str, tuple[list[str], list[str]]] = {}
+        """Each site's switch: the op types its int8 and its float branch run."""
+        sites = {flag: site for site, flag in build.flags.items()}
+        for switch in build.switches:
+            self.branch_ops[sites[switch.inputs[0].name]] = _as_branches(graph, switch, build.taken)
         self.sites = dict(build.flags)
         self._stack = contextlib.ExitStack()
         path = self._stack.enter_context(temp_model_file(model))

@@ -85,7 +85,7 @@ from .cle import equalize_pairs
 from .dynamic import apply_dynamic, apply_weight_only
 from .embedding import quantize_embeddings
 from .emulate import Emulator
-from .fallback import Reference, groups_of, search
+from .fallback import Reference, groups_of, node_costs, search
 from .gptq import accumulate_hessians, gptq_round
 from .guard import collapsed_tensors, float_chain
 from .half import is_half, widen
@@ -787,7 +787,8 @@ class Quantize(Pass):
         stats.summary["scores_all_quantized"] = real.to_dict()
         if real.shortfall(targets) == 0:
             return {}
-        groups = groups_of(float_model.graph, applied.nodes, macs_by_node(float_model, ctx.dims))
+        macs = macs_by_node(float_model, ctx.dims)
+        groups = groups_of(float_model.graph, applied.nodes, macs)
         floats = {name: v.const_value for name, v in float_model.graph.initializers.items()}
         lstms = {n.name: n for n in float_model.graph if is_onnx_op(n, "LSTM")}
         with Emulator(model, floats, applied.fused, lstms, threads=ctx.threads) as emulator:
@@ -805,7 +806,7 @@ class Quantize(Pass):
                 return emulated(extra, quick).scaled(base[quick], real_quick if quick else real)
 
             result = search(evaluate, groups, targets, order=[n.name for n in float_model.graph],
-                            budget_s=_FALLBACK_BUDGET_S)
+                            budget_s=_FALLBACK_BUDGET_S, costs=node_costs(applied.nodes, macs))
         stats.summary.update({"fallback_float_nodes": result.float_nodes, "fallback_groups": result.groups,
                               "fallback_evaluations": result.evaluations,
                               "fallback_seconds": round(result.seconds, 2),

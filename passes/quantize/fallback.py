@@ -38,7 +38,8 @@ from onnxopt.runtime import run, session
 
 from .score import Scores, Targets, class_outputs, score_outputs
 
-__all__ = ["Group", "FallbackResult", "Reference", "groups_of", "search", "DEPTH_SEGMENTS", "MAX_EVALUATIONS"]
+__all__ = ["Group", "FallbackResult", "Reference", "groups_of", "node_costs", "search", "DEPTH_SEGMENTS",
+           "MAX_EVALUATIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ GIVE_UP_FRACTION = 0.5
 """When the groups that fit under `MAX_FLOAT_COST` recover less than this share of the shortfall
 together (each measured alone), the targets are out of reach: the search stops there."""
 _NODE_COST = 0.002
+MIN_SHRINK_COST = 0.01
+"""Shrinking does not try to quantize again a piece of the float set that costs less than this (1 % of the
+quantized MACs, or five element-wise nodes): the speed it could give back is below what timing resolves, and
+on PP-OCRv4 det bisecting down to single nodes spent the search's whole budget."""
 
 Evaluate = Callable[[frozenset[str], bool], Scores]
 """``evaluate(float_nodes, quick)``: the scores with those nodes float; `quick` on the first feeds only."""
@@ -112,15 +117,21 @@ def _kind(node: ir.Node, graph_inputs: set[int]) -> str:
     return op
 
 
+def node_costs(names: Sequence[str], macs: dict[str, int | None]) -> dict[str, float]:
+    """Each quantized node's float cost: its share of their MACs, plus a little for the Q/DQ around it."""
+    total = float(sum((macs.get(n) or 0) for n in names)) or 1.0
+    return {n: (macs.get(n) or 0) / total + _NODE_COST for n in names}
+
+
 def groups_of(graph: ir.Graph, names: Sequence[str], macs: dict[str, int | None]) -> list[Group]:
     """Kind and depth groups over the quantized nodes `names` (in graph order); cost from `macs`."""
     wanted = set(names)
     nodes = [n for n in graph if n.name in wanted]
     inputs = {id(v) for v in graph.inputs}
-    total = float(sum((macs.get(n.name) or 0) for n in nodes)) or 1.0
+    each = node_costs([n.name for n in nodes], macs)
 
     def cost(members: list[ir.Node]) -> float:
-        return sum((macs.get(n.name) or 0) for n in members) / total + _NODE_COST * len(members)
+        return sum(each[n.name] for n in members)
 
     by_kind: dict[str, list[ir.Node]] = {}
     for node in nodes:
@@ -246,10 +257,11 @@ class _Budget:
 
 
 def search(evaluate: Evaluate, groups: Sequence[Group], targets: Targets, *, order: Sequence[str],
-           budget_s: float = 120.0) -> FallbackResult:
+           budget_s: float = 120.0, costs: dict[str, float] | None = None) -> FallbackResult:
     """The fewest float nodes (by the steps of the module doc) for which `evaluate` meets `targets`.
 
-    `order` is the graph order of the node names, used to split groups in halves.
+    `order` is the graph order of the node names, used to split groups in halves; `costs` (`node_costs`) lets
+    the shrinking skip pieces too cheap to be worth an evaluation.
     """
     t0 = time.perf_counter()
     ev = _Budget(evaluate, targets, budget_s)
@@ -288,7 +300,7 @@ def search(evaluate: Evaluate, groups: Sequence[Group], targets: Targets, *, ord
         affordable_sets = [s for s in ev.cache if _cost(s, group_cost) <= MAX_FLOAT_COST]
         best = min(affordable_sets, key=lambda s: (ev.cache[s].shortfall(targets), len(s)))
         return result(best, labels if best == current else [], False)
-    return result(_shrink(ev, current, order), labels, True)
+    return result(_shrink(ev, current, order, costs or {}), labels, True)
 
 
 def _cost(nodes: frozenset[str], group_cost: dict[frozenset[str], float]) -> float:
@@ -296,12 +308,15 @@ def _cost(nodes: frozenset[str], group_cost: dict[frozenset[str], float]) -> flo
     return sum(c for g, c in group_cost.items() if g <= nodes) if nodes else 0.0
 
 
-def _shrink(ev: _Budget, current: frozenset[str], order: Sequence[str]) -> frozenset[str]:
-    """Quantize again the halves of `current` (in graph order) that the targets do not need in float."""
+def _shrink(ev: _Budget, current: frozenset[str], order: Sequence[str], costs: dict[str, float]) -> frozenset[str]:
+    """Quantize again the halves of `current` (in graph order) that the targets do not need in float; a piece
+    whose float cost is below `MIN_SHRINK_COST` stays float without an evaluation."""
     rank = {n: i for i, n in enumerate(order)}
     stack = [sorted(current, key=lambda n: rank.get(n, 0))]
     while stack and not ev.spent:
         piece = stack.pop()
+        if costs and sum(costs.get(n, 0.0) for n in piece) < MIN_SHRINK_COST:
+            continue
         trial = current - frozenset(piece)
         if ev.short(trial) == 0:
             current = trial

@@ -1106,8 +1106,8 @@ def test_fallback_shrinking_spends_no_evaluation_on_pieces_too_cheap_to_matter()
     assert found.evaluations < plain.evaluations
 
 
-def test_fallback_seconds_bounds_the_search_and_says_so() -> None:
-    """`fallback_seconds` is the search's budget: a run that hits it says so and names the option (a user who
+def test_fallback_budget_bounds_the_search_and_says_so() -> None:
+    """`fallback_budget` is the search's budget: a run that hits it says so and names the option (a user who
     wants a shorter run, or a better set, knows what to change); without hitting it, nothing is said."""
     proto, feeds = _outlier_mlp()
     calib = load_data(feeds, input_specs(ir.from_proto(proto)))
@@ -1115,10 +1115,10 @@ def test_fallback_seconds_bounds_the_search_and_says_so() -> None:
     target = 1 - (1 - all_int8["cosine"]) * 0.2
     _, full = _fallback(proto, calib, target_cosine=target, target_argmax=0.0)
     assert full.summary["fallback_float_nodes"] == ["fc1"]
-    assert not any("fallback_seconds" in n for n in full.notes)
-    _, cut = _fallback(proto, calib, target_cosine=target, target_argmax=0.0, fallback_seconds=1e-6)
+    assert not any("fallback_budget" in n for n in full.notes)
+    _, cut = _fallback(proto, calib, target_cosine=target, target_argmax=0.0, fallback_budget=1e-6)
     assert cut.summary["fallback_evaluations"] < full.summary["fallback_evaluations"]
     assert cut.summary["fallback_float_nodes"] == []  # nothing screened in time: the targets are missed
-    assert any("stopped by its budget: quantize.fallback_seconds=1e-06" in n for n in cut.notes)
-    with pytest.raises(UsageError, match="fallback_seconds"):
-        make_pass("quantize", {"fallback_seconds": 0})
+    assert any("stopped by its budget: quantize.fallback_budget=1e-06" in n for n in cut.notes)
+    with pytest.raises(UsageError, match="fallback_budget"):
+        make_pass("quantize", {"fallback_budget": 0})

@@ -260,7 +260,7 @@ READ_UNDER_A_MODE = [
     ("quantize", "fallback", "none", "mode", "dynamic", None),
     ("quantize", "target_cosine", 0.95, "mode", "dynamic", None),
     ("quantize", "target_argmax", 0.9, "fallback", "none", None),
-    ("quantize", "fallback_seconds", 10.0, "fallback", "none", None),
+    ("quantize", "fallback_budget", 10.0, "fallback", "none", None),
     ("quantize", "require_targets", False, "fallback", "none", None),
     ("quantize", "float_nodes", ["conv"], "mode", "dynamic", None),
     ("quantize", "gelu_matmuls", "blockwise", "mode", "static", "dynamic"),

@@ -177,9 +177,9 @@ class Quantize(Pass):
         "target_cosine / target_argmax (and --tolerance as rel L2); none: quantize all that can be",
         when={"mode": "static"}, untimed="none",  # the search has a time budget
     )
-    fallback_seconds: float = option(
-        30.0, "static, fallback=auto: the search's time budget; when it runs out the best set found so far is used "
-        "(less: a shorter run, maybe more layers float)", when={"mode": "static", "fallback": "auto"})
+    fallback_budget: float = option(
+        30.0, "static, fallback=auto: the search's time budget in seconds; when it runs out the best set found so "
+        "far is used (less: a shorter run, maybe more layers float)", when={"mode": "static", "fallback": "auto"})
     target_cosine: float = option(0.99, "static, fallback=auto: the cosine every output keeps against the float model "
                                   "(0: none)", when={"mode": "static", "fallback": "auto"})
     target_argmax: float = option(0.99, "static, fallback=auto: the argmax agreement class-score outputs keep",
@@ -217,8 +217,8 @@ class Quantize(Pass):
             raise UsageError(f"quantize.smooth_alpha: {self.smooth_alpha} is not allowed (0 <= alpha < 1)")
         if not self.concat_range_ratio > 1.0:
             raise UsageError(f"quantize.concat_range_ratio: {self.concat_range_ratio} is not allowed (> 1)")
-        if not self.fallback_seconds > 0.0:
-            raise UsageError(f"quantize.fallback_seconds: {self.fallback_seconds} is not allowed (> 0)")
+        if not self.fallback_budget > 0.0:
+            raise UsageError(f"quantize.fallback_budget: {self.fallback_budget} is not allowed (> 0)")
         if not 0.0 <= self.target_cosine <= 1.0:
             raise UsageError(f"quantize.target_cosine: {self.target_cosine} is not allowed (0 <= t <= 1)")
         if not 0.0 <= self.target_argmax <= 1.0:
@@ -810,7 +810,7 @@ class Quantize(Pass):
                 return emulated(extra, quick).scaled(base[quick], real_quick if quick else real)
 
             result = search(evaluate, groups, targets, order=[n.name for n in float_model.graph],
-                            budget_s=self.fallback_seconds, costs=node_costs(applied.nodes, macs))
+                            budget_s=self.fallback_budget, costs=node_costs(applied.nodes, macs))
         stats.summary.update({"fallback_float_nodes": result.float_nodes, "fallback_groups": result.groups,
                               "fallback_evaluations": result.evaluations,
                               "fallback_seconds": round(result.seconds, 2),
@@ -822,8 +822,8 @@ class Quantize(Pass):
             f"({', '.join(result.groups) or 'single nodes'}) for {_describe(targets)} on {len(check.feeds)} "
             f"calibration feeds: {verdict}; all int8 gave {result.scores_all_quantized.describe()}, now "
             f"{result.scores.describe()} (emulated; {result.evaluations} evaluations, {result.seconds:.1f}s"
-            + (f", stopped by its budget: quantize.fallback_seconds={self.fallback_seconds:g}"
-               if result.stopped_early and result.seconds >= self.fallback_seconds else "") + ")"
+            + (f", stopped by its budget: quantize.fallback_budget={self.fallback_budget:g}"
+               if result.stopped_early and result.seconds >= self.fallback_budget else "") + ")"
             + ("; the report lists them: quantize.float_nodes with fallback=none builds this set again"
                if result.float_nodes else ""))
         wanted = self._targets(ctx, headroom=False)

@@ -1072,6 +1072,8 @@ def test_emulator_runs_each_site_as_its_flag_says_and_only_that_side() -> None:
         sides = emulator.branch_ops
         assert sides["x"] == (["QuantizeLinear", "DequantizeLinear"], ["Identity"])
         assert sides["w1"] == (["Conv"], ["Conv"])  # conv1 with int8-rounded weights, or its float twin
+        # the layers read dequantized constants: the weights' own DequantizeLinear nodes are gone, not left to run
+        assert "DequantizeLinear" not in emulator.main_ops and emulator.main_ops["If"] == len(emulator.sites)
         on = set(emulator.sites)
         for feed, got_on, got_off in zip(feeds, emulator.run(feeds, on), emulator.run(feeds, set())):
             qdq = reference.run(None, feed)[0]

@@ -647,9 +647,7 @@ class Quantize(Pass):
         targets = self._targets(ctx)
         scored, outputs = {}, {}
         for method, ranges in candidates.items():
-            trial = float_model.clone()
-            self._apply(trial, PassStats(), ranges, per_channel, self.exclude, rounded, kept)
-            outputs[method] = check.outputs_of(trial)
+            outputs[method] = self._trial_outputs(float_model, check, ranges, per_channel, rounded, kept)
             scored[method] = check.compare(outputs[method])
         best = min(scored, key=lambda m: (scored[m].shortfall(targets), -scored[m].cosine, scored[m].rel_l2))
         self._all_int8_outputs = outputs[best]
@@ -669,16 +667,11 @@ class Quantize(Pass):
         if not guarded:
             return kept
         check = self._reference_for(float_model, ctx)
-
-        def all_int8(float_nodes: dict[str, str]) -> list[list[np.ndarray]]:
-            trial = float_model.clone()
-            self._apply(trial, PassStats(), ranges, per_channel, self.exclude, rounded, float_nodes)
-            return [list(o) for o in check.outputs_of(trial)]
-
-        guarded_outputs = self._all_int8_outputs or all_int8(kept)
+        guarded_outputs = self._all_int8_outputs or self._trial_outputs(float_model, check, ranges, per_channel,
+                                                                        rounded, kept)
         self._all_int8_outputs = guarded_outputs
         rest = {name: why for name, why in kept.items() if name not in guarded}
-        outputs = all_int8(rest)
+        outputs = self._trial_outputs(float_model, check, ranges, per_channel, rounded, rest)
         scores, base = check.compare(outputs), check.compare(guarded_outputs)
         targets = self._targets(ctx)
         harmless = (scores.shortfall(targets) == 0
@@ -698,6 +691,14 @@ class Quantize(Pass):
         else:
             stats.notes[said] = stats.notes[said].replace(_GUARD_NOTE_END, f"; {measured}")
         return rest
+
+    def _trial_outputs(self, float_model: ir.Model, check: Reference, ranges: dict[str, Range], per_channel: bool,
+                       rounded: dict[str, np.ndarray], float_nodes: dict[str, str]) -> list[list[np.ndarray]]:
+        """The calibration-feed outputs of the static model these ranges build with `float_nodes` float (built on
+        a copy of `float_model`, run with ONNX Runtime's int8 kernels)."""
+        trial = float_model.clone()
+        self._apply(trial, PassStats(), ranges, per_channel, self.exclude, rounded, float_nodes)
+        return [list(o) for o in check.outputs_of(trial)]
 
     def _reference_for(self, float_model: ir.Model, ctx: Context) -> Reference:
         """The float model's outputs on the calibration feeds, computed once per run."""

@@ -374,8 +374,9 @@ def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int,
     del w, got
     w_value = node.inputs[1]
     release_mapping(w_value.const_value)
-    b_value = new_initializer(graph, f"{name_stem(w_value.name)}_quantized", packed, origin=w_value.name, taken=taken)
-    s_value = new_initializer(graph, f"{name_stem(w_value.name)}_scale", scales.reshape(-1), taken=taken)
+    stem = name_stem(w_value.name)
+    b_value = new_initializer(graph, f"{stem}_quantized", packed, origin=w_value.name, taken=taken)
+    s_value = new_initializer(graph, f"{stem}_scale", scales.reshape(-1), taken=taken)
     attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
              ir.AttrInt64("block_size", block_size)]
     if accuracy_level:

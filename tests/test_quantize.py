@@ -1108,6 +1108,76 @@ def test_fallback_shrinking_spends_no_evaluation_on_pieces_too_cheap_to_matter()
     assert found.evaluations < plain.evaluations
 
 
+def test_score_bound_holds_for_any_outputs_on_the_feeds_not_yet_run() -> None:
+    """`score_bound` promises that no outputs on the feeds not yet run can give better scores than it says: the
+    full scores of many completions (perfect, scaled, noisy, adversarially scaled) stay within it, and a
+    completion built to approach it comes close (the bound is not loose enough to be useless)."""
+    from onnxopt.passes.quantize.score import score_bound, score_outputs
+
+    rng = np.random.default_rng(0)
+    names, classes = ["logits"], {"logits": 5}
+    refs = [[rng.normal(size=(4, 5))] for _ in range(6)]
+    seen = [[r[0] + rng.normal(scale=0.4, size=(4, 5))] for r in refs[:2]]
+    bound = score_bound(names, refs[:2], seen, refs[2:], classes).outputs[0]
+    for scale in (0.5, 1.0, 2.0, 10.0):
+        for noise in (0.0, 0.1, 1.0):
+            rest = [[scale * r[0] + rng.normal(scale=noise, size=(4, 5))] for r in refs[2:]]
+            full = score_outputs(names, refs, seen + rest, classes).outputs[0]
+            assert full.cosine <= bound.cosine + 1e-12
+            assert full.rel_l2 >= bound.rel_l2 - 1e-12
+            assert full.argmax <= bound.argmax + 1e-12
+    # the unseen part scaled to the best ratio against the seen part attains the cosine bound
+    a = np.concatenate([r[0].ravel() for r in refs[:2]])
+    b = np.concatenate([o[0].ravel() for o in seen])
+    best = [[(b @ b) / (a @ b) * r[0]] for r in refs[2:]]
+    assert score_outputs(names, refs, seen + best, classes).outputs[0].cosine == pytest.approx(bound.cosine)
+    assert bound.cosine < 1.0 and bound.argmax < 1.0
+
+
+def test_fallback_shrinking_stops_an_evaluation_once_a_miss_is_certain() -> None:
+    """With `decide`, the shrinking runs an evaluation feed by feed and stops at the first feed that proves the set
+    misses the targets: the same float set as evaluating every feed, for fewer model runs."""
+    from onnxopt.passes.quantize.fallback import Group, search
+    from onnxopt.passes.quantize.score import Scores, Targets, score_bound, score_outputs
+
+    rng = np.random.default_rng(1)
+    order = [f"conv{k}" for k in range(8)]
+    harmful = {"conv2", "conv5"}
+    refs = [[rng.normal(size=64)] for _ in range(6)]
+    noise = [rng.normal(size=64) for _ in refs]
+
+    def outputs(float_nodes: frozenset[str], feeds: list[int]) -> list[list[np.ndarray]]:
+        left = len(harmful - float_nodes)
+        return [[refs[i][0] + (0.02 + 0.6 * left) * noise[i]] for i in feeds]
+
+    def evaluate(float_nodes: frozenset[str], quick: bool) -> Scores:
+        feeds = [0, 1] if quick else list(range(len(refs)))
+        return score_outputs(["y"], [refs[i] for i in feeds], outputs(float_nodes, feeds), {})
+
+    runs = []
+
+    def decide(float_nodes: frozenset[str]) -> Scores | None:
+        got = {}
+        for i in range(len(refs)):
+            got[i] = outputs(float_nodes, [i])[0]
+            runs.append(i)
+            seen = sorted(got)
+            if len(seen) < len(refs) and score_bound(["y"], [refs[k] for k in seen], [got[k] for k in seen],
+                                                     [refs[k] for k in range(len(refs)) if k not in got],
+                                                     {}).shortfall(targets) > 0:
+                return None
+        return evaluate(float_nodes, False)
+
+    targets = Targets(cosine=0.99)
+    group = Group("depth 1/8", frozenset(order), 0.5)
+    plain = search(evaluate, [group], targets, order=order)
+    early = search(evaluate, [group], targets, order=order, decide=decide)
+    assert plain.reached and early.reached
+    assert early.float_nodes == plain.float_nodes == ["conv2", "conv5"]
+    tried = early.evaluations - 3  # the all-int8 model, the group's screening and the group itself
+    assert 0 < len(runs) < tried * len(refs)  # some evaluation stopped before its last feed
+
+
 def test_fallback_budget_bounds_the_search_and_says_so() -> None:
     """`fallback_budget` is the search's budget: a run that hits it says so and names the option (a user who
     wants a shorter run, or a better set, knows what to change); without hitting it, nothing is said."""

@@ -810,8 +810,19 @@ class Quantize(Pass):
             def evaluate(extra: frozenset[str], quick: bool) -> Scores:
                 return emulated(extra, quick).scaled(base[quick], real_quick if quick else real)
 
+            def decide(extra: frozenset[str]) -> Scores | None:
+                # evaluate(extra, False), feed by feed, the screening feeds first; None once a miss is certain
+                on = self._sites(float_model, ranges, per_channel, {**kept, **dict.fromkeys(extra, "")})
+                order, got = check.decision_order(), {}
+                for i in order[:-1]:
+                    got[i] = emulator.run([check.feeds[i]], on)[0]
+                    if check.bound(got).scaled(base[False], real).shortfall(targets) > 0:
+                        return None
+                got[order[-1]] = emulator.run([check.feeds[order[-1]]], on)[0]
+                return check.compare([got[i] for i in range(len(order))]).scaled(base[False], real)
+
             result = search(evaluate, groups, targets, order=[n.name for n in float_model.graph],
-                            budget_s=self.fallback_budget, costs=node_costs(applied.nodes, macs))
+                            budget_s=self.fallback_budget, costs=node_costs(applied.nodes, macs), decide=decide)
         stats.summary.update({"fallback_float_nodes": result.float_nodes, "fallback_groups": result.groups,
                               "fallback_evaluations": result.evaluations,
                               "fallback_seconds": round(result.seconds, 2),

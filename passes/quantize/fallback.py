@@ -17,8 +17,10 @@ Steps: all quantized; if short of the targets, each group alone in float (its ga
 of gain per cost (cost: the share of the model's MACs that would run in float, plus a little per node)
 until the targets hold; then each chosen group is split in halves, and a half that can be quantized again
 without missing the targets is (a bisection over graph order). Every evaluation runs the same
-ONNX Runtime session (`emulate.Emulator`), so the search costs model runs, not model builds. It stops
-after `MAX_EVALUATIONS` evaluations or ``budget_s`` seconds with the best set it has.
+ONNX Runtime session (`emulate.Emulator`), so the search costs model runs, not model builds; a shrinking
+step only needs to know whether a set meets the targets, so its evaluation runs feed by feed (the screening
+feeds first) and stops once the feeds run prove a miss (`score.score_bound`). It stops after
+`MAX_EVALUATIONS` evaluations or ``budget_s`` seconds with the best set it has.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from onnxopt.io import temp_model_file
 from onnxopt.progress import progress
 from onnxopt.runtime import run, session
 
-from .score import Scores, Targets, class_outputs, score_outputs
+from .score import Scores, Targets, class_outputs, score_bound, score_outputs
 
-__all__ = ["Group", "FallbackResult", "Reference", "groups_of", "node_costs", "search", "DEPTH_SEGMENTS",
+__all__ = ["Decide", "Group", "FallbackResult", "Reference", "groups_of", "node_costs", "search", "DEPTH_SEGMENTS",
            "MAX_EVALUATIONS"]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ on PP-OCRv4 det bisecting down to single nodes spent the search's whole budget."
 
 Evaluate = Callable[[frozenset[str], bool], Scores]
 """``evaluate(float_nodes, quick)``: the scores with those nodes float; `quick` on the first feeds only."""
+Decide = Callable[[frozenset[str]], "Scores | None"]
+"""``decide(float_nodes)``: the scores `evaluate` gives on all feeds, or None once the feeds run so far prove
+that the set misses the targets (the same answer, for fewer model runs)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +216,18 @@ class Reference:
         """Scores of `outputs` on the screening feeds (`quick`, in that order)."""
         return score_outputs(self.names, [self.outputs[i] for i in self.quick], outputs, self.classes)
 
+    def decision_order(self) -> list[int]:
+        """The reference feeds, the screening ones (where int8 agrees least) first: an evaluation that only has
+        to tell whether a set meets the targets (`Decide`) meets a miss there soonest."""
+        return self.quick + [i for i in range(len(self.feeds)) if i not in self.quick]
+
+    def bound(self, outputs: dict[int, Sequence[np.ndarray]]) -> Scores:
+        """The best scores the outputs on all reference feeds could give, given those on the feeds in `outputs`
+        (by index; `score.score_bound`)."""
+        seen = sorted(outputs)
+        return score_bound(self.names, [self.outputs[i] for i in seen], [outputs[i] for i in seen],
+                           [self.outputs[i] for i in range(len(self.feeds)) if i not in outputs], self.classes)
+
     def outputs_of(self, model: ir.Model) -> list[list[np.ndarray]]:
         """The outputs of `model` (run in ONNX Runtime) on the reference feeds (remembered for the last model)."""
         if self._last is None or self._last[0] is not model.graph:
@@ -232,6 +249,9 @@ class _Budget:
         self.count = 0
         self.cache: dict[frozenset[str], Scores] = {}
         self.quick_cache: dict[tuple[str, frozenset[str]], float] = {}
+        self.decide: Decide | None = None
+        self.missed: set[frozenset[str]] = set()
+        """Sets `decide` proved to miss the targets before running every feed (no scores kept)."""
 
     @property
     def spent(self) -> bool:
@@ -247,6 +267,22 @@ class _Budget:
     def short(self, float_nodes: frozenset[str]) -> float:
         return self(float_nodes).shortfall(self.targets)
 
+    def meets(self, float_nodes: frozenset[str]) -> bool:
+        """Whether the set meets the targets: with `decide`, an evaluation stops at the first feed that proves a
+        miss."""
+        if float_nodes in self.cache or self.decide is None:
+            return self.short(float_nodes) == 0
+        if float_nodes in self.missed:
+            return False
+        self.count += 1
+        got = self.decide(float_nodes)
+        if got is None:
+            self.missed.add(float_nodes)
+            logger.debug("fallback: %d float nodes -> misses (stopped early)", len(float_nodes))
+            return False
+        self.cache[float_nodes] = got
+        return got.shortfall(self.targets) == 0
+
     def quick(self, float_nodes: frozenset[str]) -> float:
         """The shortfall on the first feeds only (screening), cached apart from full evaluations."""
         key = ("quick", float_nodes)
@@ -257,14 +293,17 @@ class _Budget:
 
 
 def search(evaluate: Evaluate, groups: Sequence[Group], targets: Targets, *, order: Sequence[str],
-           budget_s: float = 120.0, costs: dict[str, float] | None = None) -> FallbackResult:
+           budget_s: float = 120.0, costs: dict[str, float] | None = None,
+           decide: Decide | None = None) -> FallbackResult:
     """The fewest float nodes (by the steps of the module doc) for which `evaluate` meets `targets`.
 
     `order` is the graph order of the node names, used to split groups in halves; `costs` (`node_costs`) lets
-    the shrinking skip pieces too cheap to be worth an evaluation.
+    the shrinking skip pieces too cheap to be worth an evaluation; `decide` lets the shrinking stop an
+    evaluation as soon as it proves a miss.
     """
     t0 = time.perf_counter()
     ev = _Budget(evaluate, targets, budget_s)
+    ev.decide = decide
     empty: frozenset[str] = frozenset()
     base = ev(empty)
 
@@ -318,7 +357,7 @@ def _shrink(ev: _Budget, current: frozenset[str], order: Sequence[str], costs: d
         if costs and sum(costs.get(n, 0.0) for n in piece) < MIN_SHRINK_COST:
             continue
         trial = current - frozenset(piece)
-        if ev.short(trial) == 0:
+        if ev.meets(trial):
             current = trial
         elif len(piece) > 1:
             half = len(piece) // 2

@@ -18,7 +18,7 @@ import numpy as np
 
 from onnxopt.analysis.outputs import class_outputs
 
-__all__ = ["Targets", "OutputScore", "Scores", "class_outputs", "score_outputs", "worst_slice"]
+__all__ = ["Targets", "OutputScore", "Scores", "class_outputs", "score_bound", "score_outputs", "worst_slice"]
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
@@ -111,15 +111,54 @@ def score_outputs(names: Sequence[str], refs: Sequence[Sequence[np.ndarray]], ou
         rel = float(np.linalg.norm(a - b)) / na if na > 0 else float(np.linalg.norm(b))
         score = OutputScore(name, _cosine(a, b) if finite else 0.0, rel if finite else float("inf"))
         if name in classes:
-            width = classes[name]
-            agree = total = 0
-            for r, o in zip(refs, outs):
-                ra, oa = np.asarray(r[k]), np.asarray(o[k])
-                if ra.ndim == 0 or ra.shape[-1] < 2 or (width is not None and ra.shape[-1] != width):
-                    continue
-                agree += int(np.sum(ra.argmax(-1) == oa.argmax(-1)))
-                total += ra.size // ra.shape[-1]
+            agree, total = _agreement([r[k] for r in refs], [o[k] for o in outs], classes[name])
             score.argmax = agree / total if total else None
+        scores.append(score)
+    return Scores(scores)
+
+
+def _agreement(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray] | None,
+               width: int | None) -> tuple[int, int]:
+    """Positions whose argmax along the last axis agrees, and positions counted (arrays whose last axis is not
+    a class axis of `width` are skipped); with `outs` None, 0 and the count."""
+    agree = total = 0
+    for i, r in enumerate(refs):
+        ra = np.asarray(r)
+        if ra.ndim == 0 or ra.shape[-1] < 2 or (width is not None and ra.shape[-1] != width):
+            continue
+        if outs is not None:
+            agree += int(np.sum(ra.argmax(-1) == np.asarray(outs[i]).argmax(-1)))
+        total += ra.size // ra.shape[-1]
+    return agree, total
+
+
+def score_bound(names: Sequence[str], refs: Sequence[Sequence[np.ndarray]], outs: Sequence[Sequence[np.ndarray]],
+                unseen: Sequence[Sequence[np.ndarray]], classes: dict[str, int | None]) -> Scores:
+    """The best scores `score_outputs` could still give once the feeds whose references are `unseen` are run
+    too: `outs` are the outputs on the feeds of `refs` so far. Per output, an upper bound on the pooled cosine
+    (the unseen part of the output free, its seen part fixed up to a positive scale: the cosine of the
+    reference with its projection on those directions), a lower bound on the relative L2 error (the seen
+    error alone) and an upper bound on argmax agreement (every unseen position agreeing). A shortfall of
+    these scores above 0 means the full scores miss the targets too."""
+    scores = []
+    for k, name in enumerate(names):
+        a = np.concatenate([np.ravel(r[k]).astype(np.float64) for r in refs])
+        b = np.concatenate([np.ravel(o[k]).astype(np.float64) for o in outs])
+        rest = float(sum(np.sum(np.square(np.asarray(u[k], dtype=np.float64))) for u in unseen))
+        seen, got = float(a @ a), float(b @ b)
+        total = seen + rest
+        if not np.isfinite(b).all():
+            scores.append(OutputScore(name, 0.0, float("inf")))
+            continue
+        dot = float(a @ b)
+        best = rest + (dot * dot / got if got > 0 and dot > 0 else 0.0)
+        cosine = float(np.sqrt(best / total)) if total > 0 else 1.0
+        rel = float(np.linalg.norm(a - b)) / np.sqrt(total) if total > 0 else float(np.linalg.norm(b))
+        score = OutputScore(name, min(cosine, 1.0), rel)
+        if name in classes:
+            agree, have = _agreement([r[k] for r in refs], [o[k] for o in outs], classes[name])
+            more = _agreement([u[k] for u in unseen], None, classes[name])[1]
+            score.argmax = (agree + more) / (have + more) if have + more else None
         scores.append(score)
     return Scores(scores)
 

@@ -415,6 +415,20 @@ def test_an_undecided_timing_is_measured_again_and_pooled(monkeypatch) -> None:
     assert speed.decide(None, None, {}, margin=speed.MARGIN).rounds == 7 and len(calls) == 1
 
 
+def test_a_clear_timing_ends_after_a_few_rounds_and_a_close_one_does_not(monkeypatch) -> None:
+    """Every round far below (or above) the line ends the measurement after `CLEAR_ROUNDS` rounds; a close race
+    is measured in full. Sessions are stand-ins that sleep their latency."""
+    import time
+
+    monkeypatch.setattr(speed, "run", lambda sess, feed: time.sleep(sess))
+    fast = speed.decide(0.004, 0.002, {}, margin=speed.MARGIN, block_s=0.004)
+    assert fast.rounds == speed.CLEAR_ROUNDS and fast.faster(speed.MARGIN)
+    slow = speed.decide(0.002, 0.004, {}, margin=speed.MARGIN, block_s=0.004)
+    assert slow.rounds == speed.CLEAR_ROUNDS and not slow.faster(speed.MARGIN)
+    close = speed.decide(0.003, 0.003, {}, margin=speed.MARGIN, block_s=0.003)
+    assert close.rounds >= speed.ROUNDS
+
+
 def test_transformer_variants_that_meet_the_targets_are_ranked_on_one_thread_too(monkeypatch) -> None:
     """With several threads, a variant's rank is the geometric mean of its ratios with the run's threads and
     with one thread: a variant only the noisy two-thread timing calls fastest is not kept for it."""

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,9 @@ MARGIN = 0.05
 """int8 counts as faster only when its median ratio is below ``1 - MARGIN``."""
 REPEATS = 2
 """How many more measurements an undecided answer gets (see `decide`)."""
+CLEAR_ROUNDS = 4
+"""`decide` stops after this many rounds (each order twice) when every round's ratio lies at least two margins
+on the same side of the line: the quartile test of the full measurement could not answer otherwise."""
 MAX_RUN_S = 5.0
 """A model whose one float run takes longer is not timed (the check would cost minutes)."""
 
@@ -83,10 +86,12 @@ def _reps(sess: Any, feed: dict[str, np.ndarray], block_s: float) -> int:
 
 
 def interleave(sessions: Sequence[Any], feed: dict[str, np.ndarray], *, block_s: float = BLOCK_S,
-               rounds: int = ROUNDS, budget_s: float | None = None) -> list[list[float]]:
+               rounds: int = ROUNDS, budget_s: float | None = None,
+               settled: Callable[[list[list[float]]], bool] | None = None) -> list[list[float]]:
     """Seconds per run of each session in each round (rounds rotate which session goes first).
 
-    Stops early, after at least three rounds, once `budget_s` is spent.
+    Stops early, after at least three rounds, once `budget_s` is spent, or once `settled` (given the times so
+    far) says the answer is known.
     """
     reps = [_reps(s, feed, block_s) for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]
@@ -96,6 +101,8 @@ def interleave(sessions: Sequence[Any], feed: dict[str, np.ndarray], *, block_s:
         for k in [(r + i) % n for i in range(n)]:
             times[k].append(_block(sessions[k], feed, reps[k]))
         if budget_s is not None and r >= 2 and time.perf_counter() - start > budget_s:
+            break
+        if settled is not None and settled(times):
             break
     return times
 
@@ -127,9 +134,16 @@ def decide(sess_a: Any, sess_b: Any, feed: dict[str, np.ndarray], *, margin: flo
     """`compare_sessions`, measured again (and pooled, at most `REPEATS` times) while the answer is undecided:
     the median lies within 2 margins of ``1 - margin``, or the quartiles of the round ratios lie on both
     sides of it (a 0.2 ms model timed with two threads on two cores gave a median of 1.25 with quartiles
-    0.77-1.49, and 0.82 in the next run, on a quiet machine)."""
+    0.77-1.49, and 0.82 in the next run, on a quiet machine). An answer clear from the first `CLEAR_ROUNDS`
+    rounds ends the measurement there."""
     t0 = time.perf_counter()
-    a, b = interleave([sess_a, sess_b], feed, block_s=block_s, rounds=ROUNDS, budget_s=budget_s)
+    line = 1.0 - margin
+
+    def clear(times: list[list[float]]) -> bool:  # every round far on one side of the line
+        ratios = np.asarray(times[1]) / np.asarray(times[0])
+        return len(ratios) >= CLEAR_ROUNDS and (ratios.max() <= line - 2 * margin or ratios.min() >= line + 2 * margin)
+
+    a, b = interleave([sess_a, sess_b], feed, block_s=block_s, rounds=ROUNDS, budget_s=budget_s, settled=clear)
     for _ in range(REPEATS):
         if not _summary(a, b, 0.0).undecided(margin):
             break

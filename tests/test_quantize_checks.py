@@ -298,6 +298,43 @@ def test_nothing_quantized_leaves_the_model_as_given() -> None:
     assert "opset_upgraded" not in stats.summary
 
 
+def test_a_transformer_variant_that_misses_the_targets_is_not_timed(monkeypatch) -> None:
+    """Only the variants the choice is between are timed: one that misses the targets while others meet them is
+    never chosen, so timing it (a few seconds per variant on a real recognizer) would be spent for nothing."""
+    from pathlib import Path
+
+    from onnxopt.passes.quantize.fallback import Reference
+    from onnxopt.passes.quantize.score import OutputScore, Scores
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    proto = onnx.load(str(models / "digits_transformer.onnx"))
+    x = np.load(models / "digits_seq_eval.npz")["input"]
+    feeds = [{"input": x[i:i + 8]} for i in range(0, 32, 8)]
+    timed, scored = [], []
+    real_scores = Reference.scores
+
+    def scores(self, model):  # the second dynamic variant scored misses the cosine target
+        got = real_scores(self, model)
+        scored.append(model)
+        if len(scored) != 2:
+            return got
+        return Scores([OutputScore(o.name, o.cosine - 0.5, o.rel_l2 + 1.0, o.argmax) for o in got.outputs])
+
+    def measured(float_model, quantized, feed, *, threads, cache=True) -> SpeedComparison:
+        timed.append(quantized)
+        return SpeedComparison(0.7, 0.69, 0.71, 7, 1.0, 0.7, 0.1)
+
+    monkeypatch.setattr(Reference, "scores", scores)
+    monkeypatch.setattr(speed, "measure", measured)
+    model = ir.from_proto(proto)
+    stats = make_pass("quantize", {}).call(model, Context(calib=load_data(feeds, input_specs(model))))
+    modes = stats.summary["transformer_modes"]
+    missed = [label for label, row in modes.items() if row["cosine"] < 0.9]
+    assert len(missed) == 1 and modes[missed[0]]["latency_ratio"] is None
+    assert not any(m is scored[1] for m in timed)
+    assert all(row["latency_ratio"] is not None for label, row in modes.items() if label not in missed)
+
+
 def test_transformer_modes_are_compared_under_fallback_auto_only() -> None:
     # fallback=auto on a model with attention builds the dynamic variants too and keeps the best; with
     # fallback=none the pass quantizes statically as asked (tune relies on it to choose the mode itself).
@@ -458,10 +495,14 @@ def test_transformer_variants_that_meet_the_targets_are_ranked_on_one_thread_too
     modes = stats.summary["transformer_modes"]
     labels = list(modes)
     assert labels[1] == "dynamic"
+    assert sum(ranked[label][0] == 0 for label in labels) > 1
     for k, label in enumerate(labels):
         met = ranked[label][0] == 0
         assert ((k, 1) in calls) == met == ("latency_ratio_one_thread" in modes[label])
-        want = np.sqrt(modes[label]["latency_ratio"] * modes[label]["latency_ratio_one_thread"]) if met else None
-        assert ranked[label][2] == pytest.approx(want if met else modes[label]["latency_ratio"])
+        # a variant that misses the targets is not chosen whatever its speed: it is not timed
+        assert ((k, None) in calls) == met == (modes[label]["latency_ratio"] is not None)
+        if met:
+            want = np.sqrt(modes[label]["latency_ratio"] * modes[label]["latency_ratio_one_thread"])
+            assert ranked[label][2] == pytest.approx(want)
     assert ranked["dynamic"][0] == 0  # it meets the targets, is fastest with two threads, and is not chosen:
     assert "dynamic chosen" not in " ".join(stats.notes)

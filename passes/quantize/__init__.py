@@ -378,8 +378,14 @@ class Quantize(Pass):
         for label, candidate in candidates:
             # the static model's scores were measured when the fallback wrote it
             scores = self._static_scores if label == "static" and self._static_scores else check.scores(candidate)
-            timing = speed.measure(given, candidate, feed, threads=ctx.threads) if self.require_speedup else None
-            rows[label] = [scores.shortfall(targets), timing.ratio if timing else 1.0, scores, timing, None]
+            rows[label] = [scores.shortfall(targets), 1.0, scores, None, None]
+        # Only the variants the choice is between are timed: those that meet the targets, when two or more do
+        # (one alone, or the closest when none does, is chosen whatever its speed; the speed check times it).
+        met = [label for label, row in rows.items() if row[0] == 0]
+        for label, candidate in candidates:
+            if self.require_speedup and len(met) > 1 and label in met:
+                rows[label][3] = speed.measure(given, candidate, feed, threads=ctx.threads)
+                rows[label][1] = rows[label][3].ratio if rows[label][3] else 1.0
         if self.require_speedup and ctx.threads != 1:
             # The variants that meet the targets are timed with one thread too and ranked on both ratios (their
             # geometric mean): with two threads on two cores the ranking alone moves by 10-30 % between runs.
@@ -394,7 +400,7 @@ class Quantize(Pass):
         said = "; ".join(f"{k}: {v[2].describe()}" + (f", {v[3].ratio:.2f}x float latency" if v[3] else "")
                          + (f" ({v[4].ratio:.2f}x with one thread)" if v[4] else "") for k, v in rows.items())
         stats.summary["transformer_modes"] = {
-            k: {**v[2].to_dict(), "latency_ratio": v[3].ratio if v[3] else 1.0,
+            k: {**v[2].to_dict(), "latency_ratio": v[3].ratio if v[3] else None,
                 **({"latency_ratio_one_thread": v[4].ratio} if v[4] else {})} for k, v in rows.items()}
         self._measured = rows[pick][3]
         self._measured_single = rows[pick][4]

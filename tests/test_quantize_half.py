@@ -1,5 +1,5 @@
-"""float16 models in static mode: widened to float32, quantized, inputs and outputs kept float16; written back
-as given when int8 is not faster."""
+"""float16 models: in static and dynamic mode widened to float32, quantized, inputs and outputs kept float16 (a
+static model written back as given when int8 is not faster); in weight-only mode quantized as float16."""
 
 from __future__ import annotations
 
@@ -93,3 +93,69 @@ def test_a_dtype_set_on_a_clone_leaves_the_original_alone() -> None:
     assert copy.graph.inputs[0].type is model.graph.inputs[0].type  # the hazard, as onnx_ir has it
     set_dtype(copy.graph.inputs[0], ir.DataType.FLOAT)
     assert model.graph.inputs[0].dtype == ir.DataType.FLOAT16 and copy.graph.inputs[0].dtype == ir.DataType.FLOAT
+
+
+def _half_encoder() -> onnx.ModelProto:
+    """An embedding Gather on a [1024, 64] float16 table -> MatMul -> Add -> Relu -> MatMul, all float16 (token ids
+    in, float16 out): the layers dynamic and weight-only modes quantize."""
+    table = (RNG.standard_normal((1024, 64)) * 0.5).astype(np.float16)
+    w1 = (RNG.standard_normal((64, 128)) * 0.1).astype(np.float16)
+    b1 = (RNG.standard_normal(128) * 0.1).astype(np.float16)
+    w2 = (RNG.standard_normal((128, 32)) * 0.1).astype(np.float16)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed", axis=0),
+        helper.make_node("MatMul", ["e", "w1"], ["a"], name="mm1"),
+        helper.make_node("Add", ["a", "b1"], ["ab"], name="bias"),
+        helper.make_node("Relu", ["ab"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(nodes, "half_encoder", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 16])],
+                              [helper.make_tensor_value_info("y", H16, [1, 16, 32])],
+                              [numpy_helper.from_array(a, n) for a, n in
+                               ((table, "table"), (w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _half_close(proto: onnx.ModelProto, written: onnx.ModelProto, cosine: float) -> None:
+    for _ in range(3):
+        feed = {"ids": RNG.integers(0, 1024, size=(1, 16)).astype(np.int64)}
+        ref, out = run_ort(proto, feed)[0], run_ort(written, feed)[0]
+        assert out.dtype == np.float16
+        a, b = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > cosine
+
+
+def test_weight_only_quantizes_a_float16_model_in_float16() -> None:
+    """MatMulNBits computes in its input's type: the MatMuls of a float16 model get float16 scales and the model
+    stays float16 inside (no float32 copy of its weights); the embedding table's rows come back float16."""
+    proto = _half_encoder()
+    model = ir.from_proto(proto)
+    # 8-bit blocks: close enough to the float16 model that a wrong scale type or layout shows
+    stats = make_pass("quantize", {"mode": "weight-only", "bits": 8, "require_speedup": False}).call(model, Context())
+    assert stats.summary["quantized_nodes"] == 2 and stats.summary["embeddings_quantized"] == 1
+    assert "float16_widened" not in stats.summary
+    assert stats.summary["weight_bytes_after"] < 0.6 * stats.summary["weight_bytes_before"]  # 8 of 16 bits
+    written = ir.to_proto(model)
+    onnx.checker.check_model(written, full_check=True)
+    assert sum(n.op_type == "MatMulNBits" for n in written.graph.node) == 2
+    assert not any(i.data_type == TensorProto.FLOAT for i in written.graph.initializer)
+    _half_close(proto, written, 0.999)
+
+
+def test_dynamic_mode_quantizes_a_float16_model_through_float32() -> None:
+    """DynamicQuantizeLinear reads float32: a float16 model is widened first (exact), quantized, and keeps its
+    float16 interface; its weights before are counted as given (float16), not as the widened copy."""
+    proto = _half_encoder()
+    model = ir.from_proto(proto)
+    given = sum(i.raw_data.__len__() for i in proto.graph.initializer)
+    stats = make_pass("quantize", {"mode": "dynamic", "require_speedup": False}).call(model, Context())
+    assert stats.summary["float16_widened"] == 4 and stats.summary["quantized_nodes"] == 2
+    assert stats.summary["weight_bytes_before"] == given
+    assert stats.summary["weight_bytes_after"] < 0.6 * given
+    written = ir.to_proto(model)
+    onnx.checker.check_model(written, full_check=True)
+    assert [(v.name, v.type.tensor_type.elem_type) for v in written.graph.output] == [("y", H16)]
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in written.graph.node) == 2
+    _half_close(proto, written, 0.99)

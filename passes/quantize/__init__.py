@@ -241,7 +241,11 @@ class Quantize(Pass):
         # speed check times, dynamic and weight-only modes keep no copy (it would keep every float weight alive).
         keep_given = self.mode == "static" or weight_bytes(model) <= _SPEED_CHECK_MAX_BYTES
         given = model.clone() if keep_given else None
-        if self.mode == "static" and is_half(model):
+        given_bytes = weight_bytes(model)
+        # float16 in static and dynamic mode is computed in float32 (their integer kernels read float32); dynamic
+        # mode widens only a model it keeps a copy of, to give back if nothing is quantized. weight-only's
+        # MatMulNBits computes in float16 as is.
+        if (self.mode == "static" or (self.mode == "dynamic" and given is not None)) and is_half(model):
             widened = widen(model)
             stats.summary["float16_widened"] = widened
             stats.notes.append(f"float16 model: quantized from float32 ({widened} float16 tensors widened, exact; "
@@ -256,7 +260,8 @@ class Quantize(Pass):
             folded_any = folded.modified
             if folded.modified:
                 ctx.model_changed(model)
-        bytes_before = weight_bytes(model)
+        # a widened float16 model's weights are counted as given, not as the float32 copy quantized from
+        bytes_before = given_bytes if stats.summary.get("float16_widened") else weight_bytes(model)
         infer_shapes(model)
         self._measured: speed.SpeedComparison | None = None
         self._measured_single: speed.SpeedComparison | None = None

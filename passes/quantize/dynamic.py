@@ -74,6 +74,10 @@ __all__ = ["apply_dynamic", "apply_weight_only", "pack_nbits"]
 logger = logging.getLogger(__name__)
 
 _FLOAT = ir.DataType.FLOAT
+_HALF = ir.DataType.FLOAT16
+_TYPE_NAMES = {_FLOAT: "float32", _HALF: "float16"}
+_WEIGHT_ONLY_TYPES = frozenset({_FLOAT, _HALF})
+"""MatMulNBits computes in its input's type: float32 or float16 models keep their type."""
 _MS = "com.microsoft"
 # Bytes of float weight quantized per step of `_int8_symmetric`: small enough to stay in cache.
 _BLOCK_BYTES = 256 * 1024
@@ -88,13 +92,15 @@ def _new_node(graph: ir.Graph, op: str, inputs: list[ir.Value | None], base: str
     return node
 
 
-def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
-    """The node's weight as [K, N] float32 (and whether it was transposed), or why it is declined."""
+def _matmul_weight(node: ir.Node,
+                   dtypes: frozenset[ir.DataType] = frozenset({_FLOAT})) -> tuple[np.ndarray, bool] | str:
+    """The node's weight as [K, N] float32 (and whether it was transposed), or why it is declined; `dtypes` are
+    the weight types taken."""
     w_value = node.inputs[1] if len(node.inputs) > 1 else None
     if not is_constant(w_value):
         return "weight is not a constant initializer"
-    if w_value.dtype != _FLOAT or w_value.shape is None or len(w_value.shape) != 2:
-        return "weight is not a 2-D float32 constant"
+    if w_value.dtype not in dtypes or w_value.shape is None or len(w_value.shape) != 2:
+        return f"weight is not a 2-D {' or '.join(sorted(_TYPE_NAMES[d] for d in dtypes))} constant"
     if node.op_type == "Gemm" and (reason := gemm_declined(node)):
         return reason
     w = require_finite(np.asarray(w_value.const_value.numpy(), dtype=np.float32), f"weight '{w_value.name}'")
@@ -102,7 +108,9 @@ def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool] | str:
     return np.ascontiguousarray(kn), kn is not w
 
 
-def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassStats) -> list[ir.Node]:
+def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassStats,
+                dtypes: frozenset[ir.DataType] = frozenset({_FLOAT})) -> list[ir.Node]:
+    """The nodes of `ops` whose first input is an activation of one of `dtypes` (the others skipped, saying why)."""
     nodes = []
     for node in graph:
         if not is_onnx_op(node, *ops):
@@ -113,8 +121,14 @@ def _candidates(graph: ir.Graph, ops: set[str], exclude: list[str], stats: PassS
             stats.skip(node, "excluded by the exclude option")
             continue
         x = node.inputs[0]
-        if x is None or is_constant(x) or x.dtype != _FLOAT:
-            stats.skip(node, "first input is not a float activation")
+        if x is None or is_constant(x):
+            stats.skip(node, "first input is not an activation")
+            continue
+        if x.dtype not in dtypes:
+            kind = _TYPE_NAMES.get(x.dtype, str(x.dtype))
+            stats.skip(node, f"first input is {kind}, not {' or '.join(sorted(_TYPE_NAMES[d] for d in dtypes))}"
+                       + (" (float16 models are computed in float32 for this mode when the model is small enough "
+                          "to keep a copy; weight-only takes float16 as is)" if x.dtype == _HALF else ""))
             continue
         nodes.append(node)
     return nodes
@@ -341,7 +355,7 @@ def apply_weight_only(model: ir.Model, stats: PassStats, *, exclude: Iterable[st
     graph = model.graph
     taken = all_names(graph)
     done = 0
-    nodes = _candidates(graph, {"MatMul", "Gemm"}, list(exclude), stats)
+    nodes = _candidates(graph, {"MatMul", "Gemm"}, list(exclude), stats, _WEIGHT_ONLY_TYPES)
     for node in progress(nodes, desc=f"quantizing (int{bits} weights)"):
         reason = _try_weight_only(graph, node, bits, block_size, taken, hessians or {}, accuracy_level)
         if reason:
@@ -357,16 +371,16 @@ def apply_weight_only(model: ir.Model, stats: PassStats, *, exclude: Iterable[st
 
 def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int, taken: set[str],
                      hessians: dict[str, np.ndarray], accuracy_level: int) -> str | None:
-    got = _matmul_weight(node)
+    x = node.inputs[0]
+    got = _matmul_weight(node, frozenset({x.dtype}))
     if isinstance(got, str):
         return got
     w, _ = got
     k, n = w.shape
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    if bias is not None and (not is_constant(bias) or bias.dtype != _FLOAT or bias.shape is None
+    if bias is not None and (not is_constant(bias) or bias.dtype != x.dtype or bias.shape is None
                              or list(bias.shape) != [n]):
-        return f"Gemm bias is not a float32 constant of shape [{n}]"
-    x = node.inputs[0]
+        return f"Gemm bias is not a {_TYPE_NAMES[x.dtype]} constant of shape [{n}]"
     if node.op_type == "Gemm" and (x.shape is None or len(x.shape) != 2):
         return "Gemm input is not 2-D"
     h = hessians.get(x.name)
@@ -376,7 +390,8 @@ def _try_weight_only(graph: ir.Graph, node: ir.Node, bits: int, block_size: int,
     release_mapping(w_value.const_value)
     stem = name_stem(w_value.name)
     b_value = new_initializer(graph, f"{stem}_quantized", packed, origin=w_value.name, taken=taken)
-    s_value = new_initializer(graph, f"{stem}_scale", scales.reshape(-1), taken=taken)
+    # the scales are of the input's type (float16 scales of a float16 model)
+    s_value = new_initializer(graph, f"{stem}_scale", scales.reshape(-1).astype(x.dtype.numpy()), taken=taken)
     attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
              ir.AttrInt64("block_size", block_size)]
     if accuracy_level:

@@ -40,8 +40,8 @@ def _declined(node: ir.Node) -> str | None:
     if not is_constant(table) or node.attributes.get_int("axis", 0) != 0:
         return "not a Gather of rows from a constant table"
     shape = table.shape
-    if shape is None or len(shape) != 2 or table.dtype != ir.DataType.FLOAT:
-        return "the table is not a 2-D float32 constant"
+    if shape is None or len(shape) != 2 or table.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return "the table is not a 2-D float32 or float16 constant"
     if shape[0] * shape[1] < MIN_ELEMENTS:
         return f"the table has fewer than {MIN_ELEMENTS} values"
     if any(u.node is not node for u in table.uses()) or table.is_graph_output():
@@ -56,8 +56,9 @@ def _rewrite(graph: ir.Graph, node: ir.Node, taken: set[str]) -> None:
     scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)
     q = quantize_array(t, scales, 0, np.dtype(np.int8))
     base = node.name or table.name
+    dtype = table.dtype  # the rows come back in the table's type (float16 rows of a float16 table)
     q_value = new_initializer(graph, f"{table.name}_quantized", q, origin=table.name, taken=taken)
-    s_value = new_initializer(graph, f"{table.name}_row_scale", scales, taken=taken)
+    s_value = new_initializer(graph, f"{table.name}_row_scale", scales.astype(dtype.numpy()), taken=taken)
 
     def make(op: str, inputs: list[ir.Value], attrs: list[ir.Attr] | None = None) -> ir.Node:
         n = ir.Node("", op, inputs, attrs or [], name=unique_name(graph, f"{base}_{op}", taken))
@@ -65,7 +66,7 @@ def _rewrite(graph: ir.Graph, node: ir.Node, taken: set[str]) -> None:
         return n
 
     rows = make("Gather", [q_value, ids], [ir.AttrInt64("axis", 0)])
-    cast = make("Cast", [rows.outputs[0]], [ir.AttrInt64("to", ir.DataType.FLOAT.value)])
+    cast = make("Cast", [rows.outputs[0]], [ir.AttrInt64("to", dtype.value)])
     row_scale = make("Gather", [s_value, ids], [ir.AttrInt64("axis", 0)])
     out = make("Mul", [cast.outputs[0], row_scale.outputs[0]])
     graph.insert_before(node, [rows, cast, row_scale, out])

@@ -1,4 +1,4 @@
-"""float16 models for static mode: computed in float32 first, their inputs and outputs kept float16.
+"""float16 models for static and dynamic mode: computed in float32 first, their inputs and outputs kept float16.
 
 ONNX Runtime's CPU provider has no float16 kernel for most operators and runs them in float32 between Cast
 nodes it inserts itself, so a float16 model on a CPU is a float32 model with conversions around every node.
@@ -11,7 +11,9 @@ Static mode calibrates and quantizes float32 tensors; a float16 model is therefo
   ``Cast(to=FLOAT16)``, so the model's interface is the one given.
 
 The pass then quantizes as usual; its speed check times the result against the float16 model as given, and
-writes that model back when int8 is not faster.
+static mode writes that model back when int8 is not faster. Dynamic mode widens only a model small enough for
+the pass to keep a copy of (to give back when nothing is quantized). Weight-only mode needs none of this:
+MatMulNBits and the int8 embedding rows compute in float16 as given.
 """
 
 from __future__ import annotations

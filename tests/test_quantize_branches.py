@@ -166,3 +166,19 @@ def test_a_main_graph_weight_changed_inside_the_branch_stays_a_copy() -> None:
         ref, out = run_ort(proto, feed), run_ort(written, feed)
         assert _cosine(ref[0], out[0]) > 0.999
         np.testing.assert_array_equal(ref[1], out[1])
+
+
+def test_float_nodes_pinned_in_branches_are_kept_float_and_only_unknown_names_are_said() -> None:
+    """A pinned set names nodes of the main graph and of If branches (each branch has its own run); a name is
+    reported as matching nothing once, and only when no graph has it, not by every run that lacks it."""
+    model, stats = _quantize(_branchy(), _feeds([1, 0, 1, 0, 1, 0]),
+                             float_nodes=["then_conv2", "else_conv", "nested_conv", "nope"])
+    said = [n for n in stats.notes if "match no node" in n]
+    assert len(said) == 1 and "1 name(s)" in said[0] and "'nope'" in said[0]
+    then, other = _branch(model, "then_branch"), _branch(model, "else_branch")
+    assert {n.name for n in then if n.op_type == "Conv"} >= {"then_conv2"}
+    assert not any(n.op_type == "QuantizeLinear" for n in other)  # its one conv pinned: nothing left to quantize
+    nested = next(n for n in then if n.op_type == "If")
+    assert "QuantizeLinear" not in _ops(nested.attributes["then_branch"].value)
+    assert "QuantizeLinear" in _ops(then)  # the branch's first conv is still int8
+    assert "float_nodes_found" not in stats.summary

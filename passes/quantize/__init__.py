@@ -78,6 +78,7 @@ from onnxopt.registry import (
 from . import speed
 from .affine import fold_affine
 from .bias import apply_shift, bias_targets, input_means, weight_shift
+from .branches import PINNED_FOUND as _FOUND
 from .branches import branch_sites, quantize_branches
 from .calib import Range, choose_range, collect_histograms, collect_ranges_and_samples, weight_scales
 from .check import INTEGER_KERNELS, fusion_check_skipped, fusion_report
@@ -137,6 +138,8 @@ class Quantize(Pass):
     """Quantize to int8 QDQ (static, calibrated), dynamic int8, or blockwise int4/int8 weights (lossy)."""
 
     exact = False
+    _in_branch = False
+    """Set on the pass an If branch's run uses (`_for_branch`)."""
     # Not idempotent by that contract: whether int8 is written depends on a timing of this machine
     # (require_speedup), so a second run on a model the first left float can measure int8 faster and quantize
     # it. A quantized model is left as is (already quantized), which is the idempotence that matters.
@@ -282,12 +285,13 @@ class Quantize(Pass):
                                       "model found)")
             if stats.summary.get("mode") == "static" and not self._float_reason:
                 # the whole model's fusion check below covers the branches: none per branch
-                branches = quantize_branches(lambda: dataclasses.replace(self, check_fusion=False), model, ctx,
-                                             stats, _WEIGHTED)
+                branches = quantize_branches(self._for_branch, model, ctx, stats, _WEIGHTED)
                 if branches:
                     counts["if_branches_quantized"] = branches
                     self._measured = self._measured_single = None  # timed before the branches changed
                     ctx.model_changed(model)
+            if not self._in_branch:
+                self._say_unmatched(model, stats)
         elif self.mode == "dynamic":
             opset = opset_version(model)
             if opset < _DYNAMIC_OPSET and not _try_opset_upgrade(model, stats):
@@ -741,13 +745,29 @@ class Quantize(Pass):
         return kept
 
     def _pinned(self, graph: ir.Graph, stats: PassStats) -> dict[str, str]:
-        """The `float_nodes` the graph has (names as the pass names nodes), and a note naming those it has not."""
+        """The `float_nodes` the graph has (names as the pass names nodes); those it has are listed in the summary
+        (`_FOUND`) for `_say_unmatched`, which names the others once every graph had its run."""
         names = {n.name for n in graph}
-        missing = [n for n in self.float_nodes if n not in names]
+        found = [n for n in self.float_nodes if n in names]
+        if found:
+            stats.summary[_FOUND] = sorted({*stats.summary.get(_FOUND, []), *found})
+        return dict.fromkeys(found, "kept in float by the float_nodes option")
+
+    def _say_unmatched(self, model: ir.Model, stats: PassStats) -> None:
+        """One note naming the `float_nodes` that no graph's run matched: the main graph's, an If branch's (its
+        own run), or a node of a subgraph no run reached."""
+        found = set(stats.summary.pop(_FOUND, []))
+        found.update(n.name for n in model.graph.all_nodes())
+        missing = [n for n in self.float_nodes if n not in found]
         if missing:
             stats.notes.append(f"float_nodes: {len(missing)} name(s) match no node of the model "
                                f"({', '.join(repr(n) for n in missing[:5])}{', ...' if len(missing) > 5 else ''})")
-        return {n: "kept in float by the float_nodes option" for n in self.float_nodes if n in names}
+
+    def _for_branch(self) -> Quantize:
+        """The pass an If branch's run uses: the same options; its `float_nodes` are checked by the main run."""
+        branch = dataclasses.replace(self, check_fusion=False)
+        branch._in_branch = True
+        return branch
 
     def _apply(self, model: ir.Model, stats: PassStats, ranges: dict[str, Range], per_channel: bool,
                exclude: list[str], rounded: dict[str, np.ndarray],

@@ -159,3 +159,17 @@ def test_dynamic_mode_quantizes_a_float16_model_through_float32() -> None:
     assert [(v.name, v.type.tensor_type.elem_type) for v in written.graph.output] == [("y", H16)]
     assert sum(n.op_type == "DynamicQuantizeLinear" for n in written.graph.node) == 2
     _half_close(proto, written, 0.99)
+
+
+def test_a_float16_model_with_nothing_to_quantize_comes_back_as_given_without_a_widening_note() -> None:
+    """Dynamic mode widens a float16 model before looking at its layers; a CNN has none it quantizes (Conv is
+    not dynamic by default), so the model given comes back float16 and no note says it was quantized from
+    float32."""
+    proto = _half_cnn()
+    model = ir.from_proto(proto)
+    stats = make_pass("quantize", {"mode": "dynamic"}).call(model, Context())
+    assert not stats.modified and "float16_widened" not in stats.summary
+    assert not any("float16 model" in n for n in stats.notes)
+    assert any("nothing quantized" in n for n in stats.notes)
+    written = ir.to_proto(model)
+    assert {i.name: i.data_type for i in written.graph.initializer} == {"w1": H16, "w2": H16}

@@ -251,9 +251,9 @@ class Quantize(Pass):
         if (self.mode == "static" or (self.mode == "dynamic" and given is not None)) and is_half(model):
             widened = widen(model)
             stats.summary["float16_widened"] = widened
-            stats.notes.append(f"float16 model: quantized from float32 ({widened} float16 tensors widened, exact; "
-                               "inputs and outputs stay float16), as ONNX Runtime's CPU provider computes most "
-                               "float16 nodes")
+            widen_note = (f"float16 model: quantized from float32 ({widened} float16 tensors widened, exact; inputs "
+                          "and outputs stay float16), as ONNX Runtime's CPU provider computes most float16 nodes")
+            stats.notes.append(widen_note)
             ctx.model_changed(model)
         self._float_reason: str | None = None
         folded_any = False
@@ -313,6 +313,8 @@ class Quantize(Pass):
             stats.notes.append(_why_nothing(model, self.mode))
             if given is not None:
                 _restore(model, given, stats)
+                if stats.summary.pop("float16_widened", None) is not None:  # given back as float16: nothing to say
+                    stats.notes.remove(widen_note)
             else:  # a big model keeps the exact folds it got
                 stats.modified = folded_any or bool(stats.summary.get("opset_upgraded"))
             return stats

@@ -450,6 +450,15 @@ def test_an_undecided_timing_is_measured_again_and_pooled(monkeypatch) -> None:
     calls.clear()
     scripted[0] = [0.50, 0.52, 0.55, 0.51, 0.53, 0.49, 0.60]
     assert speed.decide(None, None, {}, margin=speed.MARGIN).rounds == 7 and len(calls) == 1
+    # a tie (median 1.0, the middle rounds all above the 0.95 line) is an answer too: not faster
+    calls.clear()
+    scripted[0] = [0.97, 1.00, 1.02, 0.99, 1.01, 0.93, 1.04]
+    tie = speed.decide(None, None, {}, margin=speed.MARGIN)
+    assert tie.rounds == 7 and len(calls) == 1 and not tie.faster(speed.MARGIN)
+    # the same median with the middle rounds reaching below the line is measured again
+    calls.clear()
+    scripted[0] = [0.90, 1.00, 1.02, 0.92, 1.01, 0.93, 1.04]
+    assert speed.decide(None, None, {}, margin=speed.MARGIN).rounds > 7 and len(calls) > 1
 
 
 def test_a_clear_timing_ends_after_a_few_rounds_and_a_close_one_does_not(monkeypatch) -> None:

@@ -1178,6 +1178,42 @@ def test_fallback_shrinking_stops_an_evaluation_once_a_miss_is_certain() -> None
     assert 0 < len(runs) < tried * len(refs)  # some evaluation stopped before its last feed
 
 
+def test_fallback_search_shows_its_evaluations_on_a_progress_bar(monkeypatch) -> None:
+    """The search's long part (choosing groups, then shrinking) advances a bar once per evaluation and says how
+    many nodes the set holds and how much of the budget is left: a user watching a 30 s search sees it move."""
+    import contextlib
+
+    from onnxopt.passes.quantize import fallback
+    from onnxopt.passes.quantize.score import OutputScore, Scores, Targets
+
+    drawn = {"updates": 0, "notes": []}
+
+    class Recorder:
+        def update(self, n: int = 1) -> None:
+            drawn["updates"] += n
+
+        def note(self, text: str) -> None:
+            drawn["notes"].append(text)
+
+    @contextlib.contextmanager
+    def recorded(desc: str, **kwargs):
+        drawn["desc"] = desc
+        yield Recorder()
+
+    monkeypatch.setattr(fallback, "bar", recorded)
+    order = [f"conv{k}" for k in range(6)]
+
+    def evaluate(float_nodes: frozenset[str], quick: bool) -> Scores:
+        return Scores([OutputScore("y", 0.999 if "conv3" in float_nodes else 0.9, 0.0)])
+
+    found = fallback.search(evaluate, [fallback.Group("depth 1/8", frozenset(order), 0.5)], Targets(cosine=0.99),
+                            order=order)
+    assert found.reached and found.float_nodes == ["conv3"]
+    screened = 3  # the all-int8 model (full and screening) and the group's screening, before the bar
+    assert drawn["desc"].startswith("fallback") and drawn["updates"] == found.evaluations - screened > 0
+    assert all("nodes float" in n and "of the budget left" in n for n in drawn["notes"])
+
+
 def test_fallback_budget_bounds_the_search_and_says_so() -> None:
     """`fallback_budget` is the search's budget: a run that hits it says so and names the option (a user who
     wants a shorter run, or a better set, knows what to change); without hitting it, nothing is said."""

@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from onnxopt.graph import constant_array, is_constant
 from onnxopt.io import temp_model_file
-from onnxopt.progress import progress
+from onnxopt.progress import Bar, bar, progress
 from onnxopt.runtime import run, session
 
 from .score import Scores, Targets, class_outputs, score_bound, score_outputs
@@ -252,6 +252,15 @@ class _Budget:
         self.decide: Decide | None = None
         self.missed: set[frozenset[str]] = set()
         """Sets `decide` proved to miss the targets before running every feed (no scores kept)."""
+        self.bar: Bar | None = None
+
+    def _tick(self, float_nodes: frozenset[str]) -> None:
+        """One evaluation more on the bar (when there is one), with the set's size and the budget left."""
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update()
+            left = max(0.0, self.deadline - time.perf_counter())
+            self.bar.note(f"{len(float_nodes)} nodes float, {left:.0f}s of the budget left")
 
     @property
     def spent(self) -> bool:
@@ -259,7 +268,7 @@ class _Budget:
 
     def __call__(self, float_nodes: frozenset[str]) -> Scores:
         if float_nodes not in self.cache:
-            self.count += 1
+            self._tick(float_nodes)
             self.cache[float_nodes] = self.evaluate(float_nodes, False)
             logger.debug("fallback: %d float nodes -> %s", len(float_nodes), self.cache[float_nodes].describe())
         return self.cache[float_nodes]
@@ -274,7 +283,7 @@ class _Budget:
             return self.short(float_nodes) == 0
         if float_nodes in self.missed:
             return False
-        self.count += 1
+        self._tick(float_nodes)
         got = self.decide(float_nodes)
         if got is None:
             self.missed.add(float_nodes)
@@ -287,7 +296,7 @@ class _Budget:
         """The shortfall on the first feeds only (screening), cached apart from full evaluations."""
         key = ("quick", float_nodes)
         if key not in self.quick_cache:
-            self.count += 1
+            self._tick(float_nodes)
             self.quick_cache[key] = self.evaluate(float_nodes, True).shortfall(self.targets)
         return self.quick_cache[key]
 
@@ -331,15 +340,19 @@ def search(evaluate: Evaluate, groups: Sequence[Group], targets: Targets, *, ord
         return result(empty, [], False)
     group_cost = {g.nodes: g.cost for g in groups}
     current, labels = empty, []
-    for g in ranked:
-        if ev.short(current) == 0 or ev.spent or sum(cost[lb] for lb in labels) > MAX_FLOAT_COST:
-            break
-        current, labels = current | g.nodes, labels + [g.label]
-    if ev.short(current) > 0:
-        affordable_sets = [s for s in ev.cache if _cost(s, group_cost) <= MAX_FLOAT_COST]
-        best = min(affordable_sets, key=lambda s: (ev.cache[s].shortfall(targets), len(s)))
-        return result(best, labels if best == current else [], False)
-    return result(_shrink(ev, current, order, costs or {}), labels, True)
+    with bar("fallback: float set", unit=" evaluations") as b:
+        ev.bar = b
+        for g in ranked:
+            if ev.short(current) == 0 or ev.spent or sum(cost[lb] for lb in labels) > MAX_FLOAT_COST:
+                break
+            current, labels = current | g.nodes, labels + [g.label]
+        if ev.short(current) > 0:
+            affordable_sets = [s for s in ev.cache if _cost(s, group_cost) <= MAX_FLOAT_COST]
+            best = min(affordable_sets, key=lambda s: (ev.cache[s].shortfall(targets), len(s)))
+            return result(best, labels if best == current else [], False)
+        shrunk = _shrink(ev, current, order, costs or {})
+        ev.bar = None
+    return result(shrunk, labels, True)
 
 
 def _cost(nodes: frozenset[str], group_cost: dict[frozenset[str], float]) -> float:

@@ -849,10 +849,11 @@ class Quantize(Pass):
             def decide(extra: frozenset[str]) -> Scores | None:
                 # evaluate(extra, False), feed by feed, the screening feeds first; None once a miss is certain
                 on = self._sites(float_model, ranges, per_channel, {**kept, **dict.fromkeys(extra, "")})
-                order, got = check.decision_order(), {}
+                order, got, bound = check.decision_order(), {}, check.bound()
                 for i in order[:-1]:
                     got[i] = emulator.run([check.feeds[i]], on)[0]
-                    if check.bound(got).scaled(base[False], real).shortfall(targets) > 0:
+                    bound.add(check.outputs[i], got[i])
+                    if bound.scores().scaled(base[False], real).shortfall(targets) > 0:
                         return None
                 got[order[-1]] = emulator.run([check.feeds[order[-1]]], on)[0]
                 return check.compare([got[i] for i in range(len(order))]).scaled(base[False], real)

@@ -19,7 +19,7 @@ until the targets hold; then each chosen group is split in halves, and a half th
 without missing the targets is (a bisection over graph order). Every evaluation runs the same
 ONNX Runtime session (`emulate.Emulator`), so the search costs model runs, not model builds; a shrinking
 step only needs to know whether a set meets the targets, so its evaluation runs feed by feed (the screening
-feeds first) and stops once the feeds run prove a miss (`score.score_bound`). It stops after
+feeds first) and stops once the feeds run prove a miss (`score.PooledBound`). It stops after
 `MAX_EVALUATIONS` evaluations or ``budget_s`` seconds with the best set it has.
 """
 
@@ -38,7 +38,7 @@ from onnxopt.io import temp_model_file
 from onnxopt.progress import Bar, bar, progress
 from onnxopt.runtime import run, session
 
-from .score import Scores, Targets, class_outputs, score_bound, score_outputs
+from .score import PooledBound, Scores, Targets, class_outputs, pooled_totals, score_outputs
 
 __all__ = ["Decide", "Group", "FallbackResult", "Reference", "groups_of", "node_costs", "search", "DEPTH_SEGMENTS",
            "MAX_EVALUATIONS"]
@@ -192,6 +192,7 @@ class Reference:
             self.feeds = list(feeds[:count])
             self.outputs = [first] + [run(sess, f) for f in self.feeds[1:]]
         self._last: tuple[ir.Graph, list[list[np.ndarray]]] | None = None
+        self._totals: list[tuple[float, int]] | None = None
         self.quick = list(range(min(QUICK_FEEDS, len(self.feeds))))
         """The feeds screening evaluations run on (indices; see `rank_feeds`)."""
 
@@ -221,12 +222,12 @@ class Reference:
         to tell whether a set meets the targets (`Decide`) meets a miss there soonest."""
         return self.quick + [i for i in range(len(self.feeds)) if i not in self.quick]
 
-    def bound(self, outputs: dict[int, Sequence[np.ndarray]]) -> Scores:
-        """The best scores the outputs on all reference feeds could give, given those on the feeds in `outputs`
-        (by index; `score.score_bound`)."""
-        seen = sorted(outputs)
-        return score_bound(self.names, [self.outputs[i] for i in seen], [outputs[i] for i in seen],
-                           [self.outputs[i] for i in range(len(self.feeds)) if i not in outputs], self.classes)
+    def bound(self) -> PooledBound:
+        """A `score.PooledBound` over the reference feeds: ``add(self.outputs[i], outputs)`` feed by feed, then
+        ``scores()`` is the best the outputs on all of them could still give (the totals are computed once)."""
+        if self._totals is None:
+            self._totals = pooled_totals(self.names, self.classes, self.outputs)
+        return PooledBound(self.names, self.classes, self._totals)
 
     def outputs_of(self, model: ir.Model) -> list[list[np.ndarray]]:
         """The outputs of `model` (run in ONNX Runtime) on the reference feeds (remembered for the last model)."""

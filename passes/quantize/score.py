@@ -18,7 +18,8 @@ import numpy as np
 
 from onnxopt.analysis.outputs import class_outputs
 
-__all__ = ["Targets", "OutputScore", "Scores", "class_outputs", "score_bound", "score_outputs", "worst_slice"]
+__all__ = ["Targets", "OutputScore", "PooledBound", "Scores", "class_outputs", "pooled_totals", "score_bound",
+           "score_outputs", "worst_slice"]
 
 @dataclasses.dataclass(frozen=True)
 class Targets:
@@ -135,32 +136,75 @@ def _agreement(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray] | None,
 def score_bound(names: Sequence[str], refs: Sequence[Sequence[np.ndarray]], outs: Sequence[Sequence[np.ndarray]],
                 unseen: Sequence[Sequence[np.ndarray]], classes: dict[str, int | None]) -> Scores:
     """The best scores `score_outputs` could still give once the feeds whose references are `unseen` are run
-    too: `outs` are the outputs on the feeds of `refs` so far. Per output, an upper bound on the pooled cosine
-    (the unseen part of the output free, its seen part fixed up to a positive scale: the cosine of the
-    reference with its projection on those directions), a lower bound on the relative L2 error (the seen
-    error alone) and an upper bound on argmax agreement (every unseen position agreeing). A shortfall of
-    these scores above 0 means the full scores miss the targets too."""
-    scores = []
-    for k, name in enumerate(names):
-        a = np.concatenate([np.ravel(r[k]).astype(np.float64) for r in refs])
-        b = np.concatenate([np.ravel(o[k]).astype(np.float64) for o in outs])
-        rest = float(sum(np.sum(np.square(np.asarray(u[k], dtype=np.float64))) for u in unseen))
-        seen, got = float(a @ a), float(b @ b)
-        total = seen + rest
-        if not np.isfinite(b).all():
-            scores.append(OutputScore(name, 0.0, float("inf")))
-            continue
-        dot = float(a @ b)
-        best = rest + (dot * dot / got if got > 0 and dot > 0 else 0.0)
-        cosine = float(np.sqrt(best / total)) if total > 0 else 1.0
-        rel = float(np.linalg.norm(a - b)) / np.sqrt(total) if total > 0 else float(np.linalg.norm(b))
-        score = OutputScore(name, min(cosine, 1.0), rel)
-        if name in classes:
-            agree, have = _agreement([r[k] for r in refs], [o[k] for o in outs], classes[name])
-            more = _agreement([u[k] for u in unseen], None, classes[name])[1]
-            score.argmax = (agree + more) / (have + more) if have + more else None
-        scores.append(score)
-    return Scores(scores)
+    too: `outs` are the outputs on the feeds of `refs` so far (`PooledBound` over them)."""
+    bound = PooledBound(names, classes, pooled_totals(names, classes, [*refs, *unseen]))
+    for ref, out in zip(refs, outs):
+        bound.add(ref, out)
+    return bound.scores()
+
+
+def pooled_totals(names: Sequence[str], classes: dict[str, int | None],
+                  refs: Sequence[Sequence[np.ndarray]]) -> list[tuple[float, int]]:
+    """Per output, the squared norm of the reference pooled over all `refs` feeds and its argmax positions."""
+    return [(float(sum(np.sum(np.square(np.asarray(r[k], dtype=np.float64))) for r in refs)),
+             _agreement([r[k] for r in refs], None, classes[name])[1] if name in classes else 0)
+            for k, name in enumerate(names)]
+
+
+class PooledBound:
+    """The pooled terms of `score_outputs` summed feed by feed (`add`), and the best scores they leave possible
+    once the rest of the feeds, whose reference totals are given (`pooled_totals`), are run too (`scores`).
+
+    Per output: an upper bound on the pooled cosine (the outputs still to come free, those seen fixed up to a
+    positive scale: the cosine of the reference with its projection on those directions,
+    ``sqrt((rest + dot²/|b|²) / |a|²)``), a lower bound on the relative L2 error (the seen error alone) and an
+    upper bound on argmax agreement (every position still to come agreeing). A shortfall of these scores above 0
+    means the full scores miss the targets too. Each feed is read once, so a run of feed after feed costs what
+    scoring them all once does."""
+
+    def __init__(self, names: Sequence[str], classes: dict[str, int | None],
+                 totals: Sequence[tuple[float, int]]) -> None:
+        self.names, self.classes, self.totals = list(names), classes, list(totals)
+        n = len(self.names)
+        self.seen, self.dot, self.got, self.err = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
+        self.agree, self.rows = [0] * n, [0] * n
+        self.finite = [True] * n
+
+    def add(self, ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> None:
+        """One more feed: the reference outputs and the outputs scored against them."""
+        for k, name in enumerate(self.names):
+            a = np.ravel(ref[k]).astype(np.float64)
+            b = np.ravel(out[k]).astype(np.float64)
+            if not np.isfinite(b).all():
+                self.finite[k] = False
+                continue
+            self.seen[k] += float(a @ a)
+            self.dot[k] += float(a @ b)
+            self.got[k] += float(b @ b)
+            self.err[k] += float(np.sum(np.square(a - b)))
+            if name in self.classes:
+                agree, rows = _agreement([ref[k]], [out[k]], self.classes[name])
+                self.agree[k] += agree
+                self.rows[k] += rows
+
+    def scores(self) -> Scores:
+        scores = []
+        for k, name in enumerate(self.names):
+            total, positions = self.totals[k]
+            if not self.finite[k]:
+                scores.append(OutputScore(name, 0.0, float("inf")))
+                continue
+            rest = max(total - self.seen[k], 0.0)
+            dot, got = self.dot[k], self.got[k]
+            best = rest + (dot * dot / got if got > 0 and dot > 0 else 0.0)
+            cosine = float(np.sqrt(best / total)) if total > 0 else 1.0
+            rel = float(np.sqrt(self.err[k] / total)) if total > 0 else float(np.sqrt(self.got[k]))
+            score = OutputScore(name, min(cosine, 1.0), rel)
+            if name in self.classes:
+                more = positions - self.rows[k]
+                score.argmax = (self.agree[k] + more) / positions if positions else None
+            scores.append(score)
+        return Scores(scores)
 
 
 def worst_slice(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) -> float | None:

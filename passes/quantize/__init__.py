@@ -78,7 +78,6 @@ from onnxopt.registry import (
 from . import speed
 from .affine import fold_affine
 from .bias import apply_shift, bias_targets, input_means, weight_shift
-from .branches import PINNED_FOUND as _FOUND
 from .branches import branch_sites, quantize_branches
 from .calib import Range, choose_range, collect_histograms, collect_ranges_and_samples, weight_scales
 from .check import INTEGER_KERNELS, fusion_check_skipped, fusion_report
@@ -138,8 +137,9 @@ class Quantize(Pass):
     """Quantize to int8 QDQ (static, calibrated), dynamic int8, or blockwise int4/int8 weights (lossy)."""
 
     exact = False
-    _in_branch = False
-    """Set on the pass an If branch's run uses (`_for_branch`)."""
+    _shared_pins: set[str] | None = None
+    """Set on the pass an If branch's run uses (`_for_branch`): the main run's set of the `float_nodes` names some
+    graph's run matched; a branch's run adds to it and leaves the note on the others to the main run."""
     # Not idempotent by that contract: whether int8 is written depends on a timing of this machine
     # (require_speedup), so a second run on a model the first left float can measure int8 faster and quantize
     # it. A quantized model is left as is (already quantized), which is the idempotence that matters.
@@ -237,14 +237,16 @@ class Quantize(Pass):
             stats.summary = {"already_quantized": True}
             return stats
         ctx = ctx or Context()
+        in_branch = self._shared_pins is not None
+        self._pins_found: set[str] = self._shared_pins if in_branch else set()
         if self.mode == "static":
             calib = ctx.require_calib("quantize mode=static", "or --set quantize.mode=dynamic, which needs none")
             load_data(calib, input_specs(model))
         # The model as given, to write back when nothing is quantized or int8 is not faster. Past the size the
         # speed check times, dynamic and weight-only modes keep no copy (it would keep every float weight alive).
-        keep_given = self.mode == "static" or weight_bytes(model) <= _SPEED_CHECK_MAX_BYTES
-        given = model.clone() if keep_given else None
         given_bytes = weight_bytes(model)
+        keep_given = self.mode == "static" or given_bytes <= _SPEED_CHECK_MAX_BYTES
+        given = model.clone() if keep_given else None
         # float16 in static and dynamic mode is computed in float32 (their integer kernels read float32); dynamic
         # mode widens only a model it keeps a copy of, to give back if nothing is quantized. weight-only's
         # MatMulNBits computes in float16 as is.
@@ -290,7 +292,7 @@ class Quantize(Pass):
                     counts["if_branches_quantized"] = branches
                     self._measured = self._measured_single = None  # timed before the branches changed
                     ctx.model_changed(model)
-            if not self._in_branch:
+            if not in_branch:
                 self._say_unmatched(model, stats)
         elif self.mode == "dynamic":
             opset = opset_version(model)
@@ -511,7 +513,7 @@ class Quantize(Pass):
                               "per_channel": per_channel, "calibration_feeds": len(ctx.calib or [])})
         # The collapse guard reads the widest ranges (minmax's when auto compares methods).
         kept = self._kept_float(model.graph, next(iter(candidates.values())), samples, stats)
-        kept.update(self._pinned(model.graph, stats))
+        kept.update(self._pinned(model.graph))
         rounded = self._gptq(model, ctx, stats, per_channel) if self.gptq else {}
         float_model = model.clone()
         ctx.model_changed(model)  # its tapping session goes before other sessions load (it is rewritten next)
@@ -749,20 +751,18 @@ class Quantize(Pass):
                                f"(worst '{worst}': {collapsed[worst]:.0%}){_GUARD_NOTE_END}")
         return kept
 
-    def _pinned(self, graph: ir.Graph, stats: PassStats) -> dict[str, str]:
-        """The `float_nodes` the graph has (names as the pass names nodes); those it has are listed in the summary
-        (`_FOUND`) for `_say_unmatched`, which names the others once every graph had its run."""
+    def _pinned(self, graph: ir.Graph) -> dict[str, str]:
+        """The `float_nodes` the graph has (names as the pass names nodes), remembered as found for
+        `_say_unmatched`, which names the others once every graph had its run."""
         names = {n.name for n in graph}
         found = [n for n in self.float_nodes if n in names]
-        if found:
-            stats.summary[_FOUND] = sorted({*stats.summary.get(_FOUND, []), *found})
+        self._pins_found.update(found)
         return dict.fromkeys(found, "kept in float by the float_nodes option")
 
     def _say_unmatched(self, model: ir.Model, stats: PassStats) -> None:
         """One note naming the `float_nodes` that no graph's run matched: the main graph's, an If branch's (its
         own run), or a node of a subgraph no run reached."""
-        found = set(stats.summary.pop(_FOUND, []))
-        found.update(n.name for n in model.graph.all_nodes())
+        found = self._pins_found | {n.name for n in model.graph.all_nodes()}
         missing = [n for n in self.float_nodes if n not in found]
         if missing:
             stats.notes.append(f"float_nodes: {len(missing)} name(s) match no node of the model "
@@ -771,7 +771,7 @@ class Quantize(Pass):
     def _for_branch(self) -> Quantize:
         """The pass an If branch's run uses: the same options; its `float_nodes` are checked by the main run."""
         branch = dataclasses.replace(self, check_fusion=False)
-        branch._in_branch = True
+        branch._shared_pins = self._pins_found
         return branch
 
     def _apply(self, model: ir.Model, stats: PassStats, ranges: dict[str, Range], per_channel: bool,

@@ -33,13 +33,11 @@ from onnxopt.errors import ModelError, UsageError, first_line, safe_name
 from onnxopt.graph import is_onnx_op, iter_graphs
 from onnxopt.registry import PassStats
 
-__all__ = ["PINNED_FOUND", "branch_sites", "free_values", "quantize_branches"]
+__all__ = ["branch_sites", "free_values", "quantize_branches"]
 
 logger = logging.getLogger(__name__)
 
 _BRANCHES = ("then_branch", "else_branch")
-PINNED_FOUND = "float_nodes_found"
-"""Summary key of the pinned float nodes a run found; a branch's run hands its list up to the main run."""
 
 
 def branch_sites(graph: ir.Graph, wanted: frozenset[str]) -> list[tuple[ir.Node, str, ir.Graph]]:
@@ -191,9 +189,6 @@ def quantize_branches(make_pass: Callable[[], object], model: ir.Model, ctx: Con
             summary[f"{node.name}/{branch}"] = {"quantized": False, "feeds": len(feeds), "error": first_line(exc)}
             continue
         stats.notes.extend(f"{label}: {note}" for note in sub_stats.notes)
-        if sub_stats.summary.get(PINNED_FOUND):
-            stats.summary[PINNED_FOUND] = sorted({*stats.summary.get(PINNED_FOUND, []),
-                                                  *sub_stats.summary[PINNED_FOUND]})
         stats.skipped.extend({**s, "node": f"{label}: {s['node']}"} for s in sub_stats.skipped)
         entry = {"feeds": len(feeds), "quantized": bool(sub_stats.modified)}
         entry.update({k: v for k, v in sub_stats.summary.items() if k in (

@@ -137,7 +137,7 @@ class Quantize(Pass):
     """Quantize to int8 QDQ (static, calibrated), dynamic int8, or blockwise int4/int8 weights (lossy)."""
 
     exact = False
-    _shared_pins: set[str] | None = None
+    _shared_pins = None  # not annotated: a class attribute, not a dataclass field (an option)
     """Set on the pass an If branch's run uses (`_for_branch`): the main run's set of the `float_nodes` names some
     graph's run matched; a branch's run adds to it and leaves the note on the others to the main run."""
     # Not idempotent by that contract: whether int8 is written depends on a timing of this machine
